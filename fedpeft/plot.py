@@ -1,0 +1,57 @@
+"""Plots drawn from results files only (nothing here trains)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fedpeft.results import load_results, round_metrics  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def run_label(results: dict) -> str:
+    """``name: strategy / peft method / quantization`` for the legend."""
+    c = results["config"]
+    return f"{c['name']}: {c['strategy.name']} / {c['peft.method']} / {c['model.quantization']}"
+
+
+def plot_runs(paths: list[str | Path], out: str | Path, title: str | None = None) -> Path:
+    """Accuracy vs cumulative uplink bytes (log x) and accuracy vs round, one line per run."""
+    if not paths:
+        raise ValueError("give at least one run folder or results.json to plot")
+    fig, (ax_bytes, ax_round) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for path in paths:
+        results = load_results(path)
+        rows = [r for r in round_metrics(results) if r.get("accuracy") is not None]
+        label = run_label(results)
+        seeded = f"{label} (seed {results['config']['seed']})"
+        with_bytes = [r for r in rows if r["cum_uplink_payload_bytes"] > 0]
+        line = ax_bytes.plot(
+            [r["cum_uplink_payload_bytes"] for r in with_bytes], [r["accuracy"] for r in with_bytes], marker="o", label=seeded
+        )[0]
+        ax_round.plot([r["round"] for r in rows], [r["accuracy"] for r in rows], marker="o", color=line.get_color(), label=seeded)
+    ax_bytes.set_xscale("log")
+    ax_bytes.set_xlabel("cumulative uplink payload bytes (all clients, log scale)")
+    ax_bytes.set_ylabel("held-out accuracy")
+    ax_bytes.set_title("accuracy vs communication")
+    ax_round.set_xlabel("server round (0 = before training)")
+    ax_round.set_ylabel("held-out accuracy")
+    ax_round.set_title("accuracy vs round")
+    for ax in (ax_bytes, ax_round):
+        ax.grid(True, alpha=0.3)
+    ax_round.legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    log.info("wrote %s", out)
+    return out

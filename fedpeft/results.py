@@ -1,0 +1,80 @@
+"""One results file per run: resolved config, versions, per-round metrics, byte ledger.
+
+``runs/<name>/seed-<seed>/results.json``. It is rewritten after every round, so an
+interrupted run still leaves what it measured (``status`` says how it ended).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+RESULTS_FILE = "results.json"
+TRACKED_PACKAGES = ("fedpeft", "flwr", "torch", "transformers", "peft", "bitsandbytes", "opacus", "numpy")
+
+
+def default_run_dir(name: str, seed: int, root: str | Path = "runs") -> Path:
+    """``runs/<name>/seed-<seed>``."""
+    return Path(root) / name / f"seed-{seed}"
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that decide the numbers."""
+    out = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def git_revision(path: str | Path = ".") -> str:
+    """``git rev-parse HEAD`` (with ``-dirty`` when the tree has changes), or ``unknown``."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=path, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_results(run_dir: str | Path, results: dict[str, Any]) -> Path:
+    """Write ``results.json`` atomically (write then rename)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / (RESULTS_FILE + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=False))
+    tmp.replace(run_dir / RESULTS_FILE)
+    return run_dir / RESULTS_FILE
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """Read a results file, given the file or its run folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; pass a run folder or its results.json")
+    results = json.loads(path.read_text())
+    if "rounds" not in results or "config" not in results:
+        raise ValueError(f"{path} is not a fedpeft results file (no 'rounds' / 'config')")
+    return results
+
+
+def round_metrics(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-round rows (round 0 is the initial evaluation), each with cumulative byte counts."""
+    rows, up, down = [], 0, 0
+    for r in results["rounds"]:
+        up += r.get("uplink_payload_bytes", 0)
+        down += r.get("downlink_payload_bytes", 0)
+        rows.append({**r, "cum_uplink_payload_bytes": up, "cum_total_payload_bytes": up + down})
+    return rows

@@ -1,0 +1,103 @@
+"""The task a client or the server works on: model, tokenizer, data, partitions.
+
+Glue between config and the pure pieces, cached per process (see backbone.py for why
+the cache lives in an importable module).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedpeft import adapters, backbone, data, partition
+from fedpeft.config import ExperimentConfig
+from fedpeft.rng import torch_generator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Task:
+    """A PEFT model on its frozen backbone, with its tokenizer and data."""
+
+    cfg: ExperimentConfig
+    model: nn.Module
+    tokenizer: object
+    splits: data.Splits
+    weight_bytes: backbone.WeightBytes
+    initial_state: adapters.State
+
+    def partition(self, partition_id: int) -> data.TextData:
+        """This client's rows of the training pool."""
+        parts = partitions(self.cfg)
+        if not 0 <= partition_id < len(parts):
+            raise ValueError(f"partition-id {partition_id} outside 0..{len(parts) - 1}")
+        return self.splits.train.subset(parts[partition_id])
+
+    def train_loader(self, rows: data.TextData, round_: int, partition_id: int):
+        """Shuffled batches for local training, seeded by (seed, round, partition)."""
+        gen = torch_generator(self.cfg.seed, "batches", round_, partition_id)
+        return data.build_loader(
+            rows,
+            self.tokenizer,
+            max_seq_len=self.cfg.data.max_seq_len,
+            batch_size=self.cfg.train.batch_size,
+            shuffle=True,
+            generator=gen,
+        )
+
+    def test_loader(self):
+        """The fixed held-out set, in order."""
+        return data.build_loader(
+            self.splits.test,
+            self.tokenizer,
+            max_seq_len=self.cfg.data.max_seq_len,
+            batch_size=self.cfg.train.eval_batch_size,
+            shuffle=False,
+        )
+
+
+def model_key(cfg: ExperimentConfig, num_labels: int) -> tuple:
+    """What makes two cached models interchangeable (the seed fixes the initial adapter)."""
+    return (cfg.model, cfg.peft, num_labels, cfg.seed)
+
+
+def load_task(cfg: ExperimentConfig) -> Task:
+    """Build (or fetch from the process cache) everything a client or server needs."""
+    splits = data.load_splits(cfg.data)
+    num_labels = len(splits.train.label_names)
+    holder: dict[str, backbone.WeightBytes] = {}
+
+    def build() -> nn.Module:
+        base = backbone.load_backbone(cfg.model, num_labels, seed=cfg.seed)
+        holder["bytes"] = backbone.measure_weight_bytes(base, cfg.model.quantization)
+        model = adapters.inject_adapters(base, cfg.peft, seed=cfg.seed)
+        model.fedpeft_weight_bytes = holder["bytes"]
+        model.fedpeft_initial_state = adapters.get_adapter_state(model)
+        model.eval()
+        return model
+
+    model = backbone.cached_model(model_key(cfg, num_labels), build)
+    tokenizer = data.load_tokenizer(backbone.resolve_model_path(cfg.model.name))
+    return Task(cfg, model, tokenizer, splits, model.fedpeft_weight_bytes, model.fedpeft_initial_state)
+
+
+_PARTS: dict[tuple, list] = {}
+
+
+def partitions(cfg: ExperimentConfig) -> list:
+    """Row indices per partition (cached per process; pure function of the config)."""
+    key = (cfg.data, cfg.partition, cfg.seed)
+    if key not in _PARTS:
+        splits = data.load_splits(cfg.data)
+        _PARTS[key] = partition.partition_indices(splits.train.labels, cfg.partition, cfg.seed)
+    return _PARTS[key]
+
+
+def set_threads(n: int) -> None:
+    """Torch intra-op threads for this process (1 per simulated client by default)."""
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)

@@ -1,0 +1,112 @@
+"""Local first-order training and evaluation of the trainable PEFT parameters."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedpeft.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one client's local training reports."""
+
+    mean_loss: float
+    first_loss: float
+    last_loss: float
+    num_examples: int
+    num_steps: int
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD over the trainable parameters only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits for a tokenized batch (labels are kept out of the model call)."""
+    device = next(p for p in model.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    return model(**inputs).logits
+
+
+def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of one batch."""
+    logits = forward_logits(model, batch)
+    return F.cross_entropy(logits.float(), batch["labels"].to(logits.device))
+
+
+def planned_steps(num_batches: int, cfg: TrainConfig) -> int:
+    """``train.local-steps`` when set, else ``local-epochs`` passes over the loader."""
+    return cfg.local_steps if cfg.local_steps > 0 else cfg.local_epochs * num_batches
+
+
+def train_local(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    cfg: TrainConfig,
+    *,
+    dropout_seed: int,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> TrainResult:
+    """Run local steps; only parameters with ``requires_grad`` change.
+
+    Dropout draws from torch's global generator (modules take no generator argument), so
+    the steps run inside a forked global RNG seeded with ``dropout_seed``: the caller's RNG
+    state is untouched and the run is reproducible.
+    """
+    optimizer = optimizer or build_optimizer(model, cfg)
+    steps = planned_steps(len(loader), cfg)
+    losses: list[float] = []
+    examples = 0
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(dropout_seed)
+        for batch in itertools.islice(_cycle(loader), steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = batch_loss(model, batch)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"local loss became {loss.item()} at step {len(losses)}; lower train.lr")
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            examples += int(batch["labels"].shape[0])
+    model.eval()
+    return TrainResult(
+        mean_loss=sum(losses) / len(losses),
+        first_loss=losses[0],
+        last_loss=losses[-1],
+        num_examples=examples,
+        num_steps=len(losses),
+    )
+
+
+def _cycle(loader: torch.utils.data.DataLoader):
+    while True:
+        yield from loader
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader) -> dict[str, float]:
+    """Mean loss and accuracy over ``loader``."""
+    model.eval()
+    total_loss, correct, n = 0.0, 0, 0
+    for batch in loader:
+        logits = forward_logits(model, batch)
+        labels = batch["labels"].to(logits.device)
+        total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        correct += int((logits.argmax(-1) == labels).sum().item())
+        n += int(labels.shape[0])
+    return {"loss": total_loss / n, "accuracy": correct / n, "num_examples": float(n)}

@@ -1,0 +1,105 @@
+"""The one launcher: ``fedpeft simulate`` / ``fedpeft plot`` (also ``python -m simulations.run``).
+
+This is the only file that knows how Flower is started. Local runs use Flower's
+simulation engine (Ray backend) through ``flwr.simulation.run_simulation``; the same
+command on the head node of a Ray cluster (``ray start --head`` there, ``ray start
+--address=<head>:6379`` on the others) spreads the clients over the cluster, because
+Ray attaches to a running cluster when one exists. ``flwr run .`` runs the same apps
+with the pyproject defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from fedpeft.config import ConfigError, ExperimentConfig, load_config, parse_override
+from fedpeft.plot import plot_runs
+from fedpeft.results import default_run_dir, load_results
+
+log = logging.getLogger("fedpeft")
+
+
+def backend_config(cfg: ExperimentConfig) -> dict:
+    """Ray resources per simulated client, from our config (not Flower's 2-CPU default)."""
+    resources = {"num_cpus": cfg.simulation.num_cpus_per_client, "num_gpus": cfg.simulation.num_gpus_per_client}
+    return {"client_resources": resources, "init_args": {"include_dashboard": False}}
+
+
+def simulate(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, plot: bool = True) -> Path:
+    """Run ``cfg`` on Flower's simulation engine; return the results file."""
+    from flwr.simulation import run_simulation
+
+    from simulations.client_app import build_client_app
+    from simulations.server_app import build_server_app
+
+    run_dir = Path(run_dir) if run_dir else default_run_dir(cfg.name, cfg.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stale = run_dir / "results.json"
+    if stale.exists():
+        stale.unlink()
+    flat = cfg.to_flat()
+    # Users do not set HF_HUB_OFFLINE for the embedded default; nothing there needs the hub.
+    if cfg.model.name == "embedded" and cfg.data.dataset == "embedded":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    t0 = time.monotonic()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
+        run_simulation(
+            server_app=build_server_app(flat, run_dir.resolve()),
+            client_app=build_client_app(flat),
+            num_supernodes=cfg.partition.num_partitions,
+            backend_config=backend_config(cfg),
+        )
+    results_path = run_dir / "results.json"
+    if not results_path.exists() or load_results(results_path).get("status") != "completed":
+        raise RuntimeError(f"the simulation did not complete; see the log above (run folder {run_dir})")
+    log.info("simulation finished in %.1f s: %s", time.monotonic() - t0, results_path)
+    if plot:
+        fig = plot_runs([results_path], run_dir / "accuracy.png", title=cfg.name)
+        log.info("plot: %s", fig)
+    return results_path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedpeft", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run an experiment config on Flower's simulation engine")
+    sim.add_argument("config", help="experiment TOML, e.g. simulations/configs/quickstart.toml")
+    sim.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    sim.add_argument("--out", help="run folder (default runs/<name>/seed-<seed>)")
+    sim.add_argument("--no-plot", action="store_true", help="skip the accuracy plot")
+    plot = sub.add_parser("plot", help="plot one or more runs from their results files")
+    plot.add_argument("runs", nargs="+", help="run folders or results.json files")
+    plot.add_argument("--out", required=True, help="PNG to write")
+    plot.add_argument("--title")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith(".toml"):
+        argv = ["simulate", *argv]
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "plot":
+            print(plot_runs(args.runs, args.out, title=args.title))
+            return 0
+        overrides = dict(parse_override(o) for o in args.overrides)
+        cfg = load_config(args.config, overrides)
+        print(simulate(cfg, args.out, plot=not args.no_plot))
+        return 0
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"fedpeft: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
