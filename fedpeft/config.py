@@ -249,9 +249,7 @@ def _coerce(key: str, value: Any, want: type) -> Scalar:
     if want is bool and isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
     if type(value) is not want:
-        raise ConfigError(
-            f"config key {key!r} wants {want.__name__}, got {type(value).__name__} {value!r}"
-        )
+        raise ConfigError(f"config key {key!r} wants {want.__name__}, got {type(value).__name__} {value!r}")
     return value
 
 
@@ -275,7 +273,9 @@ def _validate(cfg: ExperimentConfig) -> None:
     _check(cfg.data.max_seq_len >= 8, "data.max-seq-len", ">= 8", cfg.data.max_seq_len)
     _check(cfg.partition.num_partitions >= 1, "partition.num-partitions", ">= 1", cfg.partition.num_partitions)
     _check(cfg.partition.alpha > 0, "partition.alpha", "> 0", cfg.partition.alpha)
-    _check(cfg.partition.min_partition_size >= 1, "partition.min-partition-size", ">= 1", cfg.partition.min_partition_size)
+    _check(
+        cfg.partition.min_partition_size >= 1, "partition.min-partition-size", ">= 1", cfg.partition.min_partition_size
+    )
     _check(0 < cfg.participation.fraction <= 1, "participation.fraction", "in (0, 1]", cfg.participation.fraction)
     _check(cfg.participation.min_clients >= 0, "participation.min-clients", ">= 0", cfg.participation.min_clients)
     _check(cfg.train.lr > 0, "train.lr", "> 0", cfg.train.lr)
@@ -291,8 +291,18 @@ def _validate(cfg: ExperimentConfig) -> None:
     _check(cfg.train.eval_batch_size >= 1, "train.eval-batch-size", ">= 1", cfg.train.eval_batch_size)
     _check(cfg.train.weight_decay >= 0, "train.weight-decay", ">= 0", cfg.train.weight_decay)
     _check(cfg.strategy.server_lr > 0, "strategy.server-lr", "> 0", cfg.strategy.server_lr)
-    _check(cfg.simulation.num_cpus_per_client > 0, "simulation.num-cpus-per-client", "> 0", cfg.simulation.num_cpus_per_client)
-    _check(cfg.simulation.num_gpus_per_client >= 0, "simulation.num-gpus-per-client", ">= 0", cfg.simulation.num_gpus_per_client)
+    _check(
+        cfg.simulation.num_cpus_per_client > 0,
+        "simulation.num-cpus-per-client",
+        "> 0",
+        cfg.simulation.num_cpus_per_client,
+    )
+    _check(
+        cfg.simulation.num_gpus_per_client >= 0,
+        "simulation.num-gpus-per-client",
+        ">= 0",
+        cfg.simulation.num_gpus_per_client,
+    )
     _check(cfg.simulation.torch_threads >= 1, "simulation.torch-threads", ">= 1", cfg.simulation.torch_threads)
     _check(cfg.simulation.round_timeout_s > 0, "simulation.round-timeout-s", "> 0", cfg.simulation.round_timeout_s)
     _check(cfg.simulation.node_wait_s > 0, "simulation.node-wait-s", "> 0", cfg.simulation.node_wait_s)

@@ -94,8 +94,7 @@ def load_table(cfg: DataConfig) -> tuple[list, list]:
     for role, column in (("text", cfg.text_column), ("label", cfg.label_column)):
         if column not in table.column_names:
             raise KeyError(
-                f"data.{role}-column={column!r} is not a column of {cfg.dataset!r}; "
-                f"columns are {table.column_names}"
+                f"data.{role}-column={column!r} is not a column of {cfg.dataset!r}; columns are {table.column_names}"
             )
     return list(table[cfg.text_column]), list(table[cfg.label_column])
 
@@ -132,9 +131,7 @@ def build_loader(
     if len(data) == 0:
         raise ValueError("cannot build a loader over an empty data set (empty partition?)")
     enc = tokenizer(list(data.texts), truncation=True, max_length=max_seq_len)
-    rows = [
-        {k: enc[k][i] for k in enc.keys()} | {"labels": int(data.labels[i])} for i in range(len(data))
-    ]
+    rows = [{k: enc[k][i] for k in enc.keys()} | {"labels": int(data.labels[i])} for i in range(len(data))]
 
     def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
         padded = tokenizer.pad([{k: v for k, v in r.items() if k != "labels"} for r in batch], return_tensors="pt")

@@ -12,7 +12,9 @@ from fedpeft.config import PartitionConfig
 from fedpeft.rng import derive_seed
 
 
-def partition_indices(labels: np.ndarray, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
+def partition_indices(
+    labels: np.ndarray, cfg: PartitionConfig, seed: int, *, allow_empty: bool = False
+) -> list[np.ndarray]:
     """Row indices of each partition; every index lands in exactly one partition.
 
     Parameters
@@ -23,6 +25,8 @@ def partition_indices(labels: np.ndarray, cfg: PartitionConfig, seed: int) -> li
         ``iid`` or ``dirichlet`` (label skew with concentration ``alpha``).
     seed : int
         Run seed; the partitioner's seed is derived from it.
+    allow_empty : bool
+        Return empty partitions instead of raising (property tests).
     """
     import datasets
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
@@ -47,12 +51,16 @@ def partition_indices(labels: np.ndarray, cfg: PartitionConfig, seed: int) -> li
             seed=part_seed,
         )
     partitioner.dataset = table
-    parts = [np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64) for i in range(n)]
+    try:
+        parts = [np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64) for i in range(n)]
+    except ValueError as err:  # the Dirichlet draw could not meet min_partition_size
+        raise ValueError(
+            f"Dirichlet partitioning of {len(labels)} examples into {n} partitions failed ({err}); "
+            "lower partition.min-partition-size, raise partition.alpha or use more data"
+        ) from err
     for i, part in enumerate(parts):
-        if len(part) == 0:
-            raise ValueError(
-                f"partition {i} is empty; lower partition.num-partitions or raise partition.alpha"
-            )
+        if len(part) == 0 and not allow_empty:
+            raise ValueError(f"partition {i} is empty; lower partition.num-partitions or raise partition.alpha")
     return parts
 
 

@@ -33,9 +33,14 @@ def plot_runs(paths: list[str | Path], out: str | Path, title: str | None = None
         seeded = f"{label} (seed {results['config']['seed']})"
         with_bytes = [r for r in rows if r["cum_uplink_payload_bytes"] > 0]
         line = ax_bytes.plot(
-            [r["cum_uplink_payload_bytes"] for r in with_bytes], [r["accuracy"] for r in with_bytes], marker="o", label=seeded
+            [r["cum_uplink_payload_bytes"] for r in with_bytes],
+            [r["accuracy"] for r in with_bytes],
+            marker="o",
+            label=seeded,
         )[0]
-        ax_round.plot([r["round"] for r in rows], [r["accuracy"] for r in rows], marker="o", color=line.get_color(), label=seeded)
+        ax_round.plot(
+            [r["round"] for r in rows], [r["accuracy"] for r in rows], marker="o", color=line.get_color(), label=seeded
+        )
     ax_bytes.set_xscale("log")
     ax_bytes.set_xlabel("cumulative uplink payload bytes (all clients, log scale)")
     ax_bytes.set_ylabel("held-out accuracy")

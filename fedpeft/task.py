@@ -49,6 +49,23 @@ class Task:
             generator=gen,
         )
 
+    def local_update(self, global_state: adapters.State, partition_id: int, round_: int):
+        """One client's round: load the global adapter, train locally, return (delta, result).
+
+        The cached model is overwritten from ``global_state`` first, so earlier clients
+        served by this process leave no trace.
+        """
+        from fedpeft.rng import derive_seed
+        from fedpeft.train import train_local
+
+        adapters.set_adapter_state(self.model, global_state)
+        loader = self.train_loader(self.partition(partition_id), round_, partition_id)
+        result = train_local(
+            self.model, loader, self.cfg.train, dropout_seed=derive_seed(self.cfg.seed, "dropout", round_, partition_id)
+        )
+        delta = adapters.compute_delta(adapters.get_adapter_state(self.model), global_state)
+        return delta, result
+
     def test_loader(self):
         """The fixed held-out set, in order."""
         return data.build_loader(

@@ -13,13 +13,14 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpeft.adapters import compute_delta, get_adapter_state, num_trainable, set_adapter_state
+from fedpeft.adapters import num_trainable, set_adapter_state
 from fedpeft.config import ConfigError, ExperimentConfig
 from fedpeft.records import record_to_state, state_to_record
-from fedpeft.rng import derive_seed
 from fedpeft.task import load_task, set_threads
 from fedpeft.train import evaluate as evaluate_model
-from fedpeft.train import train_local
+from simulations.quiet import quiet_libraries
+
+quiet_libraries()
 
 
 def experiment_config(context: Context, overrides: dict[str, Any]) -> ExperimentConfig:
@@ -44,10 +45,10 @@ def partition_id(context: Context, cfg: ExperimentConfig) -> int:
     return pid
 
 
-def build_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
-    """A ClientApp whose config is ``run_config`` overlaid with ``overrides``."""
+def build_client_app(overrides: dict[str, Any] | None = None, mods: list | None = None) -> ClientApp:
+    """A ClientApp whose config is ``run_config`` overlaid with ``overrides``; ``mods`` are Flower mods."""
     overrides = dict(overrides or {})
-    app = ClientApp()
+    app = ClientApp(mods=mods or [])
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
@@ -62,11 +63,7 @@ def build_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
         pid = partition_id(context, cfg)
         round_ = int(msg.content["config"]["server-round"])
         task = load_task(cfg)
-        global_state = record_to_state(msg.content["arrays"])
-        set_adapter_state(task.model, global_state)
-        loader = task.train_loader(task.partition(pid), round_, pid)
-        result = train_local(task.model, loader, cfg.train, dropout_seed=derive_seed(cfg.seed, "dropout", round_, pid))
-        delta = compute_delta(get_adapter_state(task.model), global_state)
+        delta, result = task.local_update(record_to_state(msg.content["arrays"]), pid, round_)
         metrics = MetricRecord(
             {
                 "num-examples": result.num_examples,
@@ -90,7 +87,12 @@ def build_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
         loader = task.train_loader(task.partition(pid), 0, pid)
         scores = evaluate_model(task.model, loader)
         metrics = MetricRecord(
-            {"num-examples": int(scores["num_examples"]), "eval-loss": scores["loss"], "eval-accuracy": scores["accuracy"], "partition-id": pid}
+            {
+                "num-examples": int(scores["num_examples"]),
+                "eval-loss": scores["loss"],
+                "eval-accuracy": scores["accuracy"],
+                "partition-id": pid,
+            }
         )
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

@@ -31,8 +31,13 @@ def backend_config(cfg: ExperimentConfig) -> dict:
     return {"client_resources": resources, "init_args": {"include_dashboard": False}}
 
 
-def simulate(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, plot: bool = True) -> Path:
-    """Run ``cfg`` on Flower's simulation engine; return the results file."""
+def simulate(
+    cfg: ExperimentConfig, run_dir: str | Path | None = None, *, plot: bool = True, client_mods: list | None = None
+) -> Path:
+    """Run ``cfg`` on Flower's simulation engine; return the results file.
+
+    ``client_mods`` are Flower ClientApp mods (tests use one to make a client fail).
+    """
     from flwr.simulation import run_simulation
 
     from simulations.client_app import build_client_app
@@ -52,7 +57,7 @@ def simulate(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, plot: 
         warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
         run_simulation(
             server_app=build_server_app(flat, run_dir.resolve()),
-            client_app=build_client_app(flat),
+            client_app=build_client_app(flat, mods=client_mods),
             num_supernodes=cfg.partition.num_partitions,
             backend_config=backend_config(cfg),
         )
@@ -71,7 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run an experiment config on Flower's simulation engine")
     sim.add_argument("config", help="experiment TOML, e.g. simulations/configs/quickstart.toml")
-    sim.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    sim.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
     sim.add_argument("--out", help="run folder (default runs/<name>/seed-<seed>)")
     sim.add_argument("--no-plot", action="store_true", help="skip the accuracy plot")
     plot = sub.add_parser("plot", help="plot one or more runs from their results files")
@@ -87,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0].endswith(".toml"):
         argv = ["simulate", *argv]
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fedpeft").setLevel(logging.INFO)
     try:
         if args.command == "plot":
             print(plot_runs(args.runs, args.out, title=args.title))

@@ -26,7 +26,10 @@ from fedpeft.records import record_to_state, state_to_record
 from fedpeft.results import default_run_dir, git_revision, package_versions, write_results
 from fedpeft.task import Task, load_task, set_threads
 from fedpeft.train import evaluate
+from simulations.quiet import quiet_libraries
 from strategies import REGISTRY
+
+quiet_libraries()
 
 
 def discover_partitions(grid: Grid, cfg: ExperimentConfig, ledger: Ledger) -> dict[int, int]:
@@ -45,7 +48,11 @@ def discover_partitions(grid: Grid, cfg: ExperimentConfig, ledger: Ledger) -> di
             break
         time.sleep(0.5)
     messages = [
-        Message(RecordDict({"config": ConfigRecord({"query": "partition-id"})}), dst_node_id=n, message_type=MessageType.QUERY)
+        Message(
+            RecordDict({"config": ConfigRecord({"query": "partition-id"})}),
+            dst_node_id=n,
+            message_type=MessageType.QUERY,
+        )
         for n in node_ids
     ]
     mapping: dict[int, int] = {}
@@ -55,7 +62,13 @@ def discover_partitions(grid: Grid, cfg: ExperimentConfig, ledger: Ledger) -> di
             continue
         pid = int(reply.content["config"]["partition-id"])
         if pid in mapping:
-            log(WARNING, "partition %d claimed by nodes %s and %s; keeping the first", pid, mapping[pid], reply.metadata.src_node_id)
+            log(
+                WARNING,
+                "partition %d claimed by nodes %s and %s; keeping the first",
+                pid,
+                mapping[pid],
+                reply.metadata.src_node_id,
+            )
             continue
         mapping[pid] = reply.metadata.src_node_id
         ledger.record_message(0, pid, UP, reply.content, kind="setup")
@@ -72,7 +85,10 @@ def build_strategy(cfg: ExperimentConfig, selector, partition_of):
     if cfg.strategy.name not in REGISTRY:
         raise ValueError(f"unknown strategy.name {cfg.strategy.name!r}; registered: {sorted(REGISTRY)}")
     return REGISTRY[cfg.strategy.name](
-        server_lr=cfg.strategy.server_lr, weighting=cfg.strategy.weighting, node_selector=selector, partition_of=partition_of
+        server_lr=cfg.strategy.server_lr,
+        weighting=cfg.strategy.weighting,
+        node_selector=selector,
+        partition_of=partition_of,
     )
 
 
@@ -115,7 +131,13 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict[str
     first = _evaluate(task, state)
     results["rounds"].append(_round_row(0, first, [], {}, ledger, 0.0))
     results["startup_s"] = time.monotonic() - t_start
-    log(INFO, "round 0: accuracy %.4f loss %.4f (start-up %.1f s)", first["accuracy"], first["loss"], results["startup_s"])
+    log(
+        INFO,
+        "round 0: accuracy %.4f loss %.4f (start-up %.1f s)",
+        first["accuracy"],
+        first["loss"],
+        results["startup_s"],
+    )
     for server_round in range(1, cfg.num_rounds + 1):
         t0 = time.monotonic()
         messages = list(strategy.configure_train(server_round, state_to_record(state), ConfigRecord(), grid))

@@ -37,7 +37,9 @@ def weighted_average(deltas: list[State], weights: list[float]) -> State:
     if total <= 0:
         raise ValueError(f"aggregation weights sum to {total}; they must be positive")
     return {
-        k: (sum(np.float64(w) * d[k].astype(np.float64) for d, w in zip(deltas, weights)) / total).astype(np.float32)
+        k: (sum(np.float64(w) * d[k].astype(np.float64) for d, w in zip(deltas, weights, strict=False)) / total).astype(
+            np.float32
+        )
         for k in deltas[0]
     }
 

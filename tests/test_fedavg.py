@@ -1,0 +1,100 @@
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+
+from fedpeft.records import record_to_state, state_to_record
+from strategies.fedavg import FedAvgPEFT, weighted_average
+
+GLOBAL = {"lora_A": np.array([[1.0, 2.0]], np.float32), "head.bias": np.array([0.5, -0.5], np.float32)}
+
+
+def _deltas():
+    return [
+        {"lora_A": np.array([[1.0, 0.0]], np.float32), "head.bias": np.array([0.0, 3.0], np.float32)},
+        {"lora_A": np.array([[0.0, 2.0]], np.float32), "head.bias": np.array([3.0, 0.0], np.float32)},
+        {"lora_A": np.array([[4.0, 4.0]], np.float32), "head.bias": np.array([-3.0, 3.0], np.float32)},
+    ]
+
+
+def test_weighted_average_of_three_deltas_matches_the_hand_computation():
+    # weights 1, 2, 1 (sum 4): lora_A = (1*[1,0] + 2*[0,2] + 1*[4,4]) / 4 = [1.25, 2.0]
+    #                          bias   = (1*[0,3] + 2*[3,0] + 1*[-3,3]) / 4 = [0.75, 1.5]
+    avg = weighted_average(_deltas(), [1.0, 2.0, 1.0])
+    np.testing.assert_array_equal(avg["lora_A"], np.array([[1.25, 2.0]], np.float32))
+    np.testing.assert_array_equal(avg["head.bias"], np.array([0.75, 1.5], np.float32))
+
+
+def _reply(query: Message, node: int, delta=None, n: int = 1, error: str | None = None) -> Message:
+    if error:
+        reply = Message(Error(code=1, reason=error), reply_to=query)
+    else:
+        content = RecordDict({"arrays": state_to_record(delta), "metrics": MetricRecord({"num-examples": n})})
+        reply = Message(content, reply_to=query)
+    reply.metadata.__dict__["_src_node_id"] = node
+    return reply
+
+
+def _round(strategy: FedAvgPEFT, nodes: list[int]):
+    strategy.node_selector = lambda rnd, grid: nodes
+    return list(strategy.configure_train(1, state_to_record(GLOBAL), ConfigRecord(), grid=None))
+
+
+def test_strategy_applies_server_lr_times_the_example_weighted_delta(task_identity):
+    strategy = FedAvgPEFT(server_lr=0.5, partition_of=lambda node: node - 100)
+    queries = _round(strategy, [100, 101])
+    assert [q.metadata.dst_node_id for q in queries] == [100, 101]
+    assert queries[0].metadata.message_type == MessageType.TRAIN
+    d = _deltas()
+    replies = [_reply(queries[0], 100, d[0], n=30), _reply(queries[1], 101, d[1], n=10)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    new = record_to_state(arrays)
+    # avg = (30*[1,0] + 10*[0,2]) / 40 = [0.75, 0.5]; new = [1,2] + 0.5*avg = [1.375, 2.25]
+    np.testing.assert_allclose(new["lora_A"], [[1.375, 2.25]], rtol=0, atol=1e-7)
+    # bias avg = (30*[0,3] + 10*[3,0]) / 40 = [0.75, 2.25]; new = [0.5,-0.5] + 0.5*avg
+    np.testing.assert_allclose(new["head.bias"], [0.875, 0.625], rtol=0, atol=1e-7)
+    assert metrics["num-examples"] == 40
+    assert strategy.round_report["aggregated"] == [0, 1]
+
+
+def test_uniform_weighting_ignores_example_counts(task_identity):
+    strategy = FedAvgPEFT(weighting="uniform")
+    queries = _round(strategy, [1, 2])
+    d = _deltas()
+    arrays, _ = strategy.aggregate_train(1, [_reply(queries[0], 1, d[0], n=30), _reply(queries[1], 2, d[1], n=10)])
+    np.testing.assert_allclose(record_to_state(arrays)["lora_A"], [[1.5, 3.0]])
+
+
+@pytest.mark.parametrize(
+    "bad,reason",
+    [
+        ({"lora_A": np.array([[np.nan, 0.0]], np.float32), "head.bias": np.zeros(2, np.float32)}, "NaN or Inf"),
+        ({"lora_A": np.array([[np.inf, 0.0]], np.float32), "head.bias": np.zeros(2, np.float32)}, "NaN or Inf"),
+        ({"lora_A": np.zeros((2, 1), np.float32), "head.bias": np.zeros(2, np.float32)}, "shape"),
+        ({"lora_A": np.zeros((1, 2), np.float32)}, "keys differ"),
+    ],
+)
+def test_bad_deltas_are_rejected_and_never_reach_the_global_state(task_identity, bad, reason):
+    strategy = FedAvgPEFT(partition_of=lambda node: node)
+    queries = _round(strategy, [1, 2])
+    good = _deltas()[0]
+    arrays, _ = strategy.aggregate_train(1, [_reply(queries[0], 1, good, n=5), _reply(queries[1], 2, bad, n=5)])
+    np.testing.assert_array_equal(record_to_state(arrays)["lora_A"], GLOBAL["lora_A"] + good["lora_A"])
+    assert strategy.round_report["aggregated"] == [1]
+    assert len(strategy.round_report["rejected"]) == 1 and reason in strategy.round_report["rejected"][0]["reason"]
+
+
+def test_failed_replies_are_recorded_and_the_rest_aggregated(task_identity):
+    strategy = FedAvgPEFT(partition_of=lambda node: node)
+    queries = _round(strategy, [1, 2])
+    good = _deltas()[1]
+    replies = [_reply(queries[0], 1, error="client raised RuntimeError"), _reply(queries[1], 2, good, n=3)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_array_equal(record_to_state(arrays)["head.bias"], GLOBAL["head.bias"] + good["head.bias"])
+    assert strategy.round_report["failed"] == [{"partition_id": 1, "reason": "client raised RuntimeError"}]
+
+
+def test_a_round_where_every_reply_is_bad_leaves_the_global_state_alone(task_identity):
+    strategy = FedAvgPEFT(partition_of=lambda node: node)
+    queries = _round(strategy, [1])
+    arrays, metrics = strategy.aggregate_train(1, [_reply(queries[0], 1, error="boom")])
+    assert arrays is None and metrics is None
