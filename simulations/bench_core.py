@@ -1,0 +1,130 @@
+"""Core benchmark: quantized weight bytes, step time, and Flower's simulation overhead.
+
+    python -m simulations.bench_core [--rounds 2] [--clients 4] [--examples 400] [--steps 8]
+
+Prints, side by side in one run (this machine is shared and noisy, so only ratios
+taken here are meaningful):
+(a) bytes of the backbone's linear layers for none / int8 / nf4 and their ratio to fp32;
+(b) local training step time on nf4 and int8 vs fp32 (same batches, interleaved);
+(c) wall time of Flower's simulation for R rounds x C clients divided by the wall time of
+    exactly the same local training in a bare loop in one process (start-up reported
+    separately). Writes the figures to ``runs/bench_core.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fedpeft import adapters, backbone
+from fedpeft.config import ExperimentConfig, TrainConfig
+from fedpeft.results import load_results
+from fedpeft.task import load_task, set_threads
+from fedpeft.train import train_local
+from simulations.bare_loop import run_bare_loop
+from simulations.quiet import quiet_libraries
+
+
+def bench_bytes() -> dict:
+    """(a) Linear-layer bytes per quantization and the ratio to fp32."""
+    out = {}
+    for q in ("none", "int8", "nf4"):
+        model = backbone.load_backbone(ExperimentConfig().model.__class__(quantization=q), 2)
+        wb = backbone.measure_weight_bytes(model, q)
+        out[q] = {"linear_bytes": wb.weight_bytes, "fp32_linear_bytes": wb.fp32_weight_bytes, "model_bytes": wb.total_bytes}
+        out[q]["linear_ratio_to_fp32"] = wb.weight_bytes / wb.fp32_weight_bytes
+        del model
+    return out
+
+
+def bench_steps(steps: int, repeats: int = 3) -> dict:
+    """(b) Seconds per LoRA training step (batch 32, one thread) for each quantization."""
+    tasks = {}
+    for q in ("none", "int8", "nf4"):
+        cfg = ExperimentConfig.from_flat(
+            {"model.quantization": q, "partition.num-partitions": 1, "data.num-train-examples": 32 * steps}
+        )
+        tasks[q] = load_task(cfg)
+    times: dict[str, list[float]] = {q: [] for q in tasks}
+    for _ in range(repeats):  # interleave so drift in machine speed hits every variant alike
+        for q, task in tasks.items():
+            adapters.set_adapter_state(task.model, task.initial_state)
+            loader = task.train_loader(task.partition(0), 1, 0)
+            t0 = time.perf_counter()
+            train_local(task.model, loader, TrainConfig(local_steps=steps), dropout_seed=0)
+            times[q].append((time.perf_counter() - t0) / steps)
+    best = {q: min(v) for q, v in times.items()}
+    return {q: {"s_per_step": best[q], "ratio_to_fp32": best[q] / best["none"]} for q in best}
+
+
+def bench_overhead(rounds: int, clients: int, examples: int, out_dir: Path) -> dict:
+    """(c) Flower simulation vs the same work in a bare loop, start-up separated."""
+    from simulations.run import simulate
+
+    cfg = ExperimentConfig.from_flat(
+        {
+            "name": "bench-overhead",
+            "num-rounds": rounds,
+            "partition.num-partitions": clients,
+            "partition.scheme": "iid",
+            "participation.model": "always",
+            "data.num-train-examples": examples,
+        }
+    )
+    t0 = time.perf_counter()
+    bare = run_bare_loop(cfg)
+    bare_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results = load_results(simulate(cfg, out_dir / "flower", plot=False))
+    flower_total = time.perf_counter() - t0
+    flower_rounds = sum(r["wall_s"] for r in results["rounds"][1:])
+    return {
+        "rounds": rounds,
+        "clients": clients,
+        "bare_loop_s": bare_s,
+        "bare_loop_train_s": bare["train_s"],
+        "flower_rounds_s": flower_rounds,
+        "flower_total_s": flower_total,
+        "flower_startup_and_teardown_s": flower_total - flower_rounds,
+        "ratio_flower_rounds_to_bare_loop": flower_rounds / bare_s,
+        "bare_accuracy": bare["accuracies"][-1],
+        "flower_accuracy": results["rounds"][-1]["accuracy"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--examples", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--out", default="runs/bench")
+    args = parser.parse_args()
+    quiet_libraries()
+    set_threads(1)
+    torch.manual_seed(0)
+    out = Path(args.out)
+    report = {"bytes": bench_bytes(), "steps": bench_steps(args.steps)}
+    print("(a) backbone linear-layer bytes")
+    for q, r in report["bytes"].items():
+        print(f"    {q:5s} {r['linear_bytes'] / 1e6:7.2f} MB  ratio to fp32 {r['linear_ratio_to_fp32']:.3f}  (whole model {r['model_bytes'] / 1e6:.1f} MB)")
+    print("(b) LoRA training step, batch 32, 1 thread")
+    for q, r in report["steps"].items():
+        print(f"    {q:5s} {r['s_per_step']:.3f} s/step  ratio to fp32 {r['ratio_to_fp32']:.2f}")
+    report["overhead"] = bench_overhead(args.rounds, args.clients, args.examples, out)
+    o = report["overhead"]
+    print(f"(c) {o['rounds']} rounds x {o['clients']} clients")
+    print(f"    bare loop (1 process, sequential)  {o['bare_loop_s']:.1f} s")
+    print(f"    Flower simulation, rounds only      {o['flower_rounds_s']:.1f} s  ratio {o['ratio_flower_rounds_to_bare_loop']:.2f}")
+    print(f"    Flower start-up + teardown          {o['flower_startup_and_teardown_s']:.1f} s")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_core.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {out / 'bench_core.json'}")
+
+
+if __name__ == "__main__":
+    main()
