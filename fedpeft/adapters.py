@@ -59,6 +59,12 @@ def inject_adapters(model: nn.Module, cfg: PeftConfig, seed: int = 0) -> nn.Modu
     return model
 
 
+def parse_layers(text: str) -> list[int] | None:
+    """``peft.layers``: ``"4, 5"`` -> [4, 5]; ``""`` -> None (LoRA in every layer)."""
+    layers = [int(v) for v in text.split(",") if v.strip()]
+    return layers or None
+
+
 def _peft_config(cfg: PeftConfig, head_root: str):
     from peft import IA3Config, LoraConfig, PromptTuningConfig, TaskType
 
@@ -71,6 +77,7 @@ def _peft_config(cfg: PeftConfig, head_root: str):
             lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout,
             target_modules=targets,
+            layers_to_transform=parse_layers(cfg.layers),
             modules_to_save=save,
         )
     if cfg.method == "ia3":

@@ -32,10 +32,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.device": ("auto", "cpu", "cuda"),
     "peft.method": ("lora", "ia3", "prompt", "bitfit", "head"),
     "partition.scheme": ("iid", "dirichlet"),
-    "participation.model": ("always", "uniform"),
+    "participation.model": ("always", "uniform", "bernoulli", "markov", "cyclic", "trace"),
+    "participation.p-source": ("constant", "list", "uniform", "label-correlated"),
     "train.optimizer": ("adamw", "sgd"),
-    "strategy.name": ("fedavg",),
+    "strategy.name": ("fedavg", "fedau", "known_p_oracle", "spsa"),
     "strategy.weighting": ("examples", "uniform"),
+    "dp.mode": ("none", "sample", "client"),
+    "dp.grad-sample-mode": ("hooks", "functorch"),
+    "spsa.codec": ("int8", "log8"),
+    "spsa.scale-rule": ("median", "fixed"),
+    "spsa.lr-schedule": ("constant", "inverse-sqrt"),
+    "spsa.distribution": ("gaussian", "rademacher"),
 }
 
 
@@ -57,6 +64,7 @@ class PeftConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     target_modules: str = "query,key,value,dense"
+    layers: str = ""  # LoRA only in these encoder layers, e.g. "4,5" (peft's layers_to_transform); "" = all
     num_virtual_tokens: int = 8
     train_head: bool = True
 
@@ -91,6 +99,15 @@ class ParticipationConfig:
     model: str = "uniform"
     fraction: float = 0.5
     min_clients: int = 1
+    # bernoulli / markov / cyclic: per-client probabilities p_n (see fedpeft/participation.py)
+    p_source: str = "constant"
+    p_mean: float = 0.1
+    p_floor: float = 0.02
+    p_list: str = ""
+    label_alpha: float = 0.1
+    markov_rate: float = 0.05
+    cycle_length: int = 100
+    trace_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -98,7 +115,7 @@ class TrainConfig:
     """Local first-order training on each client."""
 
     optimizer: str = "adamw"
-    lr: float = 3e-3
+    lr: float = 1e-3
     local_epochs: int = 1
     local_steps: int = 0
     batch_size: int = 32
@@ -113,6 +130,50 @@ class StrategyConfig:
     name: str = "fedavg"
     server_lr: float = 1.0
     weighting: str = "examples"
+    k_cap: int = 100000  # FedAU interval cutoff K (the reference's "K = infinity" default)
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Differential privacy (see fedpeft/privacy.py and strategies/dp.py).
+
+    ``mode``: ``none``; ``sample`` (DP-SGD with Opacus on each client: each client's
+    records are protected); ``client`` (DP-FedAvg: the server clips each client's delta to
+    ``clip_norm`` and adds noise to the mean, protecting whole clients).
+    ``target_epsilon`` > 0 picks the noise multiplier with Opacus so the planned run spends
+    at most ``target_epsilon`` at ``delta``; 0 uses ``noise_multiplier`` as given.
+    """
+
+    mode: str = "none"
+    noise_multiplier: float = 1.0
+    clip_norm: float = 1.0
+    target_epsilon: float = 0.0
+    delta: float = 1e-5
+    grad_sample_mode: str = "hooks"
+    max_weight: float = 0.0  # client mode: cap on aggregation weights (FedAU's omega); 0 = no cap
+
+
+@dataclass(frozen=True)
+class SpsaConfig:
+    """Shared-seed SPSA with one-byte projected gradients (strategy.name = "spsa").
+
+    Each round a client runs ``local_steps`` two-point SPSA steps (perturbation ``eps``,
+    ``batch_size`` examples each) at learning rate ``lr`` (``lr_schedule``: ``constant`` or
+    ``inverse-sqrt``), sending one ``codec`` byte per step. The codec covers ``[-s, s]``:
+    ``scale_rule = "median"`` sets ``s`` to ``scale_multiplier`` x the median |g_hat| of the
+    previous round (``initial_scale`` in round 1); ``"fixed"`` keeps ``initial_scale``.
+    """
+
+    local_steps: int = 20
+    eps: float = 1e-3
+    lr: float = 1e-4
+    lr_schedule: str = "constant"
+    codec: str = "int8"
+    scale_rule: str = "median"
+    scale_multiplier: float = 3.0
+    initial_scale: float = 1.0
+    batch_size: int = 16
+    distribution: str = "gaussian"
 
 
 @dataclass(frozen=True)
@@ -134,6 +195,8 @@ SECTIONS = {
     "participation": ParticipationConfig,
     "train": TrainConfig,
     "strategy": StrategyConfig,
+    "dp": DPConfig,
+    "spsa": SpsaConfig,
     "simulation": SimulationConfig,
 }
 
@@ -144,7 +207,10 @@ class ExperimentConfig:
 
     name: str = "quickstart"
     seed: int = 0
-    num_rounds: int = 4
+    num_rounds: int = 5
+    # Run folder for results.json; "" = runs/<name>/seed-<seed> under the ServerApp's working
+    # directory (on a SuperLink: where flower-superlink was started). Never changes numerics.
+    out_dir: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -152,6 +218,8 @@ class ExperimentConfig:
     participation: ParticipationConfig = field(default_factory=ParticipationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    spsa: SpsaConfig = field(default_factory=SpsaConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def __post_init__(self) -> None:
@@ -268,6 +336,12 @@ def _validate(cfg: ExperimentConfig) -> None:
     _check(cfg.peft.lora_alpha > 0, "peft.lora-alpha", "> 0", cfg.peft.lora_alpha)
     _check(0 <= cfg.peft.lora_dropout < 1, "peft.lora-dropout", "in [0, 1)", cfg.peft.lora_dropout)
     _check(cfg.peft.num_virtual_tokens > 0, "peft.num-virtual-tokens", "> 0", cfg.peft.num_virtual_tokens)
+    _check(
+        all(v.strip().isdigit() for v in cfg.peft.layers.split(",")) if cfg.peft.layers.strip() else True,
+        "peft.layers",
+        'comma-separated layer indices >= 0 such as "4,5", or "" for all layers',
+        cfg.peft.layers,
+    )
     _check(cfg.data.num_train_examples >= 0, "data.num-train-examples", ">= 0 (0 = all)", cfg.data.num_train_examples)
     _check(cfg.data.num_test_examples > 0, "data.num-test-examples", "> 0", cfg.data.num_test_examples)
     _check(cfg.data.max_seq_len >= 8, "data.max-seq-len", ">= 8", cfg.data.max_seq_len)
@@ -278,6 +352,7 @@ def _validate(cfg: ExperimentConfig) -> None:
     )
     _check(0 < cfg.participation.fraction <= 1, "participation.fraction", "in (0, 1]", cfg.participation.fraction)
     _check(cfg.participation.min_clients >= 0, "participation.min-clients", ">= 0", cfg.participation.min_clients)
+    _validate_participation(cfg)
     _check(cfg.train.lr > 0, "train.lr", "> 0", cfg.train.lr)
     _check(cfg.train.local_epochs >= 0, "train.local-epochs", ">= 0", cfg.train.local_epochs)
     _check(cfg.train.local_steps >= 0, "train.local-steps", ">= 0", cfg.train.local_steps)
@@ -291,6 +366,8 @@ def _validate(cfg: ExperimentConfig) -> None:
     _check(cfg.train.eval_batch_size >= 1, "train.eval-batch-size", ">= 1", cfg.train.eval_batch_size)
     _check(cfg.train.weight_decay >= 0, "train.weight-decay", ">= 0", cfg.train.weight_decay)
     _check(cfg.strategy.server_lr > 0, "strategy.server-lr", "> 0", cfg.strategy.server_lr)
+    _validate_dp(cfg)
+    _validate_spsa(cfg)
     _check(
         cfg.simulation.num_cpus_per_client > 0,
         "simulation.num-cpus-per-client",
@@ -306,3 +383,54 @@ def _validate(cfg: ExperimentConfig) -> None:
     _check(cfg.simulation.torch_threads >= 1, "simulation.torch-threads", ">= 1", cfg.simulation.torch_threads)
     _check(cfg.simulation.round_timeout_s > 0, "simulation.round-timeout-s", "> 0", cfg.simulation.round_timeout_s)
     _check(cfg.simulation.node_wait_s > 0, "simulation.node-wait-s", "> 0", cfg.simulation.node_wait_s)
+
+
+def _validate_participation(cfg: ExperimentConfig) -> None:
+    part = cfg.participation
+    _check(0 < part.p_mean <= 1, "participation.p-mean", "in (0, 1]", part.p_mean)
+    _check(0 < part.p_floor <= 1, "participation.p-floor", "in (0, 1]", part.p_floor)
+    _check(part.label_alpha > 0, "participation.label-alpha", "> 0", part.label_alpha)
+    _check(0 < part.markov_rate <= 1, "participation.markov-rate", "in (0, 1]", part.markov_rate)
+    _check(part.cycle_length >= 2, "participation.cycle-length", ">= 2", part.cycle_length)
+    if part.model == "trace":
+        _check(bool(part.trace_file), "participation.trace-file", "a file path when participation.model='trace'", "")
+    if part.p_source == "list":
+        try:
+            values = [float(v) for v in part.p_list.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        _check(
+            len(values) == cfg.partition.num_partitions and all(0 < v <= 1 for v in values),
+            "participation.p-list",
+            f"{cfg.partition.num_partitions} comma-separated probabilities in (0, 1] (one per partition)",
+            part.p_list,
+        )
+    _check(cfg.strategy.k_cap >= 1, "strategy.k-cap", ">= 1", cfg.strategy.k_cap)
+
+
+def _validate_spsa(cfg: ExperimentConfig) -> None:
+    spsa = cfg.spsa
+    _check(spsa.local_steps >= 1, "spsa.local-steps", ">= 1", spsa.local_steps)
+    _check(spsa.local_steps < 0xFFFF, "spsa.local-steps", "< 65535 (the log's u16 count)", spsa.local_steps)
+    _check(spsa.eps > 0, "spsa.eps", "> 0", spsa.eps)
+    _check(spsa.lr > 0, "spsa.lr", "> 0", spsa.lr)
+    _check(spsa.scale_multiplier > 0, "spsa.scale-multiplier", "> 0", spsa.scale_multiplier)
+    _check(spsa.initial_scale > 0, "spsa.initial-scale", "> 0", spsa.initial_scale)
+    _check(spsa.batch_size >= 1, "spsa.batch-size", ">= 1", spsa.batch_size)
+
+
+def _validate_dp(cfg: ExperimentConfig) -> None:
+    dp = cfg.dp
+    _check(dp.noise_multiplier >= 0, "dp.noise-multiplier", ">= 0", dp.noise_multiplier)
+    _check(dp.clip_norm > 0, "dp.clip-norm", "> 0", dp.clip_norm)
+    _check(dp.target_epsilon >= 0, "dp.target-epsilon", ">= 0 (0 = use dp.noise-multiplier)", dp.target_epsilon)
+    _check(0 < dp.delta < 1, "dp.delta", "in (0, 1)", dp.delta)
+    _check(dp.max_weight >= 0, "dp.max-weight", ">= 0 (0 = no cap)", dp.max_weight)
+    if dp.mode == "client":
+        # Example counts are private and unbounded; the C/m sensitivity needs equal weights.
+        _check(
+            cfg.strategy.weighting == "uniform",
+            "strategy.weighting",
+            "'uniform' when dp.mode='client' (set strategy.weighting=uniform)",
+            cfg.strategy.weighting,
+        )

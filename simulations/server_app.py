@@ -27,7 +27,7 @@ from fedpeft.results import default_run_dir, git_revision, package_versions, wri
 from fedpeft.task import Task, load_task, set_threads
 from fedpeft.train import evaluate
 from simulations.quiet import quiet_libraries
-from strategies import REGISTRY
+from strategies import StrategyContext, build_strategy
 
 quiet_libraries()
 
@@ -80,18 +80,6 @@ def discover_partitions(grid: Grid, cfg: ExperimentConfig, ledger: Ledger) -> di
     return mapping
 
 
-def build_strategy(cfg: ExperimentConfig, selector, partition_of):
-    """The registered strategy named by ``strategy.name``."""
-    if cfg.strategy.name not in REGISTRY:
-        raise ValueError(f"unknown strategy.name {cfg.strategy.name!r}; registered: {sorted(REGISTRY)}")
-    return REGISTRY[cfg.strategy.name](
-        server_lr=cfg.strategy.server_lr,
-        weighting=cfg.strategy.weighting,
-        node_selector=selector,
-        partition_of=partition_of,
-    )
-
-
 def _evaluate(task: Task, state) -> dict[str, float]:
     set_adapter_state(task.model, state)
     return evaluate(task.model, task.test_loader())
@@ -105,7 +93,9 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict[str
     ledger = Ledger()
     node_of = discover_partitions(grid, cfg, ledger)
     partition_of = {node: pid for pid, node in node_of.items()}
-    env = participation_lib.build_participation(cfg.participation, cfg.partition.num_partitions, cfg.seed)
+    env = participation_lib.build_participation(
+        cfg.participation, cfg.partition.num_partitions, cfg.seed, label_hist=task.label_histograms()
+    )
     online_trace = participation_lib.trace(env, cfg.num_rounds, cfg.partition.num_partitions)
     selected: dict[int, list[int]] = {}
 
@@ -114,7 +104,14 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict[str
         selected[server_round] = pids
         return [node_of[p] for p in pids]
 
-    strategy = build_strategy(cfg, selector, lambda node: partition_of.get(node, -1))
+    ctx = StrategyContext(
+        node_selector=selector,
+        partition_of=lambda node: partition_of.get(node, -1),
+        num_clients=cfg.partition.num_partitions,
+        environment=env,
+        extras={"initial_state": dict(task.initial_state)},
+    )
+    strategy = build_strategy(cfg, ctx)
     state = dict(task.initial_state)
     results: dict[str, Any] = {
         "status": "running",
@@ -125,6 +122,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict[str
         "backbone": vars(task.weight_bytes),
         "partitions": {"sizes": [len(task.partition(p)) for p in range(cfg.partition.num_partitions)]},
         "participation_trace": online_trace.astype(int).tolist(),
+        # the environment's p_n, for analysis only (strategies other than oracles never see them)
+        "participation_probabilities": [float(p) for p in env.probabilities],
         "rounds": [],
         "adapter_dir": None,
     }
@@ -144,22 +143,28 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict[str
         for msg in messages:
             ledger.record_message(server_round, partition_of[msg.metadata.dst_node_id], DOWN, msg.content)
         replies = list(grid.send_and_receive(messages, timeout=cfg.simulation.round_timeout_s)) if messages else []
+        replies, unavailable = _split_superlink_errors(replies, messages, partition_of)
         for reply in replies:
             if not reply.has_error():
                 ledger.record_message(server_round, partition_of.get(reply.metadata.src_node_id, -1), UP, reply.content)
-        new_arrays, _ = strategy.aggregate_train(server_round, replies) if replies else (None, None)
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies) if replies else (None, None)
         report = dict(strategy.round_report) if replies else {"failed": [], "rejected": [], "aggregated": []}
         answered = {partition_of.get(r.metadata.src_node_id) for r in replies}
         for pid in selected.get(server_round, []):
             if pid not in answered:
-                report["failed"].append({"partition_id": pid, "reason": "no reply within simulation.round-timeout-s"})
+                reason = unavailable.get(pid, "no reply within simulation.round-timeout-s")
+                report["failed"].append({"partition_id": pid, "reason": reason})
         if new_arrays is not None:
             state = record_to_state(new_arrays)
         elif not messages:
             log(WARNING, "round %d: no client online; skipped", server_round)
         scores = _evaluate(task, state)
         row = _round_row(server_round, scores, selected.get(server_round, []), report, ledger, time.monotonic() - t0)
+        row["train_metrics"] = dict(train_metrics) if train_metrics is not None else {}
+        row.update(report.get("extra", {}))
         results["rounds"].append(row)
+        if hasattr(strategy, "state_for_results"):
+            results["strategy_state"] = strategy.state_for_results()
         write_results(run_dir, results)
         log(
             INFO,
@@ -178,6 +183,24 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict[str
     path = write_results(run_dir, results)
     log(INFO, "wrote %s (final accuracy %.4f)", path, results["rounds"][-1]["accuracy"])
     return results
+
+
+def _split_superlink_errors(replies: list[Message], sent: list[Message], partition_of: dict[int, int]):
+    """Replies from the nodes, and ``{partition id: reason}`` for the SuperLink's own error replies.
+
+    On a SuperLink, a node that stopped heart-beating (crashed, unplugged) is answered for by
+    the SuperLink itself (NODE_UNAVAILABLE, from its own node id): attribute it to the node
+    the message went to, so it is recorded as that partition's failure.
+    """
+    dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    from_nodes, unavailable = [], {}
+    for reply in replies:
+        if reply.metadata.src_node_id in partition_of or not reply.has_error():
+            from_nodes.append(reply)
+            continue
+        pid = partition_of.get(dst_of.get(reply.metadata.reply_to_message_id, -1), -1)
+        unavailable[pid] = f"node unavailable: {reply.error.reason}"[:500]
+    return from_nodes, unavailable
 
 
 def _round_row(server_round, scores, participants, report, ledger: Ledger, wall_s: float) -> dict[str, Any]:
@@ -210,7 +233,7 @@ def build_server_app(overrides: dict[str, Any] | None = None, run_dir: str | Pat
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = ExperimentConfig.from_flat({**dict(context.run_config), **overrides})
-        out = Path(run_dir) if run_dir else default_run_dir(cfg.name, cfg.seed)
+        out = Path(run_dir or cfg.out_dir or default_run_dir(cfg.name, cfg.seed))
         run_experiment(grid, cfg, out)
 
     return app

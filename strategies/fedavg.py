@@ -85,11 +85,25 @@ class FedAvgPEFT(FedAvg):
         self.current: State = {}
         self.round_report: dict[str, list] = {"failed": [], "rejected": [], "aggregated": []}
 
+    #: what the ClientApp does with a train message (see simulations/client_app.py)
+    client_mode = "first-order"
+
+    @classmethod
+    def from_config(cls, cfg, ctx) -> FedAvgPEFT:
+        """Build from an ``ExperimentConfig`` and a :class:`~strategies.base.StrategyContext`."""
+        return cls(
+            server_lr=cfg.strategy.server_lr,
+            weighting=cfg.strategy.weighting,
+            node_selector=ctx.node_selector,
+            partition_of=ctx.partition_of,
+        )
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send the global adapter to this round's online nodes."""
         self.current = record_to_state(arrays)
+        config["mode"] = self.client_mode
         if self.node_selector is None:
             return super().configure_train(server_round, arrays, config, grid)
         config["server-round"] = server_round
@@ -138,7 +152,9 @@ class FedAvgPEFT(FedAvg):
                 self.round_report["rejected"].append({"partition_id": pid, "reason": str(err)})
                 continue
             accepted.append((pid, delta, metrics))
-            self.round_report["aggregated"].append(pid)
+        # Replies arrive in any order; sum in partition order so results are reproducible.
+        accepted.sort(key=lambda item: item[0])
+        self.round_report["aggregated"] = [pid for pid, _, _ in accepted]
         return accepted
 
     @staticmethod

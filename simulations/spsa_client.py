@@ -1,0 +1,118 @@
+"""The ClientApp's ``"spsa"`` train mode: catch up, run K SPSA steps, send K bytes.
+
+A thin Flower shell around :mod:`fedpeft.zo` and :mod:`fedpeft.zo_log`. Between rounds the
+client keeps, in Flower's per-node ``context.state``, the global adapter ``theta_t`` of
+the last round ``t`` it trained in and its own codes of that round; the server's log
+tail (or the full adapter) brings it to ``theta_r``, checked against the server's hash.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedpeft import data, onebyte, zo
+from fedpeft.config import ExperimentConfig
+from fedpeft.records import record_to_state, state_to_record
+from fedpeft.rng import torch_generator
+from fedpeft.task import Task, load_task
+from fedpeft.train import batch_loss
+from fedpeft.zo_log import replay_round, unpack_header, unpack_log
+
+log = logging.getLogger(__name__)
+
+#: ``context.state`` keys: the synced adapter (ArrayRecord) and {"round", "codes"} (ConfigRecord)
+THETA_KEY = "spsa-theta"
+SYNC_KEY = "spsa-sync"
+
+
+def catch_up(msg: Message, context: Context, cfg: ExperimentConfig, task: Task) -> tuple[zo.Tensors | None, str]:
+    """``theta_r`` as CPU fp32 tensors and how it was obtained (``full``/``log``), or None on desync."""
+    conf = msg.content["config"]
+    if "arrays" in msg.content.array_records:
+        return zo.to_master(record_to_state(msg.content["arrays"])), "full"
+    if THETA_KEY in context.state:
+        master = zo.to_master(record_to_state(context.state[THETA_KEY]))
+        synced = int(context.state[SYNC_KEY]["round"])
+        own = bytes(context.state[SYNC_KEY]["codes"])
+    else:  # never trained: the seeded initial adapter is theta_1
+        master, synced, own = zo.to_master(task.initial_state), 1, None
+    if synced != int(conf["spsa-base-round"]):
+        log.warning("client holds round %d but the server's log starts at %s", synced, conf["spsa-base-round"])
+        return None, "log"
+    for entry in unpack_log(bytes(conf.get("spsa-log", b""))):
+        replay_round(
+            master,
+            entry,
+            run_seed=cfg.seed,
+            codec=cfg.spsa.codec,
+            distribution=cfg.spsa.distribution,
+            own_codes=own if entry.round == synced else None,
+        )
+    return master, "log"
+
+
+def spsa_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
+    """Handle a ``mode="spsa"`` train message (see strategies/spsa.py for the protocol)."""
+    from simulations.client_app import partition_id  # the shell module imports this one
+
+    pid = partition_id(context, cfg)
+    conf = msg.content["config"]
+    round_ = int(conf["server-round"])
+    scale, lr, want_hash = unpack_header(bytes(conf["spsa-header"]))
+    task = load_task(cfg)
+    master, source = catch_up(msg, context, cfg, task)
+    if master is None or zo.state_hash(master) != want_hash:
+        log.warning("round %d partition %d: state hash mismatch after %s catch-up", round_, pid, source)
+        for key in (THETA_KEY, SYNC_KEY):
+            if key in context.state:
+                del context.state[key]
+        metrics = MetricRecord({"spsa-desync": 1, "partition-id": pid})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    start = zo.to_state(master)
+    model = task.model
+    model.eval()  # dropout off: both evaluations of a step must see the same function
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    zo.copy_into_(params, master)
+    loader = data.build_loader(
+        task.partition(pid),
+        task.tokenizer,
+        max_seq_len=cfg.data.max_seq_len,
+        batch_size=cfg.spsa.batch_size,
+        shuffle=True,
+        generator=torch_generator(cfg.seed, "spsa-batches", round_, pid),
+    )
+    result = zo.run_local_steps(
+        params,
+        master,
+        loader,
+        lambda batch: batch_loss(model, batch),
+        run_seed=cfg.seed,
+        round_=round_,
+        partition_id=pid,
+        num_steps=cfg.spsa.local_steps,
+        eps=cfg.spsa.eps,
+        lr=lr,
+        scale=scale,
+        codec=cfg.spsa.codec,
+        distribution=cfg.spsa.distribution,
+    )
+    codes = onebyte.to_bytes(result.codes)
+    context.state[THETA_KEY] = state_to_record(start)
+    context.state[SYNC_KEY] = ConfigRecord({"round": round_, "codes": codes})
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "train-loss": float(np.mean(result.losses)),
+            "train-loss-first": float(result.losses[0]),
+            "train-loss-last": float(result.losses[-1]),
+            "num-steps": len(result.codes),
+            "spsa-skipped": result.skipped,
+            "spsa-mean-abs-g": float(np.mean(np.abs(result.g))),
+            "spsa-catch-up-full": int(source == "full"),
+            "partition-id": pid,
+        }
+    )
+    return Message(RecordDict({"spsa": ConfigRecord({"codes": codes}), "metrics": metrics}), reply_to=msg)
