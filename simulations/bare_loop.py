@@ -28,8 +28,9 @@ def run_bare_loop(cfg: ExperimentConfig, *, evaluate_every_round: bool = True) -
         cfg.participation, cfg.partition.num_partitions, cfg.seed, label_hist=task.label_histograms()
     )
     state = dict(task.initial_state)
-    accuracies, train_s = [], 0.0
+    accuracies, train_s, round_s = [], 0.0, []
     for server_round in range(1, cfg.num_rounds + 1):
+        t_round = time.perf_counter()
         deltas, weights = [], []
         for pid in env.online(server_round):
             t0 = time.perf_counter()
@@ -46,4 +47,5 @@ def run_bare_loop(cfg: ExperimentConfig, *, evaluate_every_round: bool = True) -
             acc = evaluate(task.model, task.test_loader())["accuracy"]
             accuracies.append(acc)
             log.info("bare loop round %d: accuracy %.4f", server_round, acc)
-    return {"train_s": train_s, "accuracies": accuracies}
+        round_s.append(time.perf_counter() - t_round)
+    return {"train_s": train_s, "accuracies": accuracies, "round_s": round_s}

@@ -53,6 +53,7 @@ def simulate(
     if cfg.model.name == "embedded" and cfg.data.dataset == "embedded":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.monotonic()
+    logging.getLogger("flwr").addFilter(_DropRunSimulationDeprecation())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
         run_simulation(
@@ -69,6 +70,18 @@ def simulate(
         fig = plot_runs([results_path], run_dir / "accuracy.png", title=cfg.name)
         log.info("plot: %s", fig)
     return results_path
+
+
+class _DropRunSimulationDeprecation(logging.Filter):
+    """``run_simulation`` logs a deprecation notice pointing at ``flwr run``.
+
+    We keep the Python API on purpose: it takes our resources and overrides in-process
+    and returns when the run ends; ``flwr run .`` remains available for Flower's CLI.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return "run_simulation" not in msg and "deprecated feature" not in msg.lower()
 
 
 def _parser() -> argparse.ArgumentParser:
