@@ -128,6 +128,14 @@ class FedAvgPEFT(FedAvg):
             return [1.0] * len(accepted)
         return [float(metrics["num-examples"]) for _, _, metrics in accepted]
 
+    def record_if_failed(self, server_round: int, pid: int, msg: Message) -> bool:
+        """Log and record a reply that carries an error instead of content; True if it did."""
+        if not msg.has_error():
+            return False
+        log.warning("round %d: partition %s failed: %s", server_round, pid, msg.error.reason)
+        self.round_report["failed"].append({"partition_id": pid, "reason": str(msg.error.reason)[:500]})
+        return True
+
     def accept_replies(self, server_round: int, replies: Iterable[Message]) -> list[tuple[int, State, dict]]:
         """``(partition id, delta, metrics)`` of every valid reply; failures are recorded and logged."""
         self.round_report = {"failed": [], "rejected": [], "aggregated": []}
@@ -135,9 +143,7 @@ class FedAvgPEFT(FedAvg):
         accepted = []
         for msg in replies:
             pid = self.partition_of(msg.metadata.src_node_id)
-            if msg.has_error():
-                log.warning("round %d: partition %s failed: %s", server_round, pid, msg.error.reason)
-                self.round_report["failed"].append({"partition_id": pid, "reason": str(msg.error.reason)[:500]})
+            if self.record_if_failed(server_round, pid, msg):
                 continue
             try:
                 if self.arrayrecord_key not in msg.content.array_records:

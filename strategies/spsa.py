@@ -203,9 +203,7 @@ class SharedSeedSPSA(FedAvgPEFT):
         accepted = []
         for msg in replies:
             pid = self.partition_of(msg.metadata.src_node_id)
-            if msg.has_error():
-                log.warning("round %d: partition %s failed: %s", server_round, pid, msg.error.reason)
-                self.round_report["failed"].append({"partition_id": pid, "reason": str(msg.error.reason)[:500]})
+            if self.record_if_failed(server_round, pid, msg):
                 continue
             metrics = dict(next(iter(msg.content.metric_records.values()), {}))
             reason = self._check_reply(msg, metrics)
