@@ -98,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("runs", nargs="+", help="run folders or results.json files")
     plot.add_argument("--out", required=True, help="PNG to write")
     plot.add_argument("--title")
+    plot.add_argument("--total-bytes", action="store_true", help="add a panel: accuracy vs uplink + downlink bytes")
     sub.add_parser("deploy", help="certs | memory | loopback: Flower's deployment runtime (simulations/deploy.py)")
     return parser
 
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("fedpeft").setLevel(logging.INFO)
     try:
         if args.command == "plot":
-            print(plot_runs(args.runs, args.out, title=args.title))
+            print(plot_runs(args.runs, args.out, title=args.title, total_bytes=args.total_bytes))
             return 0
         overrides = dict(parse_override(o) for o in args.overrides)
         cfg = load_config(args.config, overrides)
