@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedpeft").setLevel(logging.INFO)
+    logging.getLogger("flwr").propagate = False  # Flower prints through its own handler already
     try:
         if args.command == "plot":
             print(plot_runs(args.runs, args.out, title=args.title, total_bytes=args.total_bytes))
