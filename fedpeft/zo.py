@@ -124,20 +124,51 @@ class Estimate:
 
 
 def spsa_estimate(
-    loss_fn: Callable[[], torch.Tensor], params: Mapping[str, torch.Tensor], master: Tensors, z: Tensors, eps: float
+    loss_fn: Callable[[], torch.Tensor],
+    params: Mapping[str, torch.Tensor],
+    master: Tensors,
+    z: Tensors,
+    eps: float,
+    *,
+    privatize: Callable[[np.ndarray], float] | None = None,
 ) -> Estimate:
     """``(L(theta + eps z) - L(theta - eps z)) / (2 eps)``, perturbing ``params`` in place.
 
     ``params`` must equal ``master`` on entry; on exit they equal it again, bit for bit
-    (restored by copy, see the module docstring).
+    (restored by copy, see the module docstring). With ``privatize`` (DPZero), ``loss_fn``
+    returns per-example losses and ``privatize`` turns the per-example projected gradients
+    into the released scalar.
     """
     with torch.no_grad():
         perturb_(params, z, eps)
-        loss_plus = float(loss_fn())
+        loss_plus = loss_fn().detach().double().cpu().numpy()
         perturb_(params, z, -2.0 * eps)
-        loss_minus = float(loss_fn())
+        loss_minus = loss_fn().detach().double().cpu().numpy()
     copy_into_(params, master)
-    return Estimate((loss_plus - loss_minus) / (2.0 * eps), loss_plus, loss_minus)
+    if privatize is None:
+        g = (float(loss_plus) - float(loss_minus)) / (2.0 * eps)
+    else:
+        g = privatize(np.atleast_1d((loss_plus - loss_minus) / (2.0 * eps)))
+    return Estimate(g, float(np.mean(loss_plus)), float(np.mean(loss_minus)))
+
+
+def privatize_scalar(per_example_g: np.ndarray, clip: float, sigma: float, rng: np.random.Generator) -> float:
+    """DPZero (Zhang et al. 2023): the released projected gradient of one batch.
+
+    Each example's scalar is clipped to ``[-clip, clip]``; the mean over the B examples then
+    moves by at most ``clip / B`` when one example changes, and Gaussian noise of std
+    ``sigma * clip / B`` makes the step a Gaussian mechanism with noise multiplier ``sigma``
+    (accounted by Opacus' RDP accountant like a DP-SGD step). The one-byte codec comes
+    after, as post-processing, so it costs no privacy.
+    """
+    b = len(per_example_g)
+    clipped = np.clip(np.asarray(per_example_g, dtype=np.float64), -clip, clip)
+    return float(clipped.mean() + rng.normal(0.0, sigma * clip / b))
+
+
+def dp_noise_rng(run_seed: int, round_: int, partition_id: int, step: int) -> np.random.Generator:
+    """The generator for step ``step``'s DPZero noise (never shared with the rounding draws)."""
+    return numpy_rng(run_seed, f"spsa-dpzero-noise/{step}", round_, partition_id)
 
 
 @dataclass(frozen=True)
@@ -167,6 +198,8 @@ def run_local_steps(
     scale: float,
     codec: str,
     distribution: str = "gaussian",
+    dp_clip: float = 0.0,
+    dp_sigma: float = 0.0,
 ) -> LocalResult:
     """``num_steps`` SPSA steps; each applies the DECODED estimate to ``master`` (and ``params``).
 
@@ -177,7 +210,11 @@ def run_local_steps(
     codes, gs, g_hats, losses, examples, skipped = [], [], [], [], 0, 0
     for step, batch in zip(range(num_steps), _cycle(batches), strict=False):
         z = perturbation(direction_seed(run_seed, round_, partition_id, step), shapes, distribution)
-        est = spsa_estimate(lambda b=batch: loss_fn(b), params, master, z, eps)
+        privatize = None
+        if dp_clip > 0:  # DPZero: loss_fn returns per-example losses
+            rng = dp_noise_rng(run_seed, round_, partition_id, step)
+            privatize = lambda g, rng=rng: privatize_scalar(g, dp_clip, dp_sigma, rng)  # noqa: E731
+        est = spsa_estimate(lambda b=batch: loss_fn(b), params, master, z, eps, privatize=privatize)
         try:
             code = onebyte.encode(est.g, scale, codec=codec, rng=rounding_rng(run_seed, round_, partition_id, step))
         except onebyte.NonFiniteGradient:

@@ -11,14 +11,16 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedpeft import data, onebyte, zo
+from fedpeft import data, onebyte, privacy, zo
 from fedpeft.config import ExperimentConfig
 from fedpeft.records import record_to_state, state_to_record
 from fedpeft.rng import torch_generator
 from fedpeft.task import Task, load_task
-from fedpeft.train import batch_loss
+from fedpeft.train import batch_loss, forward_logits
 from fedpeft.zo_log import replay_round, unpack_header, unpack_log
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 #: ``context.state`` keys: the synced adapter (ArrayRecord) and {"round", "codes"} (ConfigRecord)
 THETA_KEY = "spsa-theta"
 SYNC_KEY = "spsa-sync"
+DP_STATE_KEY = "dp-accountant"  # same key as the first-order DP-SGD clients use
 
 
 def catch_up(msg: Message, context: Context, cfg: ExperimentConfig, task: Task) -> tuple[zo.Tensors | None, str]:
@@ -84,11 +87,13 @@ def spsa_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Message
         shuffle=True,
         generator=torch_generator(cfg.seed, "spsa-batches", round_, pid),
     )
+    rows = len(task.partition(pid))
+    dp = _dpzero_plan(cfg, rows, context)
     result = zo.run_local_steps(
         params,
         master,
         loader,
-        lambda batch: batch_loss(model, batch),
+        (lambda batch: per_example_loss(model, batch)) if dp else (lambda batch: batch_loss(model, batch)),
         run_seed=cfg.seed,
         round_=round_,
         partition_id=pid,
@@ -98,6 +103,8 @@ def spsa_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Message
         scale=scale,
         codec=cfg.spsa.codec,
         distribution=cfg.spsa.distribution,
+        dp_clip=cfg.dp.clip_norm if dp else 0.0,
+        dp_sigma=dp["sigma"] if dp else 0.0,
     )
     codes = onebyte.to_bytes(result.codes)
     context.state[THETA_KEY] = state_to_record(start)
@@ -115,4 +122,37 @@ def spsa_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Message
             "partition-id": pid,
         }
     )
+    if dp:  # DPZero: account this round's steps with Opacus, keep the history across rounds
+        history = dp["history"] + [(dp["sigma"], dp["rate"], len(result.codes))]
+        context.state[DP_STATE_KEY] = ConfigRecord(privacy.history_to_lists(history))
+        metrics["epsilon"] = privacy.epsilon_from_history(history, cfg.dp.delta)
+        metrics["dp-delta"] = cfg.dp.delta
+        metrics["dp-noise-multiplier"] = dp["sigma"]
+        metrics["dp-sample-rate"] = dp["rate"]
     return Message(RecordDict({"spsa": ConfigRecord({"codes": codes}), "metrics": metrics}), reply_to=msg)
+
+
+def per_example_loss(model, batch) -> torch.Tensor:
+    """Cross-entropy of every example of the batch (DPZero clips per example)."""
+    logits = forward_logits(model, batch)
+    return F.cross_entropy(logits.float(), batch["labels"].to(logits.device), reduction="none")
+
+
+def _dpzero_plan(cfg: ExperimentConfig, rows: int, context: Context) -> dict | None:
+    """Noise multiplier, sample rate and accountant history for DPZero, or None without DP.
+
+    Sample rate 1/ceil(n/B) as for DP-SGD; batches are shuffled, not Poisson-sampled, so
+    (as for fixed-size participation) Opacus' RDP epsilon is an approximation.
+    """
+    if cfg.dp.mode != "sample":
+        return None
+    rate = privacy.poisson_rate(rows, cfg.spsa.batch_size)
+    sigma = privacy.client_noise_multiplier(
+        cfg.dp,
+        num_examples=rows,
+        batch_size=cfg.spsa.batch_size,
+        steps_per_round=cfg.spsa.local_steps,
+        num_rounds=cfg.num_rounds,
+    )
+    history = privacy.history_from_lists(context.state.config_records.get(DP_STATE_KEY))
+    return {"sigma": sigma, "rate": rate, "history": history}

@@ -254,6 +254,12 @@ def wrap_privacy(strategy, cfg, ctx):
     dp = cfg.dp
     if dp.mode == "none":
         return strategy
+    zeroth_order = getattr(strategy, "client_mode", "first-order") == "spsa"
+    if dp.mode == "client" and zeroth_order:
+        raise ConfigError(
+            "dp.mode='client' clips array deltas, but SPSA clients send one-byte codes; "
+            "use dp.mode='sample' with strategy.name='spsa' (DPZero: clip + noise each projected gradient)"
+        )
     if dp.mode == "client":
         sigma = dp.noise_multiplier
         if dp.target_epsilon > 0:
@@ -274,19 +280,17 @@ def wrap_privacy(strategy, cfg, ctx):
             seed=cfg.seed,
             max_weight=dp.max_weight or None,
         )
-    if getattr(strategy, "client_mode", "first-order") != "first-order":
-        raise ConfigError(f"dp.mode='sample' (DP-SGD) needs first-order clients; strategy.name={cfg.strategy.name!r}")
+    if getattr(strategy, "client_mode", "first-order") not in ("first-order", "spsa"):
+        raise ConfigError(f"dp.mode='sample' has no recipe for strategy.name={cfg.strategy.name!r}")
     from fedpeft.task import partitions
 
     for rows in partitions(cfg):  # fail at start-up, not inside a client
-        steps = privacy.local_steps_per_round(
-            len(rows), cfg.train.batch_size, cfg.train.local_steps, cfg.train.local_epochs
-        )
+        if zeroth_order:  # DPZero: spsa.local-steps steps of spsa.batch-size per round
+            batch, steps = cfg.spsa.batch_size, cfg.spsa.local_steps
+        else:
+            batch = cfg.train.batch_size
+            steps = privacy.local_steps_per_round(len(rows), batch, cfg.train.local_steps, cfg.train.local_epochs)
         privacy.client_noise_multiplier(
-            dp,
-            num_examples=len(rows),
-            batch_size=cfg.train.batch_size,
-            steps_per_round=steps,
-            num_rounds=cfg.num_rounds,
+            dp, num_examples=len(rows), batch_size=batch, steps_per_round=steps, num_rounds=cfg.num_rounds
         )
     return SampleLevelDPReport(strategy=strategy, delta=dp.delta)
