@@ -78,7 +78,9 @@ def test_spsa_accepts_sample_level_dp_and_rejects_client_level_dp():
 
 
 def test_an_unreachable_dpzero_target_names_the_fix():
-    cfg = tiny_config(**{"strategy.name": "spsa", "dp.mode": "sample", "dp.target-epsilon": 1e-4, "spsa.local-steps": 50})
+    cfg = tiny_config(
+        **{"strategy.name": "spsa", "dp.mode": "sample", "dp.target-epsilon": 1e-4, "spsa.local-steps": 50}
+    )
     with pytest.raises(ConfigError, match="raise dp.target-epsilon"):
         build_strategy(cfg, _ctx(cfg))
 
