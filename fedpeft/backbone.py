@@ -82,8 +82,14 @@ def quantization_config(quantization: str) -> Any:
     )
 
 
-def load_backbone(cfg: ModelConfig, num_labels: int, seed: int = 0) -> nn.Module:
-    """Load, quantize and freeze the backbone; the head is freshly initialised from ``seed``."""
+def load_backbone(
+    cfg: ModelConfig, num_labels: int, seed: int = 0, label_names: tuple[str, ...] | None = None
+) -> nn.Module:
+    """Load, quantize and freeze the backbone; the head is initialised from ``seed``.
+
+    ``cfg.pooling = "mean"`` swaps the encoder's pooler for :class:`MaskedMeanPooler`;
+    ``cfg.head_init = "prompts"`` sets the head from the label prompts (needs ``label_names``).
+    """
     from transformers import AutoModelForSequenceClassification
 
     path = resolve_model_path(cfg.name)
@@ -105,8 +111,93 @@ def load_backbone(cfg: ModelConfig, num_labels: int, seed: int = 0) -> nn.Module
     _disable_bnb_cpu_repack(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    _init_head(model, seed)
+    if cfg.pooling == "mean":
+        use_mean_pooling(model)
+    if cfg.head_init == "prompts":
+        if label_names is None:
+            raise ValueError("model.head-init='prompts' needs the data's label names (pass label_names=)")
+        init_head_from_prompts(model, path, cfg, label_names)
+    else:
+        _init_head(model, seed)
     return model
+
+
+class MaskedMeanPooler(nn.Module):
+    """Masked mean of the last hidden states, L2-normalised (sentence-transformers' pooling).
+
+    It replaces an HF encoder's ``pooler``. HF calls a pooler with the hidden states only, so
+    the attention mask reaches it through a forward pre-hook on the encoder
+    (:func:`use_mean_pooling`); with no mask every position counts. No parameters: nothing
+    here trains or travels, and Opacus' per-sample hooks ignore it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mask = self.mask
+        if mask is None or mask.shape != hidden_states.shape[:2]:
+            mask = torch.ones(hidden_states.shape[:2], device=hidden_states.device)
+        m = mask.to(hidden_states.dtype).unsqueeze(-1)
+        mean = (hidden_states * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return nn.functional.normalize(mean, dim=-1)
+
+
+def use_mean_pooling(model: nn.Module) -> MaskedMeanPooler:
+    """Make ``model``'s classification head read mean-pooled embeddings (BERT family).
+
+    Written here because transformers has no pooling option on its sequence classifiers;
+    sentence-transformers has one but would replace the HF/peft/Opacus model stack.
+    """
+    encoder = getattr(model, "base_model", None)
+    if encoder is None or not isinstance(getattr(encoder, "pooler", None), nn.Module):
+        raise ValueError(
+            f"model.pooling='mean' needs an encoder whose classification head reads its pooler "
+            f"(BERT-family models such as the embedded MiniLM); {type(model).__name__} has none. "
+            "Use model.pooling='head'."
+        )
+    pooler = MaskedMeanPooler()
+    encoder.pooler = pooler
+
+    def stash_mask(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        pooler.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+    encoder.register_forward_pre_hook(stash_mask, with_kwargs=True)
+    return pooler
+
+
+def init_head_from_prompts(model: nn.Module, path: str, cfg: ModelConfig, label_names: tuple[str, ...]) -> None:
+    """Row c of the head = ``head_scale`` x the pooled embedding of label c's prompt; bias 0.
+
+    With mean pooling (unit-norm features) the logits are scaled cosine similarities to
+    the prompts: a zero-shot classifier before any training, the start point that
+    zeroth-order methods need (MeZO: without a prompt, SPSA stays at chance).
+    """
+    from fedpeft.config import ConfigError, parse_label_prompts
+    from fedpeft.data import load_tokenizer
+
+    prompts = parse_label_prompts(cfg.label_prompts)
+    missing = [n for n in label_names if n not in prompts]
+    unknown = [n for n in prompts if n not in label_names]
+    if missing or unknown:
+        raise ConfigError(
+            f"model.label-prompts must give one text per label {list(label_names)}; "
+            f"missing {missing}, unknown {unknown}"
+        )
+    tokenizer = load_tokenizer(path)
+    batch = tokenizer([prompts[n] for n in label_names], padding=True, return_tensors="pt")
+    batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        pooled = model.base_model(**batch).pooler_output.float()
+    model.train(was_training)
+    _, head = head_module(model)
+    with torch.no_grad():
+        head.weight.copy_((cfg.head_scale * pooled).to(head.weight.device, head.weight.dtype))
+        if head.bias is not None:
+            head.bias.zero_()
 
 
 def _disable_bnb_cpu_repack(model: nn.Module) -> None:

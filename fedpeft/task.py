@@ -118,7 +118,7 @@ def load_task(cfg: ExperimentConfig) -> Task:
     holder: dict[str, backbone.WeightBytes] = {}
 
     def build() -> nn.Module:
-        base = backbone.load_backbone(cfg.model, num_labels, seed=cfg.seed)
+        base = backbone.load_backbone(cfg.model, num_labels, seed=cfg.seed, label_names=splits.train.label_names)
         holder["bytes"] = backbone.measure_weight_bytes(base, cfg.model.quantization)
         model = adapters.inject_adapters(base, cfg.peft, seed=cfg.seed)
         model.fedpeft_weight_bytes = holder["bytes"]
