@@ -21,11 +21,18 @@ def run_label(results: dict) -> str:
     return f"{c['name']}: {c['strategy.name']} / {c['peft.method']} / {c['model.quantization']}"
 
 
-def plot_runs(paths: list[str | Path], out: str | Path, title: str | None = None, *, total_bytes: bool = False) -> Path:
+def plot_runs(
+    paths: list[str | Path],
+    out: str | Path,
+    title: str | None = None,
+    *,
+    total_bytes: bool = False,
+    target: float | None = None,
+) -> Path:
     """Accuracy vs cumulative uplink bytes (log x) and accuracy vs round, one line per run.
 
     ``total_bytes=True`` adds a panel of accuracy vs cumulative payload bytes in both
-    directions (uplink + downlink).
+    directions (uplink + downlink); ``target`` draws a dashed line at that accuracy.
     """
     if not paths:
         raise ValueError("give at least one run folder or results.json to plot")
@@ -71,6 +78,10 @@ def plot_runs(paths: list[str | Path], out: str | Path, title: str | None = None
     ax_round.set_title("accuracy vs round")
     for ax in (ax_bytes, ax_round):
         ax.grid(True, alpha=0.3)
+    if target is not None:
+        for ax in (ax_bytes, ax_round) + ((ax_total,) if total_bytes else ()):
+            ax.axhline(target, color="grey", linestyle="--", linewidth=1)
+        ax_round.text(0, target, f" target {target:g}", va="bottom", fontsize=8, color="grey")
     ax_round.legend(fontsize=8, loc="lower right")
     if title:
         fig.suptitle(title)
@@ -81,3 +92,20 @@ def plot_runs(paths: list[str | Path], out: str | Path, title: str | None = None
     plt.close(fig)
     log.info("wrote %s", out)
     return out
+
+
+def target_table(paths: list[str | Path], target: float) -> str:
+    """A text table: per run, the round and payload bytes at which accuracy first reached ``target``."""
+    from fedpeft.results import bytes_to_target
+
+    lines = [f"accuracy target {target:g}", "run | round | uplink bytes | uplink+downlink bytes"]
+    for path in paths:
+        results = load_results(path)
+        hit = bytes_to_target(results, target)
+        label = run_label(results)
+        if hit is None:
+            best = max((r["accuracy"] for r in round_metrics(results) if r.get("accuracy") is not None), default=None)
+            lines.append(f"{label} | not reached (best {best}) | - | -")
+        else:
+            lines.append(f"{label} | {hit['round']} | {hit['uplink_payload_bytes']:,} | {hit['total_payload_bytes']:,}")
+    return "\n".join(lines)

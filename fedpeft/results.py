@@ -82,3 +82,22 @@ def round_metrics(results: dict[str, Any]) -> list[dict[str, Any]]:
         down += r.get("downlink_payload_bytes", 0)
         rows.append({**r, "cum_uplink_payload_bytes": up, "cum_total_payload_bytes": up + down})
     return rows
+
+
+def bytes_to_target(results: dict[str, Any], target: float, metric: str = "accuracy") -> dict[str, Any] | None:
+    """The first round whose ``metric`` reaches ``target``, with the bytes spent until then.
+
+    Returns ``None`` when no round reaches it. Byte counts are cumulative payload bytes over
+    all clients, up to and including that round; round 0 (before training) counts as
+    reached with zero bytes.
+    """
+    for row in round_metrics(results):
+        value = row.get(metric)
+        if value is not None and value >= target:
+            return {
+                "round": row["round"],
+                metric: value,
+                "uplink_payload_bytes": row["cum_uplink_payload_bytes"],
+                "total_payload_bytes": row["cum_total_payload_bytes"],
+            }
+    return None

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 from fedpeft.config import ConfigError, ExperimentConfig, load_config, parse_override
-from fedpeft.plot import plot_runs
+from fedpeft.plot import plot_runs, target_table
 from fedpeft.results import default_run_dir, load_results
 
 log = logging.getLogger("fedpeft")
@@ -99,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", required=True, help="PNG to write")
     plot.add_argument("--title")
     plot.add_argument("--total-bytes", action="store_true", help="add a panel: accuracy vs uplink + downlink bytes")
+    plot.add_argument(
+        "--target", type=float, help="accuracy target: draw it and print the bytes each run needed to reach it"
+    )
     sub.add_parser("deploy", help="certs | memory | loopback: Flower's deployment runtime (simulations/deploy.py)")
     return parser
 
@@ -119,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("flwr").propagate = False  # Flower prints through its own handler already
     try:
         if args.command == "plot":
-            print(plot_runs(args.runs, args.out, title=args.title, total_bytes=args.total_bytes))
+            print(plot_runs(args.runs, args.out, title=args.title, total_bytes=args.total_bytes, target=args.target))
+            if args.target is not None:
+                print(target_table(args.runs, args.target))
             return 0
         overrides = dict(parse_override(o) for o in args.overrides)
         cfg = load_config(args.config, overrides)
