@@ -222,7 +222,11 @@ def _round_row(server_round, scores, participants, report, ledger: Ledger, wall_
 
 
 def _mb(n: int) -> str:
-    return f"{n / 1e6:.2f} MB"
+    """Bytes for the progress line, in a unit that shows them (SPSA rounds move bytes, not MB)."""
+    for unit, size in (("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
 
 
 def build_server_app(overrides: dict[str, Any] | None = None, run_dir: str | Path | None = None) -> ServerApp:

@@ -188,3 +188,38 @@ def test_a_flower_simulation_with_spsa_sends_k_bytes_per_client_and_replays_to_t
         entries = tuple((int(p), bytes.fromhex(c)) for p, c in e["codes"].items())
         replay_round(master, RoundLog(e["round"], e["scale"], e["lr"], e["weight"], entries), run_seed=0, codec="int8")
     assert zo.state_hash(master).hex() == results["strategy_state"]["state_hash"]["4"]
+
+
+@pytest.mark.slow
+def test_one_byte_spsa_lowers_the_held_out_loss_of_minilm_with_a_prompt_head():
+    """The spsa_minilm setup (NF4 MiniLM, mean pooling, prompt head, LoRA on value + head), in-process."""
+    from fedpeft import data
+    from fedpeft.config import load_config
+    from fedpeft.task import load_task
+    from simulations.spsa_client import batch_loss
+
+    cfg = load_config("simulations/configs/spsa_minilm.toml", {"data.num-test-examples": 256})
+    task = load_task(cfg)
+    model = task.model.eval()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    master = zo.to_master(task.initial_state)
+    zo.copy_into_(params, master)
+    test = list(task.test_loader())
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            return float(np.mean([float(batch_loss(model, b)) for b in test]))
+
+    before = held_out_loss()
+    loader = data.build_loader(
+        task.splits.train, task.tokenizer, max_seq_len=24, batch_size=16, shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    result = zo.run_local_steps(
+        params, master, loader, lambda b: batch_loss(model, b), run_seed=0, round_=1, partition_id=0,
+        num_steps=200, eps=1e-3, lr=2e-3, scale=1.0, codec="int8",
+    )  # fmt: skip
+    after = held_out_loss()
+    assert result.codes.dtype == np.int8 and len(result.codes) == 200
+    # measured here: 0.586 -> 0.569 on these 256 snippets (the 80-round federated run: 0.606 -> 0.552 on 500)
+    assert after < before - 0.005
