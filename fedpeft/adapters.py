@@ -11,6 +11,7 @@ only; the backbone never travels.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from fedpeft.backbone import head_module
-from fedpeft.config import PeftConfig
+from fedpeft.config import ModelConfig, PeftConfig
 from fedpeft.rng import derive_seed
 
 log = logging.getLogger(__name__)
@@ -138,14 +139,26 @@ def apply_delta(state: State, delta: State, scale: float = 1.0) -> State:
     return {k: (state[k] + np.float32(scale) * delta[k]).astype(np.float32) for k in state}
 
 
-def export_adapter(model: nn.Module, out_dir: str | Path, cfg: PeftConfig) -> Path:
+MODEL_FILE = "fedpeft_model.json"
+
+
+def export_adapter(
+    model: nn.Module, out_dir: str | Path, cfg: PeftConfig, model_cfg: ModelConfig | None = None
+) -> Path:
     """Write the adapter in peft's own format (``PeftModel.from_pretrained`` loads it).
 
     BitFit and head-only have no peft format; they write ``trainable_state.safetensors``
-    plus ``fedpeft_adapter.json``, read back by :func:`load_exported_state`.
+    plus ``fedpeft_adapter.json``, read back by :func:`load_exported_state`. With
+    ``model_cfg``, ``fedpeft_model.json`` records the backbone settings the adapter was
+    trained on (pooling included, which peft's own config cannot hold), for
+    :func:`load_exported_model`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if model_cfg is not None:
+        (out / MODEL_FILE).write_text(
+            json.dumps({"model": dataclasses.asdict(model_cfg), "method": cfg.method}, indent=2)
+        )
     if cfg.method in PEFT_LIBRARY_METHODS:
         model.save_pretrained(str(out))
     else:
@@ -154,6 +167,37 @@ def export_adapter(model: nn.Module, out_dir: str | Path, cfg: PeftConfig) -> Pa
         save_file(get_adapter_state(model), str(out / "trainable_state.safetensors"))
         (out / "fedpeft_adapter.json").write_text(json.dumps({"method": cfg.method}, indent=2))
     return out
+
+
+def load_exported_model(out_dir: str | Path, num_labels: int, device: str | None = None) -> nn.Module:
+    """Rebuild backbone + trained adapter from an export written with ``model_cfg`` (inference).
+
+    The backbone is loaded with the recorded settings (quantization, pooling); the head's
+    initialisation does not matter because the export holds the trained head.
+    """
+    from fedpeft.backbone import load_backbone
+
+    path = Path(out_dir) / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found; export with export_adapter(..., model_cfg=cfg.model) "
+            "(fedpeft simulate does) or load the backbone yourself and use PeftModel.from_pretrained"
+        )
+    meta = json.loads(path.read_text())
+    fields = {**meta["model"], "head_init": "random"}
+    if device is not None:
+        fields["device"] = device
+    base = load_backbone(ModelConfig(**fields), num_labels)
+    if meta["method"] in PEFT_LIBRARY_METHODS:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, str(out_dir)).eval()
+    state = load_exported_state(out_dir)
+    for name, p in base.named_parameters():
+        if name in state:
+            with torch.no_grad():
+                p.copy_(torch.from_numpy(state[name]).to(p.device, p.dtype))
+    return base.eval()
 
 
 def load_exported_state(out_dir: str | Path) -> State:

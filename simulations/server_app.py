@@ -176,7 +176,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict[str
             _mb(sum(r["downlink_payload_bytes"] for r in results["rounds"])), row["wall_s"],
         )  # fmt: skip
     set_adapter_state(task.model, state)
-    results["adapter_dir"] = str(export_adapter(task.model, run_dir / "adapter", cfg.peft).resolve())
+    results["adapter_dir"] = str(export_adapter(task.model, run_dir / "adapter", cfg.peft, cfg.model).resolve())
     results["ledger"] = ledger.to_json()
     results["wall_s"] = time.monotonic() - t_start
     results["status"] = "completed"

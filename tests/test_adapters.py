@@ -92,3 +92,26 @@ def test_bitfit_export_reloads_its_trainable_state(tmp_path):
 def test_missing_local_model_path_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="does not exist"):
         backbone.resolve_model_path("./no/such/model")
+
+
+@pytest.mark.parametrize("method", ["lora", "bitfit"])
+def test_an_export_with_its_model_settings_reloads_mean_pooling_and_gives_the_same_logits(tmp_path, method):
+    cfg = tiny_config(
+        **{"peft.method": method, "model.pooling": "mean", "model.head-init": "prompts",
+           "model.label-prompts": "fresh=a good movie; rotten=a bad movie"}
+    )  # fmt: skip
+    task = load_task(cfg)
+    rng = np.random.default_rng(2)
+    trained = {k: (v + 0.05 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in task.initial_state.items()}
+    adapters.set_adapter_state(task.model, trained)
+    expected = _logits(task.model, task)
+    out = adapters.export_adapter(task.model, tmp_path / method, cfg.peft, cfg.model)
+    reloaded = adapters.load_exported_model(out, num_labels=2)
+    assert any(isinstance(m, backbone.MaskedMeanPooler) for m in reloaded.modules())
+    torch.testing.assert_close(_logits(reloaded, task), expected, rtol=0, atol=1e-5)
+    adapters.set_adapter_state(task.model, task.initial_state)
+
+
+def test_loading_an_export_without_model_settings_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_cfg=cfg.model"):
+        adapters.load_exported_model(tmp_path, num_labels=2)
