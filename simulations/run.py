@@ -21,6 +21,7 @@ from pathlib import Path
 from fedpeft.config import ConfigError, ExperimentConfig, load_config, parse_override
 from fedpeft.plot import plot_runs, target_table
 from fedpeft.results import default_run_dir, load_results
+from simulations.quiet import quiet_run_logs
 
 log = logging.getLogger("fedpeft")
 
@@ -94,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--out", help="run folder (default runs/<name>/seed-<seed>)")
     sim.add_argument("--no-plot", action="store_true", help="skip the accuracy plot")
+    sim.add_argument("--verbose", action="store_true", help="show every library log line and warning")
     plot = sub.add_parser("plot", help="plot one or more runs from their results files")
     plot.add_argument("runs", nargs="+", help="run folders or results.json files")
     plot.add_argument("--out", required=True, help="PNG to write")
@@ -120,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedpeft").setLevel(logging.INFO)
     logging.getLogger("flwr").propagate = False  # Flower prints through its own handler already
+    quiet_run_logs(verbose=getattr(args, "verbose", False))
     try:
         if args.command == "plot":
             print(plot_runs(args.runs, args.out, title=args.title, total_bytes=args.total_bytes, target=args.target))

@@ -92,7 +92,7 @@ class _Delegating(Strategy):
 
     def __init__(self, *, strategy: Strategy, report: Reporter | None = None) -> None:
         self.strategy = strategy
-        self.report = report or no_report
+        self.report = report if report is not None else no_report
 
     def summary(self) -> None:
         """The wrapper's settings, then the wrapped strategy's."""

@@ -100,7 +100,7 @@ class FedAvgPEFT(FedAvg):
         self.weighting = weighting
         self.node_selector = node_selector
         self.partition_of = partition_of or (lambda node_id: node_id)
-        self.report = report or no_report
+        self.report = report if report is not None else no_report
         self.max_weight = max_weight
         self.current: State = {}
         self.expected: list[int] = []  # partitions sent a train message this round
