@@ -137,3 +137,27 @@ def test_importing_the_strategies_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_readmes_own_serverapp_example_runs_with_fedpeft_clients(capsys):
+    from pathlib import Path
+
+    from flwr.app import RecordDict as Records
+
+    from simulations.client_app import build_client_app
+    from tests.conftest import tiny_config
+
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    code = readme.read_text().split("<!-- own-serverapp -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) <= 25
+    namespace: dict = {}
+    exec(compile(code, str(readme), "exec"), namespace)
+    cfg = tiny_config(**{"num-rounds": 1, "strategy.weighting": "uniform"})
+    configs = [{"partition-id": p, "num-partitions": 3} for p in range(3)]
+    grid = InMemoryGrid(build_client_app(), run_config=cfg.to_flat(), node_configs=configs)
+    context = Context(run_id=1, node_id=0, node_config={}, state=Records(), run_config=cfg.to_flat())
+    namespace["main"](grid, context)
+    epsilon = float(capsys.readouterr().out.split("epsilon", 1)[1].split()[0])
+    accountant = RDPAccountant()
+    accountant.history = [(1.0, 1.0, 1)]
+    assert epsilon == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
