@@ -20,7 +20,9 @@ from fedpeft.config import ExperimentConfig
 from fedpeft.results import default_run_dir
 
 
-def run_in_process(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, client_mods: list | None = None) -> Path:
+def run_in_process(
+    cfg: ExperimentConfig, run_dir: str | Path | None = None, *, client_mods: list | None = None
+) -> Path:
     """Run ``cfg`` in this process; return the path of its ``results.json``."""
     from simulations.client_app import build_client_app
     from simulations.grids import InMemoryGrid

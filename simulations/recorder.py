@@ -86,6 +86,20 @@ class RunRecorder:
             return None
         return MetricRecord({"accuracy": scores["accuracy"], "loss": scores["loss"]})
 
+    def interrupted(self, t_start: float) -> dict[str, Any]:
+        """Write the results of a run stopped by the user: status ``interrupted`` after the last completed round."""
+        self.results["status"] = "interrupted"
+        self.results["last_completed_round"] = self.results["rounds"][-1]["round"] if self.results["rounds"] else None
+        self.results["ledger"] = self.ledger.to_json()
+        self.results["wall_s"] = time.monotonic() - t_start
+        write_results(self.run_dir, self.results)
+        log.warning(
+            "interrupted: %s written with the %s completed round(s)",
+            self.run_dir / "results.json",
+            max(len(self.results["rounds"]) - 1, 0),
+        )
+        return self.results
+
     def _log_progress(self, row: dict[str, Any]) -> None:
         if row["round"] == 0:
             log.info("round 0: accuracy %.4f loss %.4f", row["accuracy"], row["loss"])

@@ -21,6 +21,7 @@ from pathlib import Path
 from fedpeft.config import ConfigError, ExperimentConfig, load_config, parse_override
 from fedpeft.plot import plot_runs, target_table
 from fedpeft.results import default_run_dir, load_results
+from simulations.interrupt import RunInterrupted, stop_on_sigint
 from simulations.quiet import quiet_run_logs
 
 log = logging.getLogger("fedpeft")
@@ -57,20 +58,38 @@ def simulate(
     logging.getLogger("flwr").addFilter(_DropRunSimulationDeprecation())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
-        run_simulation(
-            server_app=build_server_app(flat, run_dir.resolve()),
-            client_app=build_client_app(flat, mods=client_mods),
-            num_supernodes=cfg.partition.num_partitions,
-            backend_config=backend_config(cfg),
-        )
+        with stop_on_sigint():
+            run_simulation(
+                server_app=build_server_app(flat, run_dir.resolve()),
+                client_app=build_client_app(flat, mods=client_mods),
+                num_supernodes=cfg.partition.num_partitions,
+                backend_config=backend_config(cfg),
+            )
     results_path = run_dir / "results.json"
-    if not results_path.exists() or load_results(results_path).get("status") != "completed":
-        raise RuntimeError(f"the simulation did not complete; see the log above (run folder {run_dir})")
+    check_finished(results_path)
     log.info("simulation finished in %.1f s: %s", time.monotonic() - t0, results_path)
     if plot:
         fig = plot_runs([results_path], run_dir / "accuracy.png", title=cfg.name)
         log.info("plot: %s", fig)
     return results_path
+
+
+class RunFailed(RuntimeError):
+    """The run ended without aggregating any client update (or without results)."""
+
+
+def check_finished(results_path: Path) -> None:
+    """Raise unless ``results_path`` records a completed run (interrupted and failed runs say why)."""
+    if not results_path.exists():
+        raise RunFailed(f"the simulation wrote no results; see the log above ({results_path.parent})")
+    results = load_results(results_path)
+    status = results.get("status")
+    if status == "interrupted":
+        raise RunInterrupted(
+            f"interrupted after round {results.get('last_completed_round')}; results so far in {results_path}"
+        )
+    if status != "completed":
+        raise RunFailed(f"the run {status}: {results.get('error', 'see the log above')} ({results_path})")
 
 
 class _DropRunSimulationDeprecation(logging.Filter):
@@ -136,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"fedpeft: error: {err}", file=sys.stderr)
         return 2
+    except RunInterrupted as err:
+        print(f"fedpeft: {err}", file=sys.stderr)
+        return 130
+    except RunFailed as err:
+        print(f"fedpeft: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

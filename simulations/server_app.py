@@ -29,6 +29,7 @@ from fedpeft.records import record_to_state, state_to_record
 from fedpeft.results import default_run_dir, git_revision, package_versions, write_results
 from fedpeft.task import load_task, set_threads
 from simulations.grids import MeteringGrid
+from simulations.interrupt import RunInterrupted
 from simulations.quiet import quiet_libraries
 from simulations.recorder import RunRecorder
 from strategies import StrategyContext, build_strategy
@@ -132,13 +133,16 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict[str
     recorder.strategy = strategy
     results["startup_s"] = time.monotonic() - t_start
     initial = state_to_record(task.initial_state)
-    outcome = strategy.start(
-        MeteringGrid(grid, ledger, lambda node: partition_of.get(node, -1)),
-        initial,
-        num_rounds=cfg.num_rounds,
-        timeout=cfg.simulation.round_timeout_s,
-        evaluate_fn=recorder.evaluate,
-    )
+    try:
+        outcome = strategy.start(
+            MeteringGrid(grid, ledger, lambda node: partition_of.get(node, -1)),
+            initial,
+            num_rounds=cfg.num_rounds,
+            timeout=cfg.simulation.round_timeout_s,
+            evaluate_fn=recorder.evaluate,
+        )
+    except (RunInterrupted, KeyboardInterrupt):
+        return recorder.interrupted(t_start)
     final = outcome.arrays if outcome.arrays is not None and len(outcome.arrays) else initial
     set_adapter_state(task.model, record_to_state(final))
     results["adapter_dir"] = str(export_adapter(task.model, run_dir / "adapter", cfg.peft, cfg.model).resolve())

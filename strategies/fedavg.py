@@ -157,8 +157,10 @@ class FedAvgPEFT(FedAvg):
         coefficients = self.coefficients(server_round, accepted)
         update = linear_combination([d for _, d, _ in accepted], coefficients)
         new_state = apply_delta(self.current, update, self.server_lr)
-        self.finish_round(server_round, accepted, **self.round_extras(accepted, coefficients))
-        return state_to_record(new_state), self.summarise_metrics(accepted, coefficients)
+        metrics = self.summarise_metrics(accepted, coefficients)
+        extras = self.round_extras(accepted, coefficients)
+        self.finish_round(server_round, accepted, train_metrics=dict(metrics), **extras)
+        return state_to_record(new_state), metrics
 
     def aggregation_weights(self, server_round: int, accepted: Accepted) -> list[float]:
         """Weights ``w_i`` of the accepted replies (examples or uniform)."""

@@ -209,10 +209,9 @@ class SharedSeedSPSA(FedAvgPEFT):
             "spsa_log_downloads": self.downloads["log"],
             "spsa_full_downloads": self.downloads["full"],
         }
-        self.finish_round(server_round, accepted, **extras)
-        if not accepted:
-            return state_to_record(self._to_state(self.master)), None
-        return state_to_record(self._to_state(self.master)), self.summarise_metrics(accepted, [weight] * len(accepted))
+        metrics = self.summarise_metrics(accepted, [weight] * len(accepted)) if accepted else None
+        self.finish_round(server_round, accepted, train_metrics=dict(metrics or {}), **extras)
+        return state_to_record(self._to_state(self.master)), metrics
 
     def accept_codes(self, server_round: int, replies: Iterable[Message]) -> list[tuple[int, bytes, dict]]:
         """``(partition id, codes, metrics)`` of valid replies, sorted by partition id."""
