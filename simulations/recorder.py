@@ -23,6 +23,7 @@ from fedpeft.records import record_to_state
 from fedpeft.results import write_results
 from fedpeft.task import Task
 from fedpeft.train import evaluate
+from simulations.resume import write_checkpoint
 
 log = logging.getLogger("fedpeft")
 
@@ -79,6 +80,8 @@ class RunRecorder:
         self.results["rounds"].append(row)
         if self.strategy is not None and hasattr(self.strategy, "state_for_results"):
             self.results["strategy_state"] = self.strategy.state_for_results()
+        if self.strategy is not None and server_round > 0:  # what `fedpeft simulate --resume` continues from
+            write_checkpoint(self.run_dir, server_round, record_to_state(arrays), self.strategy, self.ledger.to_json())
         write_results(self.run_dir, self.results)
         self._log_progress(row)
         self._t_round = time.monotonic()

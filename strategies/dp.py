@@ -120,6 +120,15 @@ class _Delegating(Strategy):
         inner = getattr(self.strategy, "state_for_results", None)
         return inner() if callable(inner) else {}
 
+    def checkpoint_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """The wrapped strategy's checkpoint under ``inner`` (subclasses add their own fields)."""
+        meta, arrays = self.strategy.checkpoint_state()
+        return {"inner": meta}, arrays
+
+    def restore_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Restore the wrapped strategy."""
+        self.strategy.restore_state(meta["inner"], arrays)
+
 
 class ClientLevelDP(_Delegating):
     """DP-FedAvg around a strategy whose replies are PEFT deltas (see the module docstring).
@@ -224,6 +233,16 @@ class ClientLevelDP(_Delegating):
         )
         metrics = MetricRecord({**dict(metrics), "epsilon": epsilon, "dp-noise-std": std})
         return state_to_record(noisy), metrics
+
+    def checkpoint_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """The accountant history (every released round) beside the wrapped strategy's checkpoint."""
+        meta, arrays = super().checkpoint_state()
+        return {**meta, "dp_history": [list(h) for h in self.history]}, arrays
+
+    def restore_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Restore the accountant history and the wrapped strategy."""
+        super().restore_state(meta, arrays)
+        self.history = [(float(s), float(q), int(n)) for s, q, n in meta["dp_history"]]
 
     def state_for_results(self) -> dict:
         """The accountant history beside the wrapped strategy's own state."""

@@ -189,6 +189,15 @@ class FedAvgPEFT(FedAvg):
         """Strategy-specific fields for the round report (none for FedAvg)."""
         return {}
 
+    # --- checkpoints (simulations/resume.py) ---------------------------------------------
+
+    def checkpoint_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """What a resumed run needs beyond the global adapter: JSON fields and named arrays (none here)."""
+        return {}, {}
+
+    def restore_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Undo :meth:`checkpoint_state` (the clients restarted too: they hold nothing)."""
+
     # --- validation and reports ----------------------------------------------------------
 
     def accept_replies(self, server_round: int, replies: Iterable[Message]) -> Accepted:

@@ -246,6 +246,34 @@ class SharedSeedSPSA(FedAvgPEFT):
             self.log.append(RoundLog(r, self.scale, self.round_lr(r), f32(1.0), ()))
             self.hashes[r + 1] = self.hashes[r]
 
+    def checkpoint_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """The fp32 master, the whole log (codes as hex), hashes, the next scale, what each client holds."""
+        meta = {
+            "scale": self.scale,
+            "hashes": {str(k): v for k, v in self.hashes.items()},
+            "synced": {str(p): r for p, r in self.synced.items()},
+            "log": [
+                {"round": e.round, "scale": e.scale, "lr": e.lr, "weight": e.weight,
+                 "entries": [[pid, None if c is None else c.hex()] for pid, c in e.entries]}
+                for e in self.log
+            ],
+        }  # fmt: skip
+        return meta, {f"master/{k}": v for k, v in self._to_state(self.master).items()}
+
+    def restore_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Reload :meth:`checkpoint_state`. Restarted clients lost their synced adapters: each gets the
+        full adapter once (extra downlink a real restart causes), a never-seen client still starts
+        from the seeded theta_1."""
+        self.master = self._to_master({k.removeprefix("master/"): v for k, v in arrays.items()})
+        self.scale = float(meta["scale"])
+        self.hashes = {int(k): v for k, v in meta["hashes"].items()}
+        self.synced = {int(p): None for p in meta["synced"]}
+        self.log = [
+            RoundLog(e["round"], e["scale"], e["lr"], e["weight"],
+                     tuple((pid, None if c is None else bytes.fromhex(c)) for pid, c in e["entries"]))
+            for e in meta["log"]
+        ]  # fmt: skip
+
     def state_for_results(self) -> dict:
         """The ordered log (round, partition, codes, scale, lr, weight) and per-round hashes."""
         return {
