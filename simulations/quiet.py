@@ -6,6 +6,18 @@ import logging
 import os
 import sys
 
+#: set by ``--verbose``; inherited by Flower's Ray actors, which import the apps (and this) on their own
+VERBOSE_ENV = "FEDPEFT_VERBOSE"
+
+
+def _filter_library_warnings() -> None:
+    """FutureWarning / DeprecationWarning raised inside these libraries: by category and origin."""
+    import warnings
+
+    for module in ("ray", "torch", "transformers", "peft", "opacus", "bitsandbytes"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+
 
 def quiet_libraries() -> None:
     """Hide transformers' load reports and progress bars, and bitsandbytes' CPU-kernel notice.
@@ -15,6 +27,8 @@ def quiet_libraries() -> None:
     is not imported here (a ClientApp process that only forwards to a warm worker must
     start fast): its environment switches are set instead, unless already imported.
     """
+    if os.environ.get(VERBOSE_ENV) != "1":
+        _filter_library_warnings()
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -61,14 +75,11 @@ def quiet_run_logs(verbose: bool = False) -> None:
     Filters are by origin (Flower's round-loop narration) and by category (library
     FutureWarning / DeprecationWarning from Ray, torch.jit and transformers), never global.
     """
-    import warnings
-
     flwr_logger = logging.getLogger("flwr")
     if verbose:
+        os.environ[VERBOSE_ENV] = "1"
         return
+    _filter_library_warnings()
     for target in (flwr_logger, *flwr_logger.handlers):  # Flower logs through its own handler
         target.addFilter(STRATEGY_NARRATION)
         target.addFilter(ACTOR_SHUTDOWN)
-    for module in ("ray", "torch", "transformers", "peft", "opacus", "bitsandbytes"):
-        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
