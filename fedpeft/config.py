@@ -201,6 +201,9 @@ class SimulationConfig:
     torch_threads: int = 1
     round_timeout_s: float = 3600.0
     node_wait_s: float = 120.0
+    # Cohort nodes: each Flower node (a worker) trains this many simulated clients with one
+    # backbone and num-cpus-per-client threads; 1 = one client per node (simulations/cohort.py).
+    cohort_size: int = 1
 
 
 SECTIONS = {
@@ -406,6 +409,7 @@ def _validate(cfg: ExperimentConfig) -> None:
     _check(cfg.simulation.torch_threads >= 1, "simulation.torch-threads", ">= 1", cfg.simulation.torch_threads)
     _check(cfg.simulation.round_timeout_s > 0, "simulation.round-timeout-s", "> 0", cfg.simulation.round_timeout_s)
     _check(cfg.simulation.node_wait_s > 0, "simulation.node-wait-s", "> 0", cfg.simulation.node_wait_s)
+    _check(cfg.simulation.cohort_size >= 1, "simulation.cohort-size", ">= 1 (1 = one client per node)", cfg.simulation.cohort_size)
 
 
 def parse_label_prompts(text: str) -> dict[str, str]:

@@ -13,7 +13,18 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpeft.config import ExperimentConfig
+from fedpeft.config import ConfigError, ExperimentConfig
+from simulations.cohort import (
+    ERROR_KEY,
+    client_context,
+    cohort_partitions,
+    error_record,
+    is_cohort,
+    num_workers,
+    pack,
+    save_client_state,
+    unpack,
+)
 from simulations.deploy.warm_worker import make_warm_worker_mod
 from simulations.node import DP_STATE_KEY, experiment_config, node_data_path, partition_id
 from simulations.quiet import quiet_libraries
@@ -21,26 +32,35 @@ from strategies.base import CONTRACT_KEY, KIND_DELTA, contract_record
 
 # torch, transformers, peft and opacus are imported inside the handlers, not here: on a
 # SuperNode every message starts a fresh ClientApp process, and with a warm worker
-# (simulations/warm_worker.py) that process only forwards the message, so importing them
+# (simulations/deploy/warm_worker.py) that process only forwards the message, so importing them
 # here would cost ~1.5 s per message for nothing.
 
 quiet_libraries()
 
 
-def first_order_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
+def first_order_train(content: RecordDict, context: Context, cfg: ExperimentConfig) -> RecordDict:
     """Local first-order steps from the global adapter; reply with the delta."""
-    from fedpeft.adapters import num_trainable
     from fedpeft.privacy import history_from_lists, history_to_lists
-    from fedpeft.records import record_to_state, state_to_record
+    from fedpeft.records import record_to_state
     from fedpeft.task import load_task
 
     pid = partition_id(context, cfg)
-    round_ = int(msg.content["config"]["server-round"])
+    round_ = int(content["config"]["server-round"])
     task = load_task(cfg)
     history = history_from_lists(context.state.config_records.get(DP_STATE_KEY))
     delta, result = task.local_update(
-        record_to_state(msg.content["arrays"]), pid, round_, dp_history=history, data_path=node_data_path(context)
+        record_to_state(content["arrays"]), pid, round_, dp_history=history, data_path=node_data_path(context)
     )
+    if result.privacy is not None:  # DP-SGD: keep the accountant across rounds
+        context.state[DP_STATE_KEY] = ConfigRecord(history_to_lists(result.privacy["history"]))
+    return delta_reply(task, pid, delta, result)
+
+
+def delta_reply(task, pid: int, delta: dict, result) -> RecordDict:
+    """A first-order train reply: the delta, the client's metrics, and the contract (kind "delta")."""
+    from fedpeft.adapters import num_trainable
+    from fedpeft.records import state_to_record
+
     metrics = MetricRecord(
         {
             "num-examples": result.num_examples,
@@ -52,21 +72,17 @@ def first_order_train(msg: Message, context: Context, cfg: ExperimentConfig) -> 
             "trainable-params": num_trainable(task.model),
         }
     )
-    if result.privacy is not None:  # DP-SGD: keep the accountant across rounds, report epsilon so far
-        context.state[DP_STATE_KEY] = ConfigRecord(history_to_lists(result.privacy["history"]))
+    if result.privacy is not None:  # report epsilon so far
         for key in ("epsilon", "delta", "noise-multiplier", "sample-rate"):
             metrics[key if key == "epsilon" else f"dp-{key}"] = float(result.privacy[key])
-    content = RecordDict(
-        {"arrays": state_to_record(delta), "metrics": metrics, CONTRACT_KEY: contract_record(KIND_DELTA)}
-    )
-    return Message(content, reply_to=msg)
+    return RecordDict({"arrays": state_to_record(delta), "metrics": metrics, CONTRACT_KEY: contract_record(KIND_DELTA)})
 
 
-def spsa_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
+def spsa_train(content: RecordDict, context: Context, cfg: ExperimentConfig) -> RecordDict:
     """Shared-seed SPSA steps with one-byte codes (simulations/spsa_client.py)."""
     from simulations.spsa_client import spsa_train as run_spsa
 
-    return run_spsa(msg, context, cfg)
+    return run_spsa(content, context, cfg)
 
 
 # What a train message asks for (its config's "mode", set by the strategy) -> the handler.
@@ -76,59 +92,97 @@ TRAIN_MODES = {
 }
 
 
+def train(content: RecordDict, context: Context, cfg: ExperimentConfig) -> RecordDict:
+    """The train handler: the mode the strategy asked for, or a refusal naming the contract."""
+    mode = content["config"].get("mode") if "config" in content.config_records else None
+    if mode not in TRAIN_MODES:
+        raise ValueError(
+            f"train message with mode={mode!r}: this ClientApp replies with PEFT deltas, not weights, so it "
+            f"only trains for a fedpeft strategy (strategies/, which sets config 'mode' to one of "
+            f"{sorted(TRAIN_MODES)}); a stock Flower FedAvg would average deltas as if they were weights"
+        )
+    return TRAIN_MODES[mode](content, context, cfg)
+
+
+def query(content: RecordDict, context: Context, cfg: ExperimentConfig) -> RecordDict:
+    """The handshake: this node's partition id (a cohort worker: all of its partitions)."""
+    if content["config"].get("query") == "partition-ids":
+        return RecordDict({"config": ConfigRecord({"partition-ids": worker_partitions(context, cfg)})})
+    return RecordDict({"config": ConfigRecord({"partition-id": partition_id(context, cfg)})})
+
+
+def evaluate(content: RecordDict, context: Context, cfg: ExperimentConfig) -> RecordDict:
+    """Score the global adapter on this client's own training rows."""
+    from fedpeft.adapters import set_adapter_state
+    from fedpeft.records import record_to_state
+    from fedpeft.task import load_task
+    from fedpeft.train import evaluate as evaluate_model
+
+    pid = partition_id(context, cfg)
+    task = load_task(cfg)
+    set_adapter_state(task.model, record_to_state(content["arrays"]))
+    loader = task.train_loader(task.client_rows(pid, node_data_path(context)), 0, pid)
+    scores = evaluate_model(task.model, loader)
+    metrics = MetricRecord(
+        {
+            "num-examples": int(scores["num_examples"]),
+            "eval-loss": scores["loss"],
+            "eval-accuracy": scores["accuracy"],
+            "partition-id": pid,
+        }
+    )
+    return RecordDict({"metrics": metrics})
+
+
+def worker_partitions(context: Context, cfg: ExperimentConfig) -> list[int]:
+    """The partitions a cohort worker node owns (its node config's partition-id is the worker index)."""
+    k, n = cfg.simulation.cohort_size, cfg.partition.num_partitions
+    workers = num_workers(n, k)
+    if int(context.node_config.get("num-partitions", workers)) != workers:
+        raise ConfigError(
+            f"simulation.cohort-size={k} puts {n} partitions on {workers} worker nodes, but this node says "
+            f"num-partitions={context.node_config.get('num-partitions')}; start {workers} nodes"
+        )
+    return cohort_partitions(int(context.node_config["partition-id"]), n, k)
+
+
+def run_cohort(handler, packed: RecordDict, context: Context, cfg: ExperimentConfig) -> RecordDict:
+    """Run ``handler`` for every client of a packed cohort, each with its own state; pack the replies.
+
+    One client's failure is its own error reply; the others go on.
+    """
+    replies = {}
+    for pid, content in unpack(packed).items():
+        client = client_context(context, pid, cfg.partition.num_partitions)
+        try:
+            replies[pid] = handler(content, client, cfg)
+        except Exception as err:  # reported as this client's failure, with its own message
+            replies[pid] = RecordDict({ERROR_KEY: error_record(err)})
+        save_client_state(context, pid, client)
+    return pack(replies)
+
+
 def build_client_app(overrides: dict[str, Any] | None = None, mods: list | None = None) -> ClientApp:
     """A ClientApp whose config is ``run_config`` overlaid with ``overrides``; ``mods`` are Flower mods."""
     overrides = dict(overrides or {})
     app = ClientApp(mods=mods or [])
 
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        cfg = experiment_config(context, overrides)
-        content = RecordDict({"config": ConfigRecord({"partition-id": partition_id(context, cfg)})})
-        return Message(content, reply_to=msg)
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
+    def serve(handler, msg: Message, context: Context) -> Message:
         from fedpeft.task import set_threads
 
         cfg = experiment_config(context, overrides)
+        if is_cohort(msg.content):  # a worker uses all the cores its resources give it
+            set_threads(max(cfg.simulation.torch_threads, int(cfg.simulation.num_cpus_per_client)))
+            return Message(run_cohort(handler, msg.content, context, cfg), reply_to=msg)
         set_threads(cfg.simulation.torch_threads)
-        mode = msg.content["config"].get("mode") if "config" in msg.content.config_records else None
-        if mode not in TRAIN_MODES:
-            raise ValueError(
-                f"train message with mode={mode!r}: this ClientApp replies with PEFT deltas, not weights, so it "
-                f"only trains for a fedpeft strategy (strategies/, which sets config 'mode' to one of "
-                f"{sorted(TRAIN_MODES)}); a stock Flower FedAvg would average deltas as if they were weights"
-            )
-        return TRAIN_MODES[mode](msg, context, cfg)
+        return Message(handler(msg.content, context, cfg), reply_to=msg)
 
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        from fedpeft.adapters import set_adapter_state
-        from fedpeft.records import record_to_state
-        from fedpeft.task import load_task, set_threads
-        from fedpeft.train import evaluate as evaluate_model
-
-        cfg = experiment_config(context, overrides)
-        set_threads(cfg.simulation.torch_threads)
-        pid = partition_id(context, cfg)
-        task = load_task(cfg)
-        set_adapter_state(task.model, record_to_state(msg.content["arrays"]))
-        loader = task.train_loader(task.client_rows(pid, node_data_path(context)), 0, pid)
-        scores = evaluate_model(task.model, loader)
-        metrics = MetricRecord(
-            {
-                "num-examples": int(scores["num_examples"]),
-                "eval-loss": scores["loss"],
-                "eval-accuracy": scores["accuracy"],
-                "partition-id": pid,
-            }
-        )
-        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
-
+    app.query()(lambda msg, context: serve(query, msg, context))
+    app.train()(lambda msg, context: serve(train, msg, context))
+    app.evaluate()(lambda msg, context: serve(evaluate, msg, context))
     return app
 
 
 # On a SuperNode started with --node-config "... warm-worker=true", every message is served by a
-# long-lived worker process that keeps the model loaded (simulations/warm_worker.py).
+# long-lived worker process that keeps the model loaded (simulations/deploy/warm_worker.py).
 app = build_client_app(mods=[make_warm_worker_mod("simulations.client_app:build_client_app")])

@@ -18,6 +18,12 @@ from pathlib import Path
 
 from fedpeft.config import ExperimentConfig
 from fedpeft.results import default_run_dir
+from simulations.cohort import num_workers
+
+
+def num_nodes(cfg: ExperimentConfig) -> int:
+    """Flower nodes a simulation of ``cfg`` needs: one per client, or one per cohort (simulation.cohort-size)."""
+    return num_workers(cfg.partition.num_partitions, cfg.simulation.cohort_size)
 
 
 def run_in_process(
@@ -33,7 +39,7 @@ def run_in_process(
     if cfg.model.name == "embedded" and cfg.data.dataset == "embedded":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     flat = cfg.to_flat()
-    n = cfg.partition.num_partitions
+    n = num_nodes(cfg)  # one per client, or one per cohort of clients
     grid = InMemoryGrid(
         build_client_app(mods=client_mods),
         run_config=flat,

@@ -21,6 +21,7 @@ from pathlib import Path
 from fedpeft.config import ConfigError, ExperimentConfig, load_config, parse_override
 from fedpeft.plot import plot_runs, target_table
 from fedpeft.results import default_run_dir, load_results
+from simulations.inprocess import num_nodes
 from simulations.interrupt import RunInterrupted, stop_on_sigint
 from simulations.quiet import quiet_run_logs
 from simulations.resume import resume_config
@@ -76,7 +77,7 @@ def simulate(
             run_simulation(
                 server_app=build_server_app(flat, run_dir.resolve(), resume=resume),
                 client_app=build_client_app(flat, mods=client_mods),
-                num_supernodes=cfg.partition.num_partitions,
+                num_supernodes=num_nodes(cfg),
                 backend_config=backend_config(cfg),
             )
     return _finish(cfg, run_dir / "results.json", plot, t0)

@@ -28,6 +28,7 @@ from fedpeft.config import ExperimentConfig
 from fedpeft.records import record_to_state, state_to_record
 from fedpeft.results import default_run_dir, git_revision, load_results, package_versions, write_results
 from fedpeft.task import load_task, set_threads
+from simulations.cohort import CohortGrid
 from simulations.grids import MeteringGrid
 from simulations.interrupt import RunInterrupted
 from simulations.quiet import quiet_libraries
@@ -97,6 +98,9 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path, *, resume: 
     task = load_task(cfg)
     checkpoint = read_checkpoint(run_dir) if resume else None
     ledger = Ledger.from_json(checkpoint[0]["ledger"]) if checkpoint else Ledger()
+    if cfg.simulation.cohort_size > 1:  # one Flower node per cohort of clients (simulations/cohort.py)
+        grid = CohortGrid(grid, cfg.partition.num_partitions, cfg.simulation.cohort_size)
+        grid.discover(cfg.simulation.node_wait_s)
     node_of = discover_partitions(grid, cfg, ledger)
     partition_of = {node: pid for pid, node in node_of.items()}
     env = participation_lib.build_participation(

@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
 from fedpeft import data, onebyte, privacy, zo
 from fedpeft.config import ExperimentConfig
@@ -32,11 +32,11 @@ THETA_KEY = "spsa-theta"
 SYNC_KEY = "spsa-sync"
 
 
-def catch_up(msg: Message, context: Context, cfg: ExperimentConfig, task: Task) -> tuple[zo.Tensors | None, str]:
+def catch_up(content: RecordDict, context: Context, cfg: ExperimentConfig, task: Task) -> tuple[zo.Tensors | None, str]:
     """``theta_r`` as CPU fp32 tensors and how it was obtained (``full``/``log``), or None on desync."""
-    conf = msg.content["config"]
-    if "arrays" in msg.content.array_records:
-        return zo.to_master(record_to_state(msg.content["arrays"])), "full"
+    conf = content["config"]
+    if "arrays" in content.array_records:
+        return zo.to_master(record_to_state(content["arrays"])), "full"
     if THETA_KEY in context.state:
         master = zo.to_master(record_to_state(context.state[THETA_KEY]))
         synced = int(context.state[SYNC_KEY]["round"])
@@ -58,21 +58,21 @@ def catch_up(msg: Message, context: Context, cfg: ExperimentConfig, task: Task) 
     return master, "log"
 
 
-def spsa_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
+def spsa_train(content: RecordDict, context: Context, cfg: ExperimentConfig) -> RecordDict:
     """Handle a ``mode="spsa"`` train message (see strategies/spsa.py for the protocol)."""
     pid = partition_id(context, cfg)
-    conf = msg.content["config"]
+    conf = content["config"]
     round_ = int(conf["server-round"])
     scale, lr, want_hash = unpack_header(bytes(conf["spsa-header"]))
     task = load_task(cfg)
-    master, source = catch_up(msg, context, cfg, task)
+    master, source = catch_up(content, context, cfg, task)
     if master is None or zo.state_hash(master) != want_hash:
         log.warning("round %d partition %d: state hash mismatch after %s catch-up", round_, pid, source)
         for key in (THETA_KEY, SYNC_KEY):
             if key in context.state:
                 del context.state[key]
         metrics = MetricRecord({"spsa-desync": 1, "partition-id": pid})
-        return Message(RecordDict({"metrics": metrics, CONTRACT_KEY: contract_record(KIND_SPSA)}), reply_to=msg)
+        return RecordDict({"metrics": metrics, CONTRACT_KEY: contract_record(KIND_SPSA)})
     start = zo.to_state(master)
     model = task.model
     model.eval()  # dropout off: both evaluations of a step must see the same function
@@ -128,10 +128,9 @@ def spsa_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Message
         metrics["dp-delta"] = cfg.dp.delta
         metrics["dp-noise-multiplier"] = dp["sigma"]
         metrics["dp-sample-rate"] = dp["rate"]
-    content = RecordDict(
+    return RecordDict(
         {"spsa": ConfigRecord({"codes": codes}), "metrics": metrics, CONTRACT_KEY: contract_record(KIND_SPSA)}
     )
-    return Message(content, reply_to=msg)
 
 
 def per_example_loss(model, batch) -> torch.Tensor:

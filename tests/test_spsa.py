@@ -33,7 +33,7 @@ def client_round(msg: Message, context: FakeContext, pid: int) -> tuple[Message,
     """What simulations/spsa_client.spsa_train does, on a quadratic loss instead of MiniLM."""
     conf = msg.content["config"]
     scale, lr, want = unpack_header(conf["spsa-header"])
-    master, _ = catch_up(msg, context, CFG, FakeTask())
+    master, _ = catch_up(msg.content, context, CFG, FakeTask())
     assert zo.state_hash(master) == want, "catch-up did not reach the server's state"
     start = zo.to_state(master)
     params = {n: t.clone() for n, t in master.items()}
@@ -94,7 +94,7 @@ def test_present_and_late_clients_catch_up_to_the_servers_hash(task_identity):
         conf = msg.content["config"]
         assert "arrays" not in msg.content.array_records
         assert conf["spsa-base-round"] == {0: 2, 2: 3, 3: 1}[pid]
-        master, how = catch_up(msg, ctx[pid], CFG, FakeTask())
+        master, how = catch_up(msg.content, ctx[pid], CFG, FakeTask())
         assert how == "log" and zo.state_hash(master) == want == unpack_header(conf["spsa-header"])[2]
     # the present client's download: 16 B header + 18 B round header + 4 B own marker + 4 + K codes
     assert comm.payload_bytes(msgs[1].content) == 16 + 18 + 4 + 4 + K
@@ -110,7 +110,7 @@ def test_a_client_the_server_cannot_vouch_for_gets_the_full_adapter(task_identit
     strategy.synced[0] = None
     msg = list(strategy.configure_train(2, state_to_record(state), ConfigRecord(), grid=None))[0]
     assert comm.payload_bytes(msg.content) == 16 + 4 * 130
-    master, how = catch_up(msg, FakeContext(), CFG, FakeTask())
+    master, how = catch_up(msg.content, FakeContext(), CFG, FakeTask())
     assert how == "full" and zo.state_hash(master) == zo.state_hash(state)
 
 

@@ -1,0 +1,51 @@
+"""Cohort nodes: one Flower node trains several simulated clients; nothing else may notice."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedpeft.results import load_results
+from simulations.cohort import cohort_partitions, num_workers, pack, unpack
+from simulations.inprocess import run_in_process
+from tests.conftest import tiny_config
+
+
+def test_workers_own_contiguous_blocks_that_cover_every_partition_once():
+    blocks = [cohort_partitions(w, 10, 4) for w in range(num_workers(10, 4))]
+    assert blocks == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    with pytest.raises(ValueError, match="worker 3 outside 0..2"):
+        cohort_partitions(3, 10, 4)
+
+
+def test_packing_round_trips_every_clients_records_and_stores_a_shared_array_record_once():
+    shared = ArrayRecord({"w": Array(np.arange(4.0, dtype=np.float32))})
+    own = ArrayRecord({"w": Array(np.ones(4, dtype=np.float32))})
+    contents = {
+        3: RecordDict({"arrays": shared, "config": ConfigRecord({"server-round": 2, "mode": "first-order"})}),
+        5: RecordDict({"arrays": shared, "config": ConfigRecord({"server-round": 2, "mode": "first-order"})}),
+        7: RecordDict({"arrays": own, "metrics": MetricRecord({"num-examples": 8})}),
+    }
+    packed = pack(contents)
+    assert len(packed.array_records) == 2  # the shared global adapter travels once
+    back = unpack(packed)
+    assert list(back) == [3, 5, 7]
+    for pid, content in contents.items():
+        assert set(back[pid]) == set(content)
+        for name, record in content.items():
+            if isinstance(record, ArrayRecord):
+                np.testing.assert_array_equal(back[pid][name]["w"].numpy(), record["w"].numpy())
+            else:
+                assert dict(back[pid][name]) == dict(record)
+
+
+@pytest.mark.slow
+def test_a_cohort_run_has_the_round_metrics_and_the_ledger_of_the_one_client_per_node_run(tmp_path):
+    cfg = tiny_config(**{"participation.model": "uniform", "participation.fraction": 0.67})
+    single = load_results(run_in_process(cfg, tmp_path / "single"))
+    cohort = load_results(run_in_process(cfg.replace({"simulation.cohort-size": 2}), tmp_path / "cohort"))
+    keep = ("accuracy", "loss", "participants", "aggregated", "failed", "clients")
+    strip = lambda rs: [{k: r.get(k) for k in keep} for r in rs["rounds"]]  # noqa: E731
+    assert strip(cohort) == strip(single)
+    # every client's own logical message, as if sent alone (replies may arrive in another order)
+    order = lambda rows: sorted(rows, key=lambda r: (r["round"], r["direction"], r["partition_id"], r["kind"]))  # noqa: E731
+    assert order(cohort["ledger"]) == order(single["ledger"])
