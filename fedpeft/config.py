@@ -33,6 +33,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.pooling": ("head", "mean"),
     "model.head-init": ("random", "prompts"),
     "peft.method": ("lora", "ia3", "prompt", "bitfit", "head"),
+    "peft.lora-variant": ("lora", "ffa"),
     "partition.scheme": ("iid", "dirichlet"),
     "participation.model": ("always", "uniform", "bernoulli", "markov", "cyclic", "trace"),
     "participation.p-source": ("constant", "list", "uniform", "label-correlated"),
@@ -82,6 +83,8 @@ class PeftConfig:
     layers: str = ""  # LoRA only in these encoder layers, e.g. "4,5" (peft's layers_to_transform); "" = all
     num_virtual_tokens: int = 8
     train_head: bool = True
+    # "ffa": FFA-LoRA (Sun et al., ICLR 2024): A stays at its seeded initialisation, only B (and the head) train
+    lora_variant: str = "lora"
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,21 @@ class SimulationConfig:
     node_wait_s: float = 120.0
 
 
+@dataclass(frozen=True)
+class ClientsConfig:
+    """What the simulated devices can hold.
+
+    ``rank_profile``: ``""`` (every client uses ``peft.lora-rank``); a list of LoRA ranks
+    such as ``"2,4,8"`` assigned to partitions round-robin (partition i gets entry
+    ``i % len``; at most ``partition.num-partitions`` entries); or ``"mem:<MB>,<MB>,..."``,
+    one memory budget per partition (exactly ``partition.num-partitions``), each client
+    taking the largest rank in 1, 2, 4, ..., ``peft.lora-rank`` whose training memory
+    (fedpeft/ranks.py) fits. Ranks never exceed ``peft.lora-rank``, the server's rank.
+    """
+
+    rank_profile: str = ""
+
+
 SECTIONS = {
     "model": ModelConfig,
     "peft": PeftConfig,
@@ -213,6 +231,7 @@ SECTIONS = {
     "dp": DPConfig,
     "spsa": SpsaConfig,
     "simulation": SimulationConfig,
+    "clients": ClientsConfig,
 }
 
 
@@ -236,6 +255,7 @@ class ExperimentConfig:
     dp: DPConfig = field(default_factory=DPConfig)
     spsa: SpsaConfig = field(default_factory=SpsaConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -384,6 +404,7 @@ def _validate(cfg: ExperimentConfig) -> None:
     _check(cfg.strategy.server_lr > 0, "strategy.server-lr", "> 0", cfg.strategy.server_lr)
     _validate_dp(cfg)
     _validate_spsa(cfg)
+    _validate_lora_ranks(cfg)
     _check(
         cfg.simulation.num_cpus_per_client > 0,
         "simulation.num-cpus-per-client",
@@ -485,4 +506,73 @@ def _validate_dp(cfg: ExperimentConfig) -> None:
             "strategy.weighting",
             "'uniform' when dp.mode='client' (set strategy.weighting=uniform)",
             cfg.strategy.weighting,
+        )
+
+
+def parse_rank_profile(text: str) -> tuple[str, list[float]]:
+    """``clients.rank-profile``: ``"2,4,8"`` -> ``("ranks", [2, 4, 8])``; ``"mem:60,80"`` ->
+    ``("mem", [60.0, 80.0])`` (MB budgets); ``""`` -> ``("", [])``."""
+    body = text.strip()
+    kind = "mem" if body.startswith("mem:") else "ranks"
+    body = body.removeprefix("mem:")
+    if not body and kind == "ranks":
+        return "", []
+    try:
+        values = [float(v) if kind == "mem" else int(v) for v in body.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f'clients.rank-profile {text!r} is not a list of ranks like "2,4,8" '
+            'or of memory budgets in MB like "mem:60,80,120"'
+        ) from None
+    return kind, values
+
+
+def _validate_lora_ranks(cfg: ExperimentConfig) -> None:
+    peft = cfg.peft
+    if peft.lora_variant == "ffa":
+        _check(
+            peft.method == "lora",
+            "peft.lora-variant",
+            f"'lora' with peft.method={peft.method!r}: FFA-LoRA freezes LoRA's A matrix, which only "
+            "peft.method='lora' has (set peft.method=lora, or peft.lora-variant=lora)",
+            peft.lora_variant,
+        )
+    kind, values = parse_rank_profile(cfg.clients.rank_profile)
+    if not kind:
+        return
+    key, num = "clients.rank-profile", cfg.partition.num_partitions
+    _check(
+        peft.method == "lora",
+        key,
+        f"'' with peft.method={peft.method!r} (ranks exist only for lora)",
+        cfg.clients.rank_profile,
+    )
+    _check(
+        peft.lora_variant == "lora",
+        key,
+        "'' with peft.lora-variant='ffa' (FFA-LoRA's frozen A must be the same on every client; "
+        "use one rank, peft.lora-rank)",
+        cfg.clients.rank_profile,
+    )
+    if kind == "ranks":
+        _check(all(r > 0 for r in values), key, "ranks > 0", cfg.clients.rank_profile)
+        _check(
+            max(values) <= peft.lora_rank,
+            key,
+            f"ranks <= peft.lora-rank={peft.lora_rank}, the server's rank (set peft.lora-rank={int(max(values))})",
+            cfg.clients.rank_profile,
+        )
+        _check(
+            len(values) <= num,
+            key,
+            f"at most partition.num-partitions={num} ranks (they are assigned round-robin)",
+            cfg.clients.rank_profile,
+        )
+    else:
+        _check(all(v > 0 for v in values), key, "memory budgets > 0 MB", cfg.clients.rank_profile)
+        _check(
+            len(values) == num,
+            key,
+            f"'mem:' followed by exactly partition.num-partitions={num} budgets in MB (one per partition)",
+            cfg.clients.rank_profile,
         )
