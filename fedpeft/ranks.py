@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fedpeft.config import ConfigError, ExperimentConfig, parse_rank_profile
-from fedpeft.memory import OPTIMIZER_STATE_TENSORS
+
+# torch-free on purpose: strategies (numpy only) read the round-robin ranks from here.
 
 
 def candidate_ranks(max_rank: int) -> list[int]:
@@ -29,6 +30,8 @@ def candidate_ranks(max_rank: int) -> list[int]:
 
 def training_bytes(frozen_bytes: int, trainable_params: int, optimizer: str) -> int:
     """Frozen backbone + trainable parameters with their gradients and optimizer state."""
+    from fedpeft.memory import OPTIMIZER_STATE_TENSORS
+
     return int(frozen_bytes + trainable_params * 4 * (2 + OPTIMIZER_STATE_TENSORS[optimizer]))
 
 
