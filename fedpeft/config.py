@@ -38,7 +38,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "participation.model": ("always", "uniform", "bernoulli", "markov", "cyclic", "trace"),
     "participation.p-source": ("constant", "list", "uniform", "label-correlated"),
     "train.optimizer": ("adamw", "sgd"),
-    "strategy.name": ("fedavg", "fedau", "known_p_oracle", "spsa"),
+    "strategy.name": ("fedavg", "fedau", "known_p_oracle", "spsa", "hetlora", "flexlora"),
     "strategy.weighting": ("examples", "uniform"),
     "dp.mode": ("none", "sample", "client"),
     "dp.grad-sample-mode": ("hooks", "functorch"),
@@ -544,10 +544,32 @@ def _validate_lora_ranks(cfg: ExperimentConfig) -> None:
             "peft.method='lora' has (set peft.method=lora, or peft.lora-variant=lora)",
             peft.lora_variant,
         )
+    hetero = ("hetlora", "flexlora")
+    if cfg.strategy.name in hetero:
+        _check(
+            peft.method == "lora" and cfg.dp.mode != "client",
+            "strategy.name",
+            "a LoRA strategy for peft.method='lora' without dp.mode='client' (its per-rank-slice "
+            "weights have no client-level DP calibration): set strategy.name=fedavg",
+            cfg.strategy.name,
+        )
+    if cfg.strategy.name == "flexlora":
+        _check(
+            peft.lora_variant == "lora",
+            "peft.lora-variant",
+            "'lora' with strategy.name='flexlora' (FlexLoRA re-factors B A, so A must train and travel)",
+            peft.lora_variant,
+        )
     kind, values = parse_rank_profile(cfg.clients.rank_profile)
     if not kind:
         return
     key, num = "clients.rank-profile", cfg.partition.num_partitions
+    _check(
+        cfg.strategy.name in hetero,
+        "strategy.name",
+        "'hetlora' (zero padding) or 'flexlora' (SVD) when clients.rank-profile gives clients unequal ranks",
+        cfg.strategy.name,
+    )
     _check(
         peft.method == "lora",
         key,
