@@ -546,12 +546,20 @@ def _validate_lora_ranks(cfg: ExperimentConfig) -> None:
         )
     hetero = ("hetlora", "flexlora")
     if cfg.strategy.name in hetero:
+        name = cfg.strategy.name
         _check(
-            peft.method == "lora" and cfg.dp.mode != "client",
+            peft.method == "lora",
             "strategy.name",
-            "a LoRA strategy for peft.method='lora' without dp.mode='client' (its per-rank-slice "
-            "weights have no client-level DP calibration): set strategy.name=fedavg",
-            cfg.strategy.name,
+            f"'fedavg' with peft.method={peft.method!r}: {name} aggregates LoRA factors "
+            "(set peft.method=lora, or strategy.name=fedavg)",
+            name,
+        )
+        _check(
+            cfg.dp.mode != "client",
+            "dp.mode",
+            f"'none' or 'sample' with strategy.name={name!r}: its per-rank-slice weights have no "
+            "client-level DP calibration (use strategy.name=fedavg for dp.mode=client)",
+            cfg.dp.mode,
         )
     if cfg.strategy.name == "flexlora":
         _check(
@@ -569,12 +577,6 @@ def _validate_lora_ranks(cfg: ExperimentConfig) -> None:
         "strategy.name",
         "'hetlora' (zero padding) or 'flexlora' (SVD) when clients.rank-profile gives clients unequal ranks",
         cfg.strategy.name,
-    )
-    _check(
-        peft.method == "lora",
-        key,
-        f"'' with peft.method={peft.method!r} (ranks exist only for lora)",
-        cfg.clients.rank_profile,
     )
     _check(
         peft.lora_variant == "lora",

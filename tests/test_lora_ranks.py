@@ -12,6 +12,8 @@ from fedpeft.train import forward_logits
 from strategies.lora_hetero import slice_rank, state_rank
 from tests.conftest import tiny_config
 
+HET = {"strategy.name": "hetlora"}
+
 
 def _lora_a(model) -> dict[str, np.ndarray]:
     return {n: p.detach().numpy().copy() for n, p in model.named_parameters() if ".lora_A.default." in n}
@@ -62,7 +64,7 @@ def test_an_ffa_export_carries_the_seeded_a_and_reloads_with_the_same_logits(tmp
 
 
 def test_the_process_builds_the_backbone_once_for_clients_of_three_ranks():
-    cfg = tiny_config(**{"clients.rank-profile": "2,4,8"})
+    cfg = tiny_config(**{"clients.rank-profile": "2,4,8", "strategy.name": "hetlora"})
     backbone.clear_cache()
     builds = backbone.BUILD_COUNT["n"]
     task = load_task(cfg)
@@ -98,7 +100,7 @@ def test_a_rank_2_adapter_computes_what_the_rank_8_adapter_cut_to_two_slices_com
 
 def test_a_rank_list_is_assigned_round_robin_and_memory_budgets_pick_the_largest_rank_that_fits():
     assert candidate_ranks(8) == [1, 2, 4, 8] and candidate_ranks(6) == [1, 2, 4, 6]
-    cfg = tiny_config(**{"clients.rank-profile": "2,8"})
+    cfg = tiny_config(**{"clients.rank-profile": "2,8", "strategy.name": "hetlora"})
     assert client_ranks(cfg) == [2, 8, 2]
     assert client_ranks(tiny_config()) == [8, 8, 8]
     task = load_task(tiny_config())
@@ -107,9 +109,9 @@ def test_a_rank_list_is_assigned_round_robin_and_memory_budgets_pick_the_largest
     # AdamW: parameter, gradient and two moments per trainable scalar.
     assert needs[8] - task.weight_bytes.total_bytes == adapters.num_trainable(task.model) * 16
     budgets = [needs[2] / 1e6, needs[8] / 1e6 + 1, (needs[4] + needs[8]) / 2e6]
-    cfg = tiny_config(**{"clients.rank-profile": "mem:" + ",".join(f"{b:.6f}" for b in budgets)})
+    cfg = tiny_config(**{"clients.rank-profile": "mem:" + ",".join(f"{b:.6f}" for b in budgets), **HET})
     assert client_ranks(cfg, task.training_bytes) == [2, 8, 4]
-    poor = tiny_config(**{"clients.rank-profile": f"mem:{needs[1] / 1e6 - 0.01:.6f},100,100"})
+    poor = tiny_config(**{"clients.rank-profile": f"mem:{needs[1] / 1e6 - 0.01:.6f},100,100", **HET})
     with pytest.raises(ConfigError, match="partition 0 .* fits no LoRA rank.*raise that budget"):
         client_ranks(poor, task.training_bytes)
     assert state_rank(adapters.get_adapter_state(task.model)) == 8  # measuring left the active adapter alone
@@ -119,13 +121,22 @@ def test_a_rank_list_is_assigned_round_robin_and_memory_budgets_pick_the_largest
     "overrides,message",
     [
         ({"peft.lora-variant": "ffa", "peft.method": "ia3"}, "FFA-LoRA freezes LoRA's A matrix.*set peft.method=lora"),
-        ({"clients.rank-profile": "2,0"}, "ranks > 0"),
-        ({"clients.rank-profile": "2,4,8,2"}, "at most partition.num-partitions=3 ranks"),
-        ({"clients.rank-profile": "2,16"}, r"set peft.lora-rank=16"),
-        ({"clients.rank-profile": "mem:60,80"}, "exactly partition.num-partitions=3 budgets"),
-        ({"clients.rank-profile": "two"}, 'like "2,4,8"'),
-        ({"clients.rank-profile": "2,4", "peft.method": "ia3"}, "ranks exist only for lora"),
-        ({"clients.rank-profile": "2,4", "peft.lora-variant": "ffa"}, "use one rank"),
+        ({"clients.rank-profile": "2,0", **HET}, "ranks > 0"),
+        ({"clients.rank-profile": "2,4,8,2", **HET}, "at most partition.num-partitions=3 ranks"),
+        ({"clients.rank-profile": "2,16", **HET}, r"set peft.lora-rank=16"),
+        ({"clients.rank-profile": "mem:60,80", **HET}, "exactly partition.num-partitions=3 budgets"),
+        ({"clients.rank-profile": "two", **HET}, 'like "2,4,8"'),
+        ({"clients.rank-profile": "2,4", "peft.lora-variant": "ffa", **HET}, "use one rank"),
+        ({"clients.rank-profile": "2,4"}, "'hetlora' .* or 'flexlora' .* when clients.rank-profile"),
+        ({"strategy.name": "flexlora", "peft.lora-variant": "ffa"}, "FlexLoRA re-factors B A"),
+        (
+            {**HET, "dp.mode": "client", "strategy.weighting": "uniform"},
+            "'dp.mode' must be 'none' or 'sample' with strategy.name='hetlora'",
+        ),
+        (
+            {"clients.rank-profile": "2,4", **HET, "peft.method": "ia3"},
+            "hetlora aggregates LoRA factors .*set peft.method=lora",
+        ),
     ],
 )
 def test_bad_rank_settings_are_errors_that_name_the_fix(overrides, message):
