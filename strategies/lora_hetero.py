@@ -169,6 +169,26 @@ def split_svd(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np
     return b.astype(np.float32), a.astype(np.float32), s
 
 
+def split_svd_of_product(left: np.ndarray, right: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`split_svd` of ``left @ right`` without forming it (``left``: out x S, ``right``: S x in).
+
+    With ``left = Q_l R_l`` and ``right^T = Q_r R_r`` (reduced QR), ``left @ right =
+    Q_l (R_l R_r^T) Q_r^T``, so the SVD of the small S x S core gives G's: O((out + in) S^2)
+    instead of O(out in min(out, in)). S is the sum of the clients' ranks. Returns the
+    nonzero-capable singular values (at most S); G's others are zero.
+    """
+    q_l, r_l = np.linalg.qr(left.astype(np.float64))
+    q_r, r_r = np.linalg.qr(right.T.astype(np.float64))
+    u, s, vt = np.linalg.svd(r_l @ r_r.T)
+    keep = min(rank, s.size)
+    root = np.sqrt(s[:keep])
+    b = np.zeros((left.shape[0], rank))
+    a = np.zeros((rank, right.shape[1]))
+    b[:, :keep] = (q_l @ u[:, :keep]) * root
+    a[:keep] = root[:, None] * (vt[:keep] @ q_r.T)
+    return b.astype(np.float32), a.astype(np.float32), s
+
+
 def flex_average(
     current: State,
     deltas: list[State],
@@ -184,7 +204,8 @@ def flex_average(
     update is ``P_k = B_k A_k`` with its new factors. Per adapted matrix
     ``G = G_old + server_lr (sum_k c_k P_k - G_old)`` with ``G_old = B A`` of ``current``
     (``server_lr = 1``: the paper's plain average of products), then the rank-``max_rank``
-    truncated SVD of G. Other tensors: ``current + server_lr sum_k c_k delta_k``.
+    truncated SVD of G, computed from the stacked factors (:func:`split_svd_of_product`).
+    Other tensors: ``current + server_lr sum_k c_k delta_k``.
 
     Returns
     -------
@@ -199,18 +220,16 @@ def flex_average(
     out: State = {}
     svd_s, kept, energy = 0.0, 0.0, 0.0
     for a_key, b_key in pairs.values():
-        products = []
-        for d in deltas:
+        lefts, rights = [], []
+        for c, d in zip(coefs, deltas, strict=True):
             r = d[a_key].shape[0]
-            start = slice_rank({a_key: current[a_key], b_key: current[b_key]}, r)
-            b_new = start[b_key].astype(np.float64) + d[b_key]
-            a_new = start[a_key].astype(np.float64) + d[a_key]
-            products.append(b_new @ a_new)
-        old = current[b_key].astype(np.float64) @ current[a_key].astype(np.float64)
-        mean = sum(c * p for c, p in zip(coefs, products, strict=True))
-        target = old + server_lr * (mean - old)
+            lefts.append(server_lr * c * (current[b_key][:, :r].astype(np.float64) + d[b_key]))
+            rights.append(current[a_key][:r].astype(np.float64) + d[a_key])
+        if server_lr != 1.0:
+            lefts.append((1.0 - server_lr) * current[b_key].astype(np.float64))
+            rights.append(current[a_key].astype(np.float64))
         tic = time.perf_counter()
-        b, a, s = split_svd(target, max_rank)
+        b, a, s = split_svd_of_product(np.hstack(lefts), np.vstack(rights), max_rank)
         svd_s += time.perf_counter() - tic
         out[a_key], out[b_key] = a, b
         kept += float(np.sum(s[:max_rank] ** 2))

@@ -12,6 +12,7 @@ from strategies.lora_hetero import (
     pad_rank,
     slice_rank,
     split_svd,
+    split_svd_of_product,
     state_rank,
     zero_pad_average,
 )
@@ -123,6 +124,18 @@ def test_flexlora_truncated_factors_are_the_best_rank_r_approximation():
         # the split is symmetric: B^T B = A A^T = diag(S_r)
         np.testing.assert_allclose(b.T.astype(np.float64) @ b, np.diag(s_ref[:rank]), atol=1e-5)
         np.testing.assert_allclose(a.astype(np.float64) @ a.T, np.diag(s_ref[:rank]), atol=1e-5)
+
+
+def test_the_svd_from_stacked_factors_equals_the_svd_of_the_formed_product():
+    rng = np.random.default_rng(7)
+    left, right = rng.standard_normal((12, 5)), rng.standard_normal((5, 9))  # rank 5 < min(12, 9)
+    b, a, s = split_svd_of_product(left, right, 3)
+    b_ref, a_ref, s_ref = split_svd(left @ right, 3)
+    np.testing.assert_allclose(s, s_ref[:5], rtol=1e-10)
+    np.testing.assert_allclose(s_ref[5:], 0.0, atol=1e-10)
+    np.testing.assert_allclose(b.astype(np.float64) @ a, b_ref.astype(np.float64) @ a_ref, atol=1e-5)
+    b8, a8, _ = split_svd_of_product(left, right, 8)  # beyond the product's rank: zero slices
+    assert b8.shape == (12, 8) and a8.shape == (8, 9) and not b8[:, 5:].any() and not a8[5:].any()
 
 
 def test_flexlora_sends_every_client_the_truncation_at_its_own_rank():
