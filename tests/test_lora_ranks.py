@@ -1,11 +1,13 @@
 """Client side of FFA-LoRA and per-client LoRA ranks, on the real embedded backbone."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from fedpeft import adapters, backbone
-from fedpeft.config import ConfigError
+from fedpeft.config import ConfigError, load_config
 from fedpeft.ranks import candidate_ranks, client_ranks
 from fedpeft.task import load_task
 from fedpeft.train import forward_logits
@@ -13,6 +15,7 @@ from strategies.lora_hetero import slice_rank, state_rank
 from tests.conftest import tiny_config
 
 HET = {"strategy.name": "hetlora"}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _lora_a(model) -> dict[str, np.ndarray]:
@@ -115,6 +118,8 @@ def test_a_rank_list_is_assigned_round_robin_and_memory_budgets_pick_the_largest
     with pytest.raises(ConfigError, match="partition 0 .* fits no LoRA rank.*raise that budget"):
         client_ranks(poor, task.training_bytes)
     assert state_rank(adapters.get_adapter_state(task.model)) == 8  # measuring left the active adapter alone
+    shipped = load_config(ROOT / "simulations/configs/hetlora_zeropad_mem.toml")  # its comment promises these tiers
+    assert client_ranks(shipped, task.training_bytes) == [2, 2, 2, 4, 4, 4, 8, 8, 8, 8]
 
 
 @pytest.mark.parametrize(
