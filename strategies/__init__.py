@@ -7,7 +7,7 @@ Adding a strategy: write ``strategies/<name>.py``, add one line below and the na
 """
 
 from strategies.base import StrategyContext
-from strategies.dp import wrap_privacy
+from strategies.dp import ClientLevelDP, SampleLevelDPReport, wrap_privacy
 from strategies.fedau import FedAU
 from strategies.fedavg import FedAvgPEFT
 from strategies.flexlora import FlexLoRA
@@ -35,11 +35,13 @@ def build_strategy(cfg, ctx: StrategyContext):
 
 __all__ = [
     "REGISTRY",
+    "ClientLevelDP",
     "FedAU",
     "FedAvgPEFT",
     "FlexLoRA",
     "HetLoRA",
     "KnownPOracle",
+    "SampleLevelDPReport",
     "SharedSeedSPSA",
     "StrategyContext",
     "build_strategy",
