@@ -4,33 +4,20 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message
 
 from fedpeft.comm import payload_bytes
 from fedpeft.records import record_to_state, state_to_record
-from strategies.base import CONTRACT_KEY, KIND_DELTA, contract_record
 from strategies.fedavg import FedAvgPEFT
 from strategies.flexlora import FlexLoRA
 from strategies.hetlora import HetLoRA
 from strategies.lora_hetero import factor_bytes, slice_rank
 from tests.conftest import tiny_config
+from tests.replies import RoundReports, fake_reply
 
 A = "m.lora_A.default.weight"
 B = "m.lora_B.default.weight"
 HEAD = "classifier.modules_to_save.default.bias"
-
-
-def _reply(query: Message, node: int, delta: dict, n: int = 1) -> Message:
-    content = RecordDict(
-        {
-            "arrays": state_to_record(delta),
-            "metrics": MetricRecord({"num-examples": n}),
-            CONTRACT_KEY: contract_record(KIND_DELTA),
-        }
-    )
-    reply = Message(content, reply_to=query)
-    reply.metadata.__dict__["_src_node_id"] = node
-    return reply
 
 
 def _send(strategy, state: dict, nodes: list[int]) -> list[Message]:
@@ -46,8 +33,8 @@ def test_ffa_fedavg_over_b_applies_exactly_the_mean_of_the_clients_b_times_a(tas
     assert all(set(q.content["arrays"].keys()) == {B, HEAD} for q in queries)
     b1, b2 = np.array([[1.0], [2.0]], np.float32), np.array([[3.0], [4.0]], np.float32)
     replies = [
-        _reply(queries[0], 0, {B: b1, HEAD: np.ones(2, np.float32)}),
-        _reply(queries[1], 1, {B: b2, HEAD: np.ones(2, np.float32)}),
+        fake_reply(queries[0], {B: b1, HEAD: np.ones(2, np.float32)}),
+        fake_reply(queries[1], {B: b2, HEAD: np.ones(2, np.float32)}),
     ]
     new = record_to_state(strategy.aggregate_train(1, replies)[0])
     # mean(B) x A = [[2], [3]] x [[1, 2]] = [[2, 4], [3, 6]] = ([[1, 2], [2, 4]] + [[3, 6], [4, 8]]) / 2
@@ -60,8 +47,8 @@ def _het_state() -> dict[str, np.ndarray]:
 
 
 def test_hetlora_sends_each_client_its_ranks_slice_and_averages_each_slice_over_its_owners(task_identity):
-    reports = []
-    strategy = HetLoRA(ranks=[1, 2], partition_of=lambda node: node - 10, report=lambda r, f: reports.append(f))
+    reports = RoundReports()
+    strategy = HetLoRA(ranks=[1, 2], partition_of=lambda node: node - 10, report=reports)
     queries = _send(strategy, _het_state(), [10, 11])
     assert record_to_state(queries[0].content["arrays"])[A].shape == (1, 2)
     assert record_to_state(queries[0].content["arrays"])[B].shape == (2, 1)
@@ -74,7 +61,7 @@ def test_hetlora_sends_each_client_its_ranks_slice_and_averages_each_slice_over_
         HEAD: np.array([5.0], np.float32),
     }
     arrays, metrics = strategy.aggregate_train(
-        1, [_reply(queries[1], 11, two, n=30), _reply(queries[0], 10, one, n=10)]
+        1, [fake_reply(queries[1], two, n=30), fake_reply(queries[0], one, n=10)]
     )
     new = record_to_state(arrays)
     # slice 0: weights 10, 30 -> 1/4, 3/4; slice 1: client 1 alone; head: 1/4, 3/4 (hand-worked)
@@ -82,8 +69,8 @@ def test_hetlora_sends_each_client_its_ranks_slice_and_averages_each_slice_over_
     np.testing.assert_allclose(new[B], [[1.5, 2], [3.25, 4]])
     np.testing.assert_allclose(new[HEAD], [4.0])
     assert metrics["max-slice-coefficient"] == 1.0 and metrics["max-coefficient"] == 0.75
-    assert reports[-1]["client-ranks"] == [1, 2]
-    assert [c["lora-rank"] for c in reports[-1]["clients"]] == [1, 2]
+    assert reports.last["client-ranks"] == [1, 2]
+    assert [c["lora-rank"] for c in reports.last["clients"]] == [1, 2]
 
 
 def test_hetlora_rejects_a_reply_whose_rank_is_not_its_clients(task_identity):
@@ -91,7 +78,7 @@ def test_hetlora_rejects_a_reply_whose_rank_is_not_its_clients(task_identity):
     queries = _send(strategy, _het_state(), [0, 1])
     wrong = {A: np.ones((2, 2), np.float32), B: np.ones((2, 2), np.float32), HEAD: np.ones(1, np.float32)}
     good = {A: np.ones((2, 2), np.float32), B: np.ones((2, 2), np.float32), HEAD: np.ones(1, np.float32)}
-    strategy.aggregate_train(1, [_reply(queries[0], 0, wrong), _reply(queries[1], 1, good)])
+    strategy.aggregate_train(1, [fake_reply(queries[0], wrong), fake_reply(queries[1], good)])
     assert [r["partition_id"] for r in strategy.outcome["rejected"]] == [0]
     assert "shape" in strategy.outcome["rejected"][0]["reason"]
 
@@ -106,7 +93,7 @@ def test_flexlora_global_product_is_the_average_of_the_clients_products_at_full_
     queries = _send(strategy, start, [0, 1])
     one = {A: np.array([[1, 1]], np.float32), B: np.array([[0], [1]], np.float32), HEAD: np.array([2.0], np.float32)}
     two = {A: np.zeros((2, 2), np.float32), B: np.array([[1, 0], [0, 0]], np.float32), HEAD: np.zeros(1, np.float32)}
-    arrays, metrics = strategy.aggregate_train(1, [_reply(queries[0], 0, one), _reply(queries[1], 1, two)])
+    arrays, metrics = strategy.aggregate_train(1, [fake_reply(queries[0], one), fake_reply(queries[1], two)])
     new = record_to_state(arrays)
     # client 0 (rank 1): B=[[1],[1]], A=[[2,1]] -> [[2,1],[2,1]]; client 1: B=[[2,0],[0,1]], A=I -> [[2,0],[0,1]]
     np.testing.assert_allclose(new[B].astype(np.float64) @ new[A], [[2.0, 0.5], [1.0, 1.0]], atol=1e-6)
