@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -37,13 +38,12 @@ def inject_adapters(model: nn.Module, cfg: PeftConfig, seed: int = 0) -> nn.Modu
         from peft import get_peft_model
 
         # peft draws LoRA-A / prompt initialisations from the global generator; fork it.
+        # FFA-LoRA relies on this: the same seed gives every client the same A.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(seed, "adapter-init"))
             model = get_peft_model(model, _peft_config(cfg, head_root))
-        if not cfg.train_head:
-            for name, p in model.named_parameters():
-                if f"{head_root}.modules_to_save" in name:
-                    p.requires_grad_(False)
+        model.fedpeft_peft = (cfg, seed, head_root)
+        _freeze(model, cfg, head_root)
         return model
     for name, p in model.named_parameters():
         is_head = name.startswith(f"{head_root}.")
@@ -61,16 +61,48 @@ def parse_layers(text: str) -> list[int] | None:
     return layers or None
 
 
-def _peft_config(cfg: PeftConfig, head_root: str):
+def _freeze(model: nn.Module, cfg: PeftConfig, head_root: str) -> None:
+    # peft's set_adapter makes the whole active adapter trainable; undo what the config freezes.
+    for name, p in model.named_parameters():
+        if not cfg.train_head and f"{head_root}.modules_to_save" in name:
+            p.requires_grad_(False)
+        if cfg.lora_variant == "ffa" and ".lora_A." in name:
+            p.requires_grad_(False)  # FFA-LoRA: A stays at its seeded initialisation
+
+
+def use_rank(model: nn.Module, rank: int) -> None:
+    """Make the LoRA adapter of ``rank`` the active, trainable one; build it on first use.
+
+    Adapters of every rank share the one frozen backbone inside ``model`` (peft keeps
+    several adapters side by side); only the small A/B factors and a head copy are new.
+    Each has ``lora_alpha * rank / peft.lora-rank``, so the scaling ``alpha / r`` is
+    ``lora_alpha / peft.lora-rank`` for every rank and ``B A`` means the same on every
+    client: a rank-r adapter equals the rank-``peft.lora-rank`` one cut to its first r slices.
+    """
+    cfg, seed, head_root = model.fedpeft_peft
+    if cfg.method != "lora" or rank <= 0:
+        raise ValueError(f"use_rank needs peft.method='lora' and rank > 0, got {cfg.method!r} and {rank}")
+    name = "default" if rank == cfg.lora_rank else f"rank{rank}"
+    if name not in model.peft_config:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, "adapter-init", rank))
+            model.add_adapter(name, _peft_config(cfg, head_root, rank))
+    if model.active_adapter != name:
+        model.set_adapter(name)
+    _freeze(model, cfg, head_root)
+
+
+def _peft_config(cfg: PeftConfig, head_root: str, rank: int | None = None):
     from peft import IA3Config, LoraConfig, PromptTuningConfig, TaskType
 
     save = [head_root]  # SEQ_CLS adds it anyway; peft.train-head=false freezes it later
     if cfg.method == "lora":
         targets = [t.strip() for t in cfg.target_modules.split(",") if t.strip()]
+        rank = rank or cfg.lora_rank
         return LoraConfig(
             task_type=TaskType.SEQ_CLS,
-            r=cfg.lora_rank,
-            lora_alpha=cfg.lora_alpha,
+            r=rank,
+            lora_alpha=cfg.lora_alpha * rank / cfg.lora_rank,
             lora_dropout=cfg.lora_dropout,
             target_modules=targets,
             layers_to_transform=parse_layers(cfg.layers),
@@ -90,19 +122,49 @@ def trainable_names(model: nn.Module) -> list[str]:
 
 
 def get_adapter_state(model: nn.Module) -> State:
-    """The trainable parameters as fp32 numpy arrays (what travels)."""
-    return {
-        n: p.detach().to("cpu", torch.float32).numpy().copy() for n, p in model.named_parameters() if p.requires_grad
-    }
+    """The trainable parameters as fp32 numpy arrays (what travels).
+
+    Names are peft's, with the active adapter called ``default`` whatever its rank.
+    """
+    return {n: p.detach().to("cpu", torch.float32).numpy().copy() for n, p in _trainable(model).items()}
 
 
 def set_adapter_state(model: nn.Module, state: State) -> None:
-    """Overwrite every trainable parameter from ``state``; keys and shapes must match exactly."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    """Overwrite every trainable parameter from ``state``; keys and shapes must match exactly.
+
+    For LoRA, the state's rank picks the adapter (:func:`use_rank`), so a client serves
+    whatever rank the server sent it.
+    """
+    rank, peft_info = lora_rank_of(state), getattr(model, "fedpeft_peft", None)
+    if rank and peft_info is not None and peft_info[0].method == "lora":
+        use_rank(model, rank)
+    params = _trainable(model)
     check_state(state, {n: tuple(p.shape) for n, p in params.items()}, what="adapter state")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(torch.as_tensor(state[name]).to(p.device, p.dtype))
+
+
+_ADAPTER_PART = r"\.(lora_A|lora_B|modules_to_save)\.{}\."
+
+
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    active = getattr(model, "active_adapter", "default") if hasattr(model, "fedpeft_peft") else "default"
+    if active == "default":
+        return params
+    pattern = re.compile(_ADAPTER_PART.format(re.escape(active)))
+    return {pattern.sub(r".\1.default.", n): p for n, p in params.items()}
+
+
+def lora_rank_of(state: State) -> int:
+    """The LoRA rank of a state (from its A or B factors); 0 if it has none."""
+    for name, arr in state.items():
+        if ".lora_A." in name:
+            return int(arr.shape[0])
+        if ".lora_B." in name:
+            return int(arr.shape[1])
+    return 0
 
 
 def num_trainable(model: nn.Module) -> int:
@@ -131,7 +193,10 @@ def export_adapter(
             json.dumps({"model": dataclasses.asdict(model_cfg), "method": cfg.method}, indent=2)
         )
     if cfg.method in PEFT_LIBRARY_METHODS:
-        model.save_pretrained(str(out))
+        # The server's adapter is "default"; adapters of other ranks (clients served in this
+        # process) are not part of the export. FFA's frozen A is exported too (peft saves every
+        # LoRA factor): it is the seeded initialisation every client used.
+        model.save_pretrained(str(out), selected_adapters=["default"])
     else:
         from safetensors.numpy import save_file
 

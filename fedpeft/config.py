@@ -33,11 +33,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.pooling": ("head", "mean"),
     "model.head-init": ("random", "prompts"),
     "peft.method": ("lora", "ia3", "prompt", "bitfit", "head"),
+    "peft.lora-variant": ("lora", "ffa"),
     "partition.scheme": ("iid", "dirichlet"),
     "participation.model": ("always", "uniform", "bernoulli", "markov", "cyclic", "trace"),
     "participation.p-source": ("constant", "list", "uniform", "label-correlated"),
     "train.optimizer": ("adamw", "sgd"),
-    "strategy.name": ("fedavg", "fedau", "known_p_oracle", "spsa"),
+    "strategy.name": ("fedavg", "fedau", "known_p_oracle", "spsa", "hetlora", "flexlora"),
     "strategy.weighting": ("examples", "uniform"),
     "dp.mode": ("none", "sample", "client"),
     "dp.grad-sample-mode": ("hooks", "functorch"),
@@ -82,6 +83,8 @@ class PeftConfig:
     layers: str = ""  # LoRA only in these encoder layers, e.g. "4,5" (peft's layers_to_transform); "" = all
     num_virtual_tokens: int = 8
     train_head: bool = True
+    # "ffa": FFA-LoRA (Sun et al., ICLR 2024): A stays at its seeded initialisation, only B (and the head) train
+    lora_variant: str = "lora"
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,21 @@ class SimulationConfig:
     cohort_size: int = 1
 
 
+@dataclass(frozen=True)
+class ClientsConfig:
+    """What the simulated devices can hold.
+
+    ``rank_profile``: ``""`` (every client uses ``peft.lora-rank``); a list of LoRA ranks
+    such as ``"2,4,8"`` assigned to partitions round-robin (partition i gets entry
+    ``i % len``; at most ``partition.num-partitions`` entries); or ``"mem:<MB>,<MB>,..."``,
+    one memory budget per partition (exactly ``partition.num-partitions``), each client
+    taking the largest rank in 1, 2, 4, ..., ``peft.lora-rank`` whose training memory
+    (fedpeft/ranks.py) fits. Ranks never exceed ``peft.lora-rank``, the server's rank.
+    """
+
+    rank_profile: str = ""
+
+
 SECTIONS = {
     "model": ModelConfig,
     "peft": PeftConfig,
@@ -217,6 +235,7 @@ SECTIONS = {
     "dp": DPConfig,
     "spsa": SpsaConfig,
     "simulation": SimulationConfig,
+    "clients": ClientsConfig,
 }
 
 
@@ -240,6 +259,7 @@ class ExperimentConfig:
     dp: DPConfig = field(default_factory=DPConfig)
     spsa: SpsaConfig = field(default_factory=SpsaConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -394,6 +414,7 @@ def _validate(cfg: ExperimentConfig) -> None:
     _check(cfg.strategy.server_lr > 0, "strategy.server-lr", "> 0", cfg.strategy.server_lr)
     _validate_dp(cfg)
     _validate_spsa(cfg)
+    _validate_lora_ranks(cfg)
     _check(
         cfg.simulation.num_cpus_per_client > 0,
         "simulation.num-cpus-per-client",
@@ -496,4 +517,97 @@ def _validate_dp(cfg: ExperimentConfig) -> None:
             "strategy.weighting",
             "'uniform' when dp.mode='client' (set strategy.weighting=uniform)",
             cfg.strategy.weighting,
+        )
+
+
+def parse_rank_profile(text: str) -> tuple[str, list[float]]:
+    """``clients.rank-profile``: ``"2,4,8"`` -> ``("ranks", [2, 4, 8])``; ``"mem:60,80"`` ->
+    ``("mem", [60.0, 80.0])`` (MB budgets); ``""`` -> ``("", [])``."""
+    body = text.strip()
+    kind = "mem" if body.startswith("mem:") else "ranks"
+    body = body.removeprefix("mem:")
+    if not body and kind == "ranks":
+        return "", []
+    try:
+        values = [float(v) if kind == "mem" else int(v) for v in body.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f'clients.rank-profile {text!r} is not a list of ranks like "2,4,8" '
+            'or of memory budgets in MB like "mem:60,80,120"'
+        ) from None
+    return kind, values
+
+
+def _validate_lora_ranks(cfg: ExperimentConfig) -> None:
+    peft = cfg.peft
+    if peft.lora_variant == "ffa":
+        _check(
+            peft.method == "lora",
+            "peft.lora-variant",
+            f"'lora' with peft.method={peft.method!r}: FFA-LoRA freezes LoRA's A matrix, which only "
+            "peft.method='lora' has (set peft.method=lora, or peft.lora-variant=lora)",
+            peft.lora_variant,
+        )
+    hetero = ("hetlora", "flexlora")
+    if cfg.strategy.name in hetero:
+        name = cfg.strategy.name
+        _check(
+            peft.method == "lora",
+            "strategy.name",
+            f"'fedavg' with peft.method={peft.method!r}: {name} aggregates LoRA factors "
+            "(set peft.method=lora, or strategy.name=fedavg)",
+            name,
+        )
+        _check(
+            cfg.dp.mode != "client",
+            "dp.mode",
+            f"'none' or 'sample' with strategy.name={name!r}: its per-rank-slice weights have no "
+            "client-level DP calibration (use strategy.name=fedavg for dp.mode=client)",
+            cfg.dp.mode,
+        )
+    if cfg.strategy.name == "flexlora":
+        _check(
+            peft.lora_variant == "lora",
+            "peft.lora-variant",
+            "'lora' with strategy.name='flexlora' (FlexLoRA re-factors B A, so A must train and travel)",
+            peft.lora_variant,
+        )
+    kind, values = parse_rank_profile(cfg.clients.rank_profile)
+    if not kind:
+        return
+    key, num = "clients.rank-profile", cfg.partition.num_partitions
+    _check(
+        cfg.strategy.name in hetero,
+        "strategy.name",
+        "'hetlora' (zero padding) or 'flexlora' (SVD) when clients.rank-profile gives clients unequal ranks",
+        cfg.strategy.name,
+    )
+    _check(
+        peft.lora_variant == "lora",
+        key,
+        "'' with peft.lora-variant='ffa' (FFA-LoRA's frozen A must be the same on every client; "
+        "use one rank, peft.lora-rank)",
+        cfg.clients.rank_profile,
+    )
+    if kind == "ranks":
+        _check(all(r > 0 for r in values), key, "ranks > 0", cfg.clients.rank_profile)
+        _check(
+            max(values) <= peft.lora_rank,
+            key,
+            f"ranks <= peft.lora-rank={peft.lora_rank}, the server's rank (set peft.lora-rank={int(max(values))})",
+            cfg.clients.rank_profile,
+        )
+        _check(
+            len(values) <= num,
+            key,
+            f"at most partition.num-partitions={num} ranks (they are assigned round-robin)",
+            cfg.clients.rank_profile,
+        )
+    else:
+        _check(all(v > 0 for v in values), key, "memory budgets > 0 MB", cfg.clients.rank_profile)
+        _check(
+            len(values) == num,
+            key,
+            f"'mem:' followed by exactly partition.num-partitions={num} budgets in MB (one per partition)",
+            cfg.clients.rank_profile,
         )

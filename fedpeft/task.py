@@ -95,6 +95,22 @@ class Task:
         delta = adapters.compute_delta(adapters.get_adapter_state(self.model), global_state)
         return delta, result
 
+    def client_ranks(self) -> list[int]:
+        """Every partition's LoRA rank, from ``clients.rank-profile`` (fedpeft/ranks.py)."""
+        from fedpeft import ranks
+
+        return ranks.client_ranks(self.cfg, self.training_bytes)
+
+    def training_bytes(self, rank: int) -> int:
+        """A client's training memory at LoRA ``rank`` (see fedpeft/ranks.py); the active adapter is kept."""
+        from fedpeft import ranks
+
+        active = self.model.peft_config[self.model.active_adapter].r
+        adapters.use_rank(self.model, rank)
+        trainable = adapters.num_trainable(self.model)
+        adapters.use_rank(self.model, active)
+        return ranks.training_bytes(self.weight_bytes.total_bytes, trainable, self.cfg.train.optimizer)
+
     def test_loader(self):
         """The fixed held-out set, in order."""
         return data.build_loader(

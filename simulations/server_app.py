@@ -122,6 +122,9 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path, *, resume: 
         "rounds": [],
         "adapter_dir": None,
     }
+    if cfg.clients.rank_profile:  # unequal LoRA ranks: every partition's rank and each rank's training bytes
+        results["client_ranks"] = task.client_ranks()
+        results["training_bytes_by_rank"] = {r: task.training_bytes(r) for r in sorted(set(results["client_ranks"]))}
     recorder = RunRecorder(cfg, task, ledger, run_dir, results)
 
     def selector(server_round: int, _grid: Grid) -> list[int]:
@@ -137,7 +140,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path, *, resume: 
         num_clients=cfg.partition.num_partitions,
         environment=env,
         report=recorder.report,
-        extras={"initial_state": dict(task.initial_state)},
+        extras={"initial_state": dict(task.initial_state), "client-ranks": results.get("client_ranks")},
     )
     strategy = build_strategy(cfg, ctx)
     recorder.strategy = strategy

@@ -10,6 +10,8 @@ from strategies.base import StrategyContext
 from strategies.dp import ClientLevelDP, SampleLevelDPReport, wrap_privacy
 from strategies.fedau import FedAU
 from strategies.fedavg import FedAvgPEFT
+from strategies.flexlora import FlexLoRA
+from strategies.hetlora import HetLoRA
 from strategies.known_p_oracle import KnownPOracle
 from strategies.spsa import SharedSeedSPSA
 
@@ -18,6 +20,8 @@ REGISTRY = {
     "fedau": FedAU,
     "known_p_oracle": KnownPOracle,  # an oracle: reads the true p_n
     "spsa": SharedSeedSPSA,
+    "hetlora": HetLoRA,  # unequal LoRA ranks, zero padding
+    "flexlora": FlexLoRA,  # unequal LoRA ranks, SVD of the averaged update
 }
 
 
@@ -34,6 +38,8 @@ __all__ = [
     "ClientLevelDP",
     "FedAU",
     "FedAvgPEFT",
+    "FlexLoRA",
+    "HetLoRA",
     "KnownPOracle",
     "SampleLevelDPReport",
     "SharedSeedSPSA",
