@@ -16,22 +16,17 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from fedpeft.backbone import head_module
 from fedpeft.config import ModelConfig, PeftConfig
 from fedpeft.rng import derive_seed
+from fedpeft.state import DeltaError, State, apply_delta, check_state, compute_delta  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-State = dict[str, np.ndarray]
 PEFT_LIBRARY_METHODS = ("lora", "ia3", "prompt")
-
-
-class DeltaError(ValueError):
-    """A client's update does not fit the global adapter state."""
 
 
 def inject_adapters(model: nn.Module, cfg: PeftConfig, seed: int = 0) -> nn.Module:
@@ -113,30 +108,6 @@ def set_adapter_state(model: nn.Module, state: State) -> None:
 def num_trainable(model: nn.Module) -> int:
     """Number of trainable scalars."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def check_state(state: State, shapes: dict[str, tuple[int, ...]], what: str = "delta") -> None:
-    """Raise :class:`DeltaError` unless ``state`` has exactly these keys/shapes and finite values."""
-    missing = [k for k in shapes if k not in state]
-    extra = [k for k in state if k not in shapes]
-    if missing or extra:
-        raise DeltaError(f"{what} keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
-    for name, shape in shapes.items():
-        arr = np.asarray(state[name])
-        if tuple(arr.shape) != tuple(shape):
-            raise DeltaError(f"{what} {name!r} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
-        if not np.all(np.isfinite(arr)):
-            raise DeltaError(f"{what} {name!r} contains NaN or Inf")
-
-
-def compute_delta(new: State, old: State) -> State:
-    """``new - old`` per tensor (what a first-order client sends)."""
-    return {k: (new[k].astype(np.float32) - old[k].astype(np.float32)) for k in old}
-
-
-def apply_delta(state: State, delta: State, scale: float = 1.0) -> State:
-    """``state + scale * delta`` per tensor, as a new dict."""
-    return {k: (state[k] + np.float32(scale) * delta[k]).astype(np.float32) for k in state}
 
 
 MODEL_FILE = "fedpeft_model.json"

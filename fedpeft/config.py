@@ -136,6 +136,7 @@ class TrainConfig:
     batch_size: int = 32
     weight_decay: float = 0.0
     eval_batch_size: int = 128
+    eval_every: int = 1
 
 
 @dataclass(frozen=True)
@@ -380,6 +381,12 @@ def _validate(cfg: ExperimentConfig) -> None:
     )
     _check(cfg.train.batch_size >= 1, "train.batch-size", ">= 1", cfg.train.batch_size)
     _check(cfg.train.eval_batch_size >= 1, "train.eval-batch-size", ">= 1", cfg.train.eval_batch_size)
+    _check(
+        cfg.train.eval_every >= 1,
+        "train.eval-every",
+        ">= 1 (the server also scores round 0 and the last)",
+        cfg.train.eval_every,
+    )
     _check(cfg.train.weight_decay >= 0, "train.weight-decay", ">= 0", cfg.train.weight_decay)
     _check(cfg.strategy.server_lr > 0, "strategy.server-lr", "> 0", cfg.strategy.server_lr)
     _validate_dp(cfg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from fedpeft.adapters import State
+from fedpeft.state import State
 
 
 def state_to_record(state: State) -> ArrayRecord:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import torch
 
 
 def derive_seed(base: int, purpose: str, round_: int = 0, client: int = 0) -> int:
@@ -35,6 +34,8 @@ def numpy_rng(base: int, purpose: str, round_: int = 0, client: int = 0) -> np.r
     return np.random.default_rng(derive_seed(base, purpose, round_, client))
 
 
-def torch_generator(base: int, purpose: str, round_: int = 0, client: int = 0) -> torch.Generator:
-    """A CPU torch generator seeded by :func:`derive_seed`."""
+def torch_generator(base: int, purpose: str, round_: int = 0, client: int = 0):
+    """A CPU ``torch.Generator`` seeded by :func:`derive_seed` (torch imported here: servers need no torch)."""
+    import torch
+
     return torch.Generator(device="cpu").manual_seed(derive_seed(base, purpose, round_, client))

@@ -100,14 +100,31 @@ def _cycle(loader: torch.utils.data.DataLoader):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader) -> dict[str, float]:
-    """Mean loss and accuracy over ``loader``."""
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader) -> dict:
+    """Mean loss, accuracy, per-class accuracy (recall) and balanced accuracy over ``loader``.
+
+    Balanced accuracy is the mean of the per-class accuracies of the classes present.
+    """
     model.eval()
-    total_loss, correct, n = 0.0, 0, 0
+    total_loss, n = 0.0, 0
+    hits = counts = None
     for batch in loader:
         logits = forward_logits(model, batch)
         labels = batch["labels"].to(logits.device)
         total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-        correct += int((logits.argmax(-1) == labels).sum().item())
+        if hits is None:
+            hits = torch.zeros(logits.shape[-1], dtype=torch.long)
+            counts = torch.zeros(logits.shape[-1], dtype=torch.long)
+        correct = (logits.argmax(-1) == labels).cpu()
+        hits += torch.bincount(labels.cpu()[correct], minlength=hits.numel())
+        counts += torch.bincount(labels.cpu(), minlength=counts.numel())
         n += int(labels.shape[0])
-    return {"loss": total_loss / n, "accuracy": correct / n, "num_examples": float(n)}
+    per_class = [float(h) / float(c) if c else None for h, c in zip(hits.tolist(), counts.tolist(), strict=True)]
+    present = [a for a in per_class if a is not None]
+    return {
+        "loss": total_loss / n,
+        "accuracy": float(hits.sum()) / n,
+        "balanced_accuracy": sum(present) / len(present),
+        "per_class_accuracy": per_class,
+        "num_examples": float(n),
+    }

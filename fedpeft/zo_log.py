@@ -18,12 +18,14 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from fedpeft import onebyte
-from fedpeft.zo import apply_direction_, direction_seed, perturbation, step_coefficient
+
+if TYPE_CHECKING:
+    import torch
 
 ROUND = struct.Struct("<IfffH")
 ENTRY = struct.Struct("<HH")
@@ -65,8 +67,12 @@ def replay_round(
     """Apply one round's updates to ``master`` in (partition id, step) order; return the step count.
 
     ``theta <- theta - sum_i sum_k weight * lr * g_hat_ik * z(seed(round, i, k))``; an entry
-    whose codes are ``None`` ("yours") uses ``own_codes``.
+    whose codes are ``None`` ("yours") uses ``own_codes``. The directions are torch's
+    CPU generator stream (what the clients draw), so replaying needs torch: it is imported
+    here, not at module level, so the wire format can be read without it.
     """
+    from fedpeft.zo import apply_direction_, direction_seed, perturbation, step_coefficient
+
     shapes = {n: tuple(t.shape) for n, t in master.items()}
     steps = 0
     for pid, codes in sorted(entry.entries, key=lambda e: e[0]):

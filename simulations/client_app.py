@@ -13,9 +13,11 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpeft.config import ConfigError, ExperimentConfig
+from fedpeft.config import ExperimentConfig
+from simulations.deploy.warm_worker import make_warm_worker_mod
+from simulations.node import DP_STATE_KEY, experiment_config, node_data_path, partition_id
 from simulations.quiet import quiet_libraries
-from simulations.warm_worker import warm_worker_mod
+from strategies.base import CONTRACT_KEY, KIND_DELTA, contract_record
 
 # torch, transformers, peft and opacus are imported inside the handlers, not here: on a
 # SuperNode every message starts a fresh ClientApp process, and with a warm worker
@@ -23,36 +25,6 @@ from simulations.warm_worker import warm_worker_mod
 # here would cost ~1.5 s per message for nothing.
 
 quiet_libraries()
-
-#: where a client keeps its DP-SGD accountant history in ``context.state``
-DP_STATE_KEY = "dp-accountant"
-
-
-def experiment_config(context: Context, overrides: dict[str, Any]) -> ExperimentConfig:
-    """The run's config: Flower's run_config overlaid with the launcher's overrides."""
-    return ExperimentConfig.from_flat({**dict(context.run_config), **overrides})
-
-
-def partition_id(context: Context, cfg: ExperimentConfig) -> int:
-    """This node's partition id, checked against the config."""
-    if "partition-id" not in context.node_config:
-        raise ConfigError(
-            "this SuperNode has no 'partition-id' in its node config; start it with "
-            "--node-config 'partition-id=<i> num-partitions=<n>'"
-        )
-    pid = int(context.node_config["partition-id"])
-    num = int(context.node_config.get("num-partitions", cfg.partition.num_partitions))
-    if num != cfg.partition.num_partitions:
-        raise ConfigError(
-            f"node config says num-partitions={num} but the experiment has "
-            f"partition.num-partitions={cfg.partition.num_partitions}; make them equal"
-        )
-    return pid
-
-
-def node_data_path(context: Context) -> str:
-    """The node's own training file (``--node-config data-path=...``), or "" to use its partition."""
-    return str(context.node_config.get("data-path", ""))
 
 
 def first_order_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
@@ -84,7 +56,10 @@ def first_order_train(msg: Message, context: Context, cfg: ExperimentConfig) -> 
         context.state[DP_STATE_KEY] = ConfigRecord(history_to_lists(result.privacy["history"]))
         for key in ("epsilon", "delta", "noise-multiplier", "sample-rate"):
             metrics[key if key == "epsilon" else f"dp-{key}"] = float(result.privacy[key])
-    return Message(RecordDict({"arrays": state_to_record(delta), "metrics": metrics}), reply_to=msg)
+    content = RecordDict(
+        {"arrays": state_to_record(delta), "metrics": metrics, CONTRACT_KEY: contract_record(KIND_DELTA)}
+    )
+    return Message(content, reply_to=msg)
 
 
 def spsa_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
@@ -118,9 +93,13 @@ def build_client_app(overrides: dict[str, Any] | None = None, mods: list | None 
 
         cfg = experiment_config(context, overrides)
         set_threads(cfg.simulation.torch_threads)
-        mode = str(msg.content["config"].get("mode", "first-order"))
+        mode = msg.content["config"].get("mode") if "config" in msg.content.config_records else None
         if mode not in TRAIN_MODES:
-            raise ValueError(f"unknown train mode {mode!r} from the server; known: {sorted(TRAIN_MODES)}")
+            raise ValueError(
+                f"train message with mode={mode!r}: this ClientApp replies with PEFT deltas, not weights, so it "
+                f"only trains for a fedpeft strategy (strategies/, which sets config 'mode' to one of "
+                f"{sorted(TRAIN_MODES)}); a stock Flower FedAvg would average deltas as if they were weights"
+            )
         return TRAIN_MODES[mode](msg, context, cfg)
 
     @app.evaluate()
@@ -152,4 +131,4 @@ def build_client_app(overrides: dict[str, Any] | None = None, mods: list | None 
 
 # On a SuperNode started with --node-config "... warm-worker=true", every message is served by a
 # long-lived worker process that keeps the model loaded (simulations/warm_worker.py).
-app = build_client_app(mods=[warm_worker_mod])
+app = build_client_app(mods=[make_warm_worker_mod("simulations.client_app:build_client_app")])

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0].endswith(".toml"):
         argv = ["simulate", *argv]
     if argv and argv[0] == "deploy":  # its own sub-commands and options
-        from simulations.deploy import main as deploy_main
+        from simulations.deploy.loopback import main as deploy_main
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return deploy_main(argv[1:])

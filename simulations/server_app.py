@@ -1,10 +1,13 @@
-"""Flower ServerApp: config -> participation -> strategy -> rounds -> results file.
+"""Flower ServerApp: config -> participation -> strategy -> ``Strategy.start`` -> results file.
 
-Each round the environment's participation model (unknown to the strategy) says which
-partitions are online; the strategy configures and aggregates through Flower's Grid;
-every message is counted in the byte ledger; the global adapter is evaluated on the
-fixed held-out set; ``results.json`` is rewritten. A round with nobody online is
-recorded and skipped; failed or rejected client replies are recorded, never applied.
+The round loop is Flower's own ``Strategy.start``. Around it: a handshake learns which
+partition each node holds; the environment's participation model (unknown to the
+strategy) is the strategy's node selector; a :class:`~simulations.grids.MeteringGrid`
+counts every message in the byte ledger; the ``evaluate_fn`` (:class:`RunRecorder`)
+scores the global adapter on the fixed held-out set and rewrites ``results.json`` every
+round, joined with the strategies' round reports (aggregated, failed and rejected
+partitions, FedAU weights, SPSA hashes, epsilon). A round with nobody online is recorded
+and skipped; failed or rejected client replies are recorded, never applied.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpeft import participation as participation_lib
 from fedpeft.adapters import export_adapter, num_trainable, set_adapter_state
-from fedpeft.comm import DOWN, UP, Ledger
+from fedpeft.comm import UP, Ledger
 from fedpeft.config import ExperimentConfig
 from fedpeft.records import record_to_state, state_to_record
 from fedpeft.results import default_run_dir, git_revision, package_versions, write_results
-from fedpeft.task import Task, load_task, set_threads
-from fedpeft.train import evaluate
+from fedpeft.task import load_task, set_threads
+from simulations.grids import MeteringGrid
 from simulations.quiet import quiet_libraries
+from simulations.recorder import RunRecorder
 from strategies import StrategyContext, build_strategy
 
 quiet_libraries()
@@ -80,13 +84,8 @@ def discover_partitions(grid: Grid, cfg: ExperimentConfig, ledger: Ledger) -> di
     return mapping
 
 
-def _evaluate(task: Task, state) -> dict[str, float]:
-    set_adapter_state(task.model, state)
-    return evaluate(task.model, task.test_loader())
-
-
 def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
-    """Run every round of ``cfg`` on ``grid`` and write ``run_dir/results.json``."""
+    """Run every round of ``cfg`` on ``grid`` through ``Strategy.start``; write ``run_dir/results.json``."""
     t_start = time.monotonic()
     set_threads(cfg.simulation.torch_threads)
     task = load_task(cfg)
@@ -97,22 +96,6 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict[str
         cfg.participation, cfg.partition.num_partitions, cfg.seed, label_hist=task.label_histograms()
     )
     online_trace = participation_lib.trace(env, cfg.num_rounds, cfg.partition.num_partitions)
-    selected: dict[int, list[int]] = {}
-
-    def selector(server_round: int, _grid: Grid) -> list[int]:
-        pids = [p for p in env.online(server_round) if p in node_of]
-        selected[server_round] = pids
-        return [node_of[p] for p in pids]
-
-    ctx = StrategyContext(
-        node_selector=selector,
-        partition_of=lambda node: partition_of.get(node, -1),
-        num_clients=cfg.partition.num_partitions,
-        environment=env,
-        extras={"initial_state": dict(task.initial_state)},
-    )
-    strategy = build_strategy(cfg, ctx)
-    state = dict(task.initial_state)
     results: dict[str, Any] = {
         "status": "running",
         "config": cfg.to_flat(),
@@ -121,112 +104,55 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict[str
         "trainable_params": num_trainable(task.model),
         "backbone": vars(task.weight_bytes),
         "partitions": {"sizes": [len(task.partition(p)) for p in range(cfg.partition.num_partitions)]},
+        "label_histograms": task.label_histograms().tolist(),
         "participation_trace": online_trace.astype(int).tolist(),
         # the environment's p_n, for analysis only (strategies other than oracles never see them)
         "participation_probabilities": [float(p) for p in env.probabilities],
         "rounds": [],
         "adapter_dir": None,
     }
-    first = _evaluate(task, state)
-    results["rounds"].append(_round_row(0, first, [], {}, ledger, 0.0))
-    results["startup_s"] = time.monotonic() - t_start
-    log(
-        INFO,
-        "round 0: accuracy %.4f loss %.4f (start-up %.1f s)",
-        first["accuracy"],
-        first["loss"],
-        results["startup_s"],
-    )
-    for server_round in range(1, cfg.num_rounds + 1):
-        t0 = time.monotonic()
-        messages = list(strategy.configure_train(server_round, state_to_record(state), ConfigRecord(), grid))
-        for msg in messages:
-            ledger.record_message(server_round, partition_of[msg.metadata.dst_node_id], DOWN, msg.content)
-        replies = list(grid.send_and_receive(messages, timeout=cfg.simulation.round_timeout_s)) if messages else []
-        replies, unavailable = _split_superlink_errors(replies, messages, partition_of)
-        for reply in replies:
-            if not reply.has_error():
-                ledger.record_message(server_round, partition_of.get(reply.metadata.src_node_id, -1), UP, reply.content)
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies) if replies else (None, None)
-        report = dict(strategy.round_report) if replies else {"failed": [], "rejected": [], "aggregated": []}
-        answered = {partition_of.get(r.metadata.src_node_id) for r in replies}
-        for pid in selected.get(server_round, []):
-            if pid not in answered:
-                reason = unavailable.get(pid, "no reply within simulation.round-timeout-s")
-                report["failed"].append({"partition_id": pid, "reason": reason})
-        if new_arrays is not None:
-            state = record_to_state(new_arrays)
-        elif not messages:
+    recorder = RunRecorder(cfg, task, ledger, run_dir, results)
+
+    def selector(server_round: int, _grid: Grid) -> list[int]:
+        pids = [p for p in env.online(server_round) if p in node_of]
+        recorder.report(server_round, {"participants": pids})
+        if not pids:
             log(WARNING, "round %d: no client online; skipped", server_round)
-        scores = _evaluate(task, state)
-        row = _round_row(server_round, scores, selected.get(server_round, []), report, ledger, time.monotonic() - t0)
-        row["train_metrics"] = dict(train_metrics) if train_metrics is not None else {}
-        row.update(report.get("extra", {}))
-        results["rounds"].append(row)
-        if hasattr(strategy, "state_for_results"):
-            results["strategy_state"] = strategy.state_for_results()
-        write_results(run_dir, results)
-        log(
-            INFO,
-            "round %d/%d: accuracy %.4f loss %.4f | %d online, %d aggregated, %d failed, %d rejected | "
-            "cumulative bytes up %s down %s | %.1f s",
-            server_round, cfg.num_rounds, scores["accuracy"], scores["loss"], len(row["participants"]),
-            len(report["aggregated"]), len(report["failed"]), len(report["rejected"]),
-            _mb(sum(r["uplink_payload_bytes"] for r in results["rounds"])),
-            _mb(sum(r["downlink_payload_bytes"] for r in results["rounds"])), row["wall_s"],
-        )  # fmt: skip
-    set_adapter_state(task.model, state)
+        return [node_of[p] for p in pids]
+
+    ctx = StrategyContext(
+        node_selector=selector,
+        partition_of=lambda node: partition_of.get(node, -1),
+        num_clients=cfg.partition.num_partitions,
+        environment=env,
+        report=recorder.report,
+        extras={"initial_state": dict(task.initial_state)},
+    )
+    strategy = build_strategy(cfg, ctx)
+    recorder.strategy = strategy
+    results["startup_s"] = time.monotonic() - t_start
+    initial = state_to_record(task.initial_state)
+    outcome = strategy.start(
+        MeteringGrid(grid, ledger, lambda node: partition_of.get(node, -1)),
+        initial,
+        num_rounds=cfg.num_rounds,
+        timeout=cfg.simulation.round_timeout_s,
+        evaluate_fn=recorder.evaluate,
+    )
+    final = outcome.arrays if outcome.arrays is not None and len(outcome.arrays) else initial
+    set_adapter_state(task.model, record_to_state(final))
     results["adapter_dir"] = str(export_adapter(task.model, run_dir / "adapter", cfg.peft, cfg.model).resolve())
     results["ledger"] = ledger.to_json()
     results["wall_s"] = time.monotonic() - t_start
-    results["status"] = "completed"
+    aggregated_any = any(r["aggregated"] for r in results["rounds"][1:])
+    results["status"] = "completed" if aggregated_any else "failed"
+    if not aggregated_any:
+        errors = sorted({f["reason"] for r in results["rounds"] for f in r["failed"] + r["rejected"]})
+        results["error"] = "no client update was aggregated in any round; clients reported: " + "; ".join(errors[:5])
+        log(WARNING, "%s", results["error"])
     path = write_results(run_dir, results)
     log(INFO, "wrote %s (final accuracy %.4f)", path, results["rounds"][-1]["accuracy"])
     return results
-
-
-def _split_superlink_errors(replies: list[Message], sent: list[Message], partition_of: dict[int, int]):
-    """Replies from the nodes, and ``{partition id: reason}`` for the SuperLink's own error replies.
-
-    On a SuperLink, a node that stopped heart-beating (crashed, unplugged) is answered for by
-    the SuperLink itself (NODE_UNAVAILABLE, from its own node id): attribute it to the node
-    the message went to, so it is recorded as that partition's failure.
-    """
-    dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
-    from_nodes, unavailable = [], {}
-    for reply in replies:
-        if reply.metadata.src_node_id in partition_of or not reply.has_error():
-            from_nodes.append(reply)
-            continue
-        pid = partition_of.get(dst_of.get(reply.metadata.reply_to_message_id, -1), -1)
-        unavailable[pid] = f"node unavailable: {reply.error.reason}"[:500]
-    return from_nodes, unavailable
-
-
-def _round_row(server_round, scores, participants, report, ledger: Ledger, wall_s: float) -> dict[str, Any]:
-    per_round = ledger.per_round().get(server_round, {})
-    return {
-        "round": server_round,
-        "accuracy": scores["accuracy"],
-        "loss": scores["loss"],
-        "participants": list(participants),
-        "aggregated": list(report.get("aggregated", [])),
-        "failed": list(report.get("failed", [])),
-        "rejected": list(report.get("rejected", [])),
-        "uplink_payload_bytes": per_round.get("uplink_payload_bytes", 0),
-        "uplink_message_bytes": per_round.get("uplink_message_bytes", 0),
-        "downlink_payload_bytes": per_round.get("downlink_payload_bytes", 0),
-        "downlink_message_bytes": per_round.get("downlink_message_bytes", 0),
-        "wall_s": wall_s,
-    }
-
-
-def _mb(n: int) -> str:
-    """Bytes for the progress line, in a unit that shows them (SPSA rounds move bytes, not MB)."""
-    for unit, size in (("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
 
 
 def build_server_app(overrides: dict[str, Any] | None = None, run_dir: str | Path | None = None) -> ServerApp:

@@ -22,13 +22,14 @@ from fedpeft.rng import torch_generator
 from fedpeft.task import Task, load_task
 from fedpeft.train import batch_loss, forward_logits
 from fedpeft.zo_log import replay_round, unpack_header, unpack_log
+from simulations.node import DP_STATE_KEY, partition_id
+from strategies.base import CONTRACT_KEY, KIND_SPSA, contract_record
 
 log = logging.getLogger(__name__)
 
 #: ``context.state`` keys: the synced adapter (ArrayRecord) and {"round", "codes"} (ConfigRecord)
 THETA_KEY = "spsa-theta"
 SYNC_KEY = "spsa-sync"
-DP_STATE_KEY = "dp-accountant"  # same key as the first-order DP-SGD clients use
 
 
 def catch_up(msg: Message, context: Context, cfg: ExperimentConfig, task: Task) -> tuple[zo.Tensors | None, str]:
@@ -59,8 +60,6 @@ def catch_up(msg: Message, context: Context, cfg: ExperimentConfig, task: Task) 
 
 def spsa_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
     """Handle a ``mode="spsa"`` train message (see strategies/spsa.py for the protocol)."""
-    from simulations.client_app import partition_id  # the shell module imports this one
-
     pid = partition_id(context, cfg)
     conf = msg.content["config"]
     round_ = int(conf["server-round"])
@@ -73,7 +72,7 @@ def spsa_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Message
             if key in context.state:
                 del context.state[key]
         metrics = MetricRecord({"spsa-desync": 1, "partition-id": pid})
-        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+        return Message(RecordDict({"metrics": metrics, CONTRACT_KEY: contract_record(KIND_SPSA)}), reply_to=msg)
     start = zo.to_state(master)
     model = task.model
     model.eval()  # dropout off: both evaluations of a step must see the same function
@@ -129,7 +128,10 @@ def spsa_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Message
         metrics["dp-delta"] = cfg.dp.delta
         metrics["dp-noise-multiplier"] = dp["sigma"]
         metrics["dp-sample-rate"] = dp["rate"]
-    return Message(RecordDict({"spsa": ConfigRecord({"codes": codes}), "metrics": metrics}), reply_to=msg)
+    content = RecordDict(
+        {"spsa": ConfigRecord({"codes": codes}), "metrics": metrics, CONTRACT_KEY: contract_record(KIND_SPSA)}
+    )
+    return Message(content, reply_to=msg)
 
 
 def per_example_loss(model, batch) -> torch.Tensor:

@@ -1,10 +1,74 @@
-"""What the ServerApp hands a strategy when it builds one."""
+"""What every fedpeft strategy shares: the server wiring, the message contract, round reports.
+
+The message contract (fedpeft ClientApp <-> fedpeft strategies)
+---------------------------------------------------------------
+- A train message's ``"config"`` ConfigRecord carries ``"mode"`` (``"first-order"`` or
+  ``"spsa"``) and ``"server-round"``; the ClientApp refuses a train message without a
+  mode, so a stock Flower strategy pointed at it fails loudly instead of averaging
+  deltas as if they were weights.
+- A train reply says what it carries in its ``"contract"`` ConfigRecord: ``kind =
+  "delta"`` (``"arrays"`` holds ``theta_i - theta``, trainable PEFT tensors only) or
+  ``kind = "spsa-codes"`` (``"spsa"`` holds one-byte projected gradients). Full weights
+  (``kind = "arrays"``, or no contract at all, as a stock Flower ClientApp sends) are
+  refused: the reply is rejected, and a round in which every reply broke the contract
+  raises :class:`ContractError`.
+- ``"metrics"`` carries ``num-examples`` (finite, > 0), ``partition-id`` and the
+  client's training statistics.
+
+Round reports: a strategy calls its ``report(server_round, fields)`` callback once per
+round with what happened (aggregated / failed / rejected partitions, per-client train
+metrics, strategy extras such as FedAU's omega, SPSA hashes, epsilon). The ServerApp's
+results writer is that callback; in your own ServerApp leave it out (a no-op), or pass a
+function to collect them.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from flwr.app import ConfigRecord, Message
+
+#: the reply ConfigRecord that says what the reply carries
+CONTRACT_KEY = "contract"
+KIND_DELTA = "delta"
+KIND_SPSA = "spsa-codes"
+KIND_ARRAYS = "arrays"  # full weights: what stock Flower ClientApps send; never averaged here
+
+Reporter = Callable[[int, dict[str, Any]], None]
+
+
+def no_report(server_round: int, fields: dict[str, Any]) -> None:
+    """The default round-report callback: nothing is collected."""
+
+
+class ContractError(RuntimeError):
+    """Every reply of a round broke the message contract (e.g. full weights to a delta strategy)."""
+
+
+def contract_record(kind: str) -> ConfigRecord:
+    """The ConfigRecord a ClientApp adds to a train reply carrying ``kind``."""
+    return ConfigRecord({"kind": kind})
+
+
+def reply_kind(msg: Message) -> str | None:
+    """What a train reply says it carries, or None when it says nothing."""
+    record = msg.content.config_records.get(CONTRACT_KEY)
+    return None if record is None else str(record.get("kind"))
+
+
+def contract_violation(msg: Message, expected: str) -> str:
+    """A reason naming the contract when ``msg`` does not carry ``expected``; "" when it does."""
+    kind = reply_kind(msg)
+    if kind == expected:
+        return ""
+    said = "says nothing about what it carries" if kind is None else f"carries {kind!r}"
+    return (
+        f"message contract: the reply {said}, but this strategy aggregates {expected!r} replies "
+        f"(a '{CONTRACT_KEY}' ConfigRecord with kind={expected!r}, see strategies/base.py); "
+        "point it at fedpeft's ClientApp (simulations/client_app.py), not a stock Flower ClientApp"
+    )
 
 
 @dataclass
@@ -22,6 +86,8 @@ class StrategyContext:
     environment : object
         The participation model. Only oracle baselines may read it (they say so in
         their name); adaptive strategies must not.
+    report : callable
+        Round-report callback ``(server_round, fields)`` (see the module docstring).
     extras : dict
         Anything else a strategy needs from the server (e.g. the initial state).
     """
@@ -30,4 +96,5 @@ class StrategyContext:
     partition_of: Callable[[int], int]
     num_clients: int
     environment: Any = None
+    report: Reporter = no_report
     extras: dict[str, Any] = field(default_factory=dict)

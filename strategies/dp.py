@@ -21,15 +21,21 @@ accountant with the realised sample rate ``q_t = m_t / N`` of each round.
 
 Weighting: equal weights are required (``strategy.weighting = "uniform"``, enforced by
 the config): example counts are private and would make the sensitivity unbounded.
-The wrapper calibrates the noise to the largest aggregation coefficient it observes
-through the strategy's ``aggregation_weights`` hook: ``max_i w_i / sum_j w_j`` for a
-normalised weighted mean (``1/m`` for the uniform mean of FedAvgPEFT), and
-``omega_max / N`` for FedAU, whose update ``(1/N) sum_i omega_i delta_i`` is not
-normalised: FedAU's per-client sensitivity is ``omega_max * C / N``. The noise therefore
-grows with the largest omega, so omega must be capped when client-level DP is on:
-``dp.max-weight`` caps every weight the hook returns (the capped weights are the ones
-the strategy aggregates with), on top of FedAU's own ``k_cap`` (omega <= K). A strategy
-that aggregates without the hook is not covered by this calibration.
+The wrapper calibrates the noise to the largest aggregation coefficient ``c_i`` in
+``update = sum_i c_i delta_i``, which every fedpeft strategy reports in the metric
+``max-coefficient`` of its ``aggregate_train`` (the strategy's ``coefficients`` hook):
+``1/m`` for the uniform mean of FedAvgPEFT, ``omega_max / N`` for FedAU, whose update
+``(1/N) sum_i omega_i delta_i`` is not normalised (per-client sensitivity
+``omega_max * C / N``). The noise therefore grows with the largest omega, so omega must
+be capped when client-level DP is on: ``dp.max-weight`` is passed to the strategy, which
+caps every weight before aggregating, on top of FedAU's own ``k_cap`` (omega <= K). A
+strategy that does not report ``max-coefficient`` is refused (the round raises): the
+noise would otherwise be calibrated to nothing.
+
+Both wrappers are real ``flwr.serverapp.strategy.Strategy`` objects that delegate each
+hook explicitly, as Flower's ``DifferentialPrivacyServerSideFixedClipping`` does, so
+``ClientLevelDP(strategy=...).start(grid, ...)`` runs Flower's own round loop with
+clipping, noise and accounting on every round.
 
 Sample-level DP (DP-SGD on each client, fedpeft/privacy.py) needs nothing on the
 server except the report: :class:`SampleLevelDPReport` adds each round's max and mean
@@ -46,16 +52,18 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
-from fedpeft import privacy
-from fedpeft.adapters import State
 from fedpeft.config import ConfigError
 from fedpeft.records import record_to_state, state_to_record
 from fedpeft.rng import numpy_rng
+from fedpeft.state import State
+from strategies.base import KIND_DELTA, Reporter, no_report, reply_kind
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +77,9 @@ def clip_delta(delta: State, clip_norm: float) -> tuple[State, float]:
     return {k: (v.astype(np.float64) * scale).astype(np.float32) for k, v in delta.items()}, norm
 
 
-def noise_std(noise_multiplier: float, clip_norm: float, coefficients: list[float]) -> float:
+def noise_std(noise_multiplier: float, clip_norm: float, max_coefficient: float) -> float:
     """``sigma * C * max_i c_i`` for the aggregate ``sum_i c_i delta_i``: ``sigma * C / m`` for a plain mean."""
-    return float(noise_multiplier * clip_norm * max(coefficients))
-
-
-def aggregation_coefficients(strategy, weights: list[float]) -> list[float]:
-    """``c_i`` in ``update = sum_i c_i delta_i``: ``w_i / N`` for FedAU, ``w_i / sum_j w_j`` otherwise."""
-    from strategies.fedau import FedAU
-
-    w = np.asarray(weights, dtype=np.float64)
-    scale = 1.0 / strategy.num_clients if isinstance(strategy, FedAU) else 1.0 / w.sum()
-    return [float(x) for x in w * scale]
+    return float(noise_multiplier * clip_norm * max_coefficient)
 
 
 def add_noise(state: State, std: float, rng: np.random.Generator) -> State:
@@ -88,34 +87,47 @@ def add_noise(state: State, std: float, rng: np.random.Generator) -> State:
     return {k: (v.astype(np.float64) + rng.normal(0.0, std, v.shape)).astype(np.float32) for k, v in state.items()}
 
 
-class _Wrapper:
-    """Delegates everything to ``strategy``; subclasses add to ``round_report["extra"]``."""
+class _Delegating(Strategy):
+    """Explicit delegation of every ``Strategy`` hook to ``strategy`` (no attribute forwarding)."""
 
-    def __init__(self, *, strategy) -> None:
+    def __init__(self, *, strategy: Strategy, report: Reporter | None = None) -> None:
         self.strategy = strategy
-        self.extra: dict = {}
+        self.report = report or no_report
 
-    def __getattr__(self, name: str):
-        return getattr(self.__dict__["strategy"], name)
+    def summary(self) -> None:
+        """The wrapper's settings, then the wrapped strategy's."""
+        log.info("%s around:", type(self).__name__)
+        self.strategy.summary()
 
-    @property
-    def round_report(self) -> dict:
-        report = dict(self.strategy.round_report)
-        report["extra"] = {**report.get("extra", {}), **self.extra}
-        return report
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> list[Message]:
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         """The wrapped strategy's train messages."""
         return list(self.strategy.configure_train(server_round, arrays, config, grid))
 
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        """The wrapped strategy's aggregation (subclasses add privacy)."""
+        return self.strategy.aggregate_train(server_round, replies)
 
-class ClientLevelDP(_Wrapper):
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        """The wrapped strategy's evaluate messages."""
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        """The wrapped strategy's evaluate aggregation."""
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def state_for_results(self) -> dict:
+        """The wrapped strategy's state for results.json (if it has any)."""
+        inner = getattr(self.strategy, "state_for_results", None)
+        return inner() if callable(inner) else {}
+
+
+class ClientLevelDP(_Delegating):
     """DP-FedAvg around a strategy whose replies are PEFT deltas (see the module docstring).
 
     Parameters
     ----------
     strategy : FedAvgPEFT or subclass
-        Aggregates the clipped deltas; its ``aggregation_weights`` hook is observed.
+        Aggregates the clipped deltas and reports ``max-coefficient`` in its metrics.
     noise_multiplier, clip_norm : float
         ``sigma`` and ``C``.
     num_clients : int
@@ -124,41 +136,43 @@ class ClientLevelDP(_Wrapper):
         The delta at which epsilon is reported.
     seed : int
         Run seed; the noise of round ``t`` comes from ``numpy_rng(seed, "dp-client-noise", t)``.
-    max_weight : float, optional
-        Cap on every aggregation weight (FedAU's omega); ``None`` leaves them as they are.
+    report : callable, optional
+        Round-report callback (strategies/base.py): clip norms, noise std, epsilon.
     """
 
     def __init__(
         self,
         *,
-        strategy,
+        strategy: Strategy,
         noise_multiplier: float,
         clip_norm: float,
         num_clients: int,
         delta: float,
         seed: int,
-        max_weight: float | None = None,
-    ):
-        super().__init__(strategy=strategy)
+        report: Reporter | None = None,
+    ) -> None:
+        super().__init__(strategy=strategy, report=report)
+        if getattr(strategy, "expected_kind", None) != KIND_DELTA:
+            raise ConfigError(
+                f"client-level DP clips delta replies; {type(strategy).__name__} aggregates "
+                f"{getattr(strategy, 'expected_kind', 'unknown')!r} replies (use dp.mode='sample' for SPSA)"
+            )
+        if noise_multiplier < 0 or clip_norm <= 0 or num_clients < 1:
+            raise ValueError("need noise_multiplier >= 0, clip_norm > 0 and num_clients >= 1")
         self.noise_multiplier = noise_multiplier
         self.clip_norm = clip_norm
         self.num_clients = num_clients
         self.delta = delta
         self.seed = seed
-        self.history: list[privacy.HistoryEntry] = []
+        self.history: list[tuple[float, float, int]] = []
         self._num_sampled = 0
-        self._weights: list[float] = []
-        if hasattr(strategy, "aggregation_weights"):
-            inner = strategy.aggregation_weights
 
-            def observed(server_round, accepted):
-                weights = [float(w) for w in inner(server_round, accepted)]
-                self._weights = [min(w, max_weight) for w in weights] if max_weight else weights
-                return self._weights
+    def summary(self) -> None:
+        """Log sigma, C and delta, then the wrapped strategy's settings."""
+        log.info("client-level DP: sigma %.4f, C %g, delta %g", self.noise_multiplier, self.clip_norm, self.delta)
+        super().summary()
 
-            strategy.aggregation_weights = observed  # the hook FedAvgPEFT offers; we only watch it
-
-    def configure_train(self, server_round, arrays, config, grid):
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         """Remember the round's sample size ``m`` (for the accountant's ``q = m / N``)."""
         messages = super().configure_train(server_round, arrays, config, grid)
         self._num_sampled = len(messages)
@@ -167,76 +181,90 @@ class ClientLevelDP(_Wrapper):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Clip every delta, let the strategy average, add calibrated noise, account the release."""
+        """Clip every delta, let the strategy aggregate, add calibrated noise, account the release."""
+        from fedpeft.privacy import epsilon_from_history  # Opacus' accountant (imports torch)
+
         replies = list(replies)
         norms = []
         for msg in replies:
-            if msg.has_error() or "arrays" not in msg.content.array_records:
-                continue
+            if msg.has_error() or reply_kind(msg) != KIND_DELTA or "arrays" not in msg.content.array_records:
+                continue  # the strategy rejects and reports these
             clipped, norm = clip_delta(record_to_state(msg.content.array_records["arrays"]), self.clip_norm)
             norms.append(norm)
             msg.content["arrays"] = state_to_record(clipped)
-        self._weights = []
         new_arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        self.extra = {"dp_clip_norms": norms}
+        fields: dict = {"dp_clip_norms": norms, "delta": self.delta}
         if new_arrays is None:
+            self.report(server_round, fields)
             return None, metrics
-        weights = self._weights or [1.0] * len(self.strategy.round_report["aggregated"])
-        std = noise_std(self.noise_multiplier, self.clip_norm, aggregation_coefficients(self.strategy, weights))
+        if metrics is None or "max-coefficient" not in metrics:
+            raise RuntimeError(
+                f"{type(self.strategy).__name__} did not report 'max-coefficient'; client-level DP cannot "
+                "calibrate its noise, so the round is refused rather than released with too little noise"
+            )
+        std = noise_std(self.noise_multiplier, self.clip_norm, float(metrics["max-coefficient"]))
         server_lr = float(getattr(self.strategy, "server_lr", 1.0))
         rng = numpy_rng(self.seed, "dp-client-noise", server_round)
         noisy = add_noise(record_to_state(new_arrays), server_lr * std, rng)
-        rate = min(1.0, max(self._num_sampled, len(weights)) / self.num_clients)
+        rate = min(1.0, max(self._num_sampled, int(metrics.get("num-clients", 0))) / self.num_clients)
         self.history.append((self.noise_multiplier, rate, 1))
-        epsilon = privacy.epsilon_from_history(self.history, self.delta)
-        self.extra.update(
+        epsilon = epsilon_from_history(self.history, self.delta)
+        fields.update(
             {
                 "epsilon": epsilon,
-                "delta": self.delta,
                 "dp_noise_multiplier": self.noise_multiplier,
                 "dp_noise_std": std,
                 "dp_sample_rate": rate,
                 "dp_clipped": int(sum(n > self.clip_norm for n in norms)),
             }
         )
+        self.report(server_round, fields)
         log.info(
             "round %d: client-level DP noise std %.4g, epsilon %.3f at delta %g", server_round, std, epsilon, self.delta
         )
+        metrics = MetricRecord({**dict(metrics), "epsilon": epsilon, "dp-noise-std": std})
         return state_to_record(noisy), metrics
 
     def state_for_results(self) -> dict:
         """The accountant history beside the wrapped strategy's own state."""
-        inner = self.strategy.state_for_results() if hasattr(self.strategy, "state_for_results") else {}
-        return {**inner, "dp_accountant_history": [list(h) for h in self.history]}
+        return {**super().state_for_results(), "dp_accountant_history": [list(h) for h in self.history]}
 
 
-class SampleLevelDPReport(_Wrapper):
-    """Adds the epsilons that DP-SGD clients report (metric ``epsilon``) to each round's row."""
+class SampleLevelDPReport(_Delegating):
+    """Reports the epsilons that DP-SGD / DPZero clients report (metric ``epsilon``) each round.
 
-    def __init__(self, *, strategy, delta: float) -> None:
-        super().__init__(strategy=strategy)
+    The clients do the privacy work (fedpeft/privacy.py); the server only keeps each
+    partition's latest epsilon and reports this round's max and mean and the worst so far.
+    """
+
+    def __init__(self, *, strategy: Strategy, delta: float, report: Reporter | None = None) -> None:
+        super().__init__(strategy=strategy, report=report)
         self.delta = delta
         self.latest: dict[int, float] = {}
+        self.partition_of: Callable[[int], int] = getattr(strategy, "partition_of", lambda node: node)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         """Delegate, then report max/mean epsilon of this round and the worst so far."""
         replies = list(replies)
-        out = self.strategy.aggregate_train(server_round, replies)
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         this_round = []
         for msg in replies:
             if msg.has_error():
                 continue
-            metrics = next(iter(msg.content.metric_records.values()), {})
-            if "epsilon" in metrics:
-                pid = self.strategy.partition_of(msg.metadata.src_node_id)
-                self.latest[pid] = float(metrics["epsilon"])
-                this_round.append(float(metrics["epsilon"]))
-        self.extra = {"delta": self.delta}
+            client = next(iter(msg.content.metric_records.values()), {})
+            eps = client.get("epsilon")
+            if isinstance(eps, int | float) and math.isfinite(eps) and eps >= 0:
+                self.latest[self.partition_of(msg.metadata.src_node_id)] = float(eps)
+                this_round.append(float(eps))
+        fields: dict = {"delta": self.delta}
         if this_round:
-            self.extra.update({"epsilon_max": max(this_round), "epsilon_mean": float(np.mean(this_round))})
+            fields.update({"epsilon_max": max(this_round), "epsilon_mean": float(np.mean(this_round))})
         if self.latest:
-            self.extra["epsilon"] = max(self.latest.values())
-        return out
+            fields["epsilon"] = max(self.latest.values())
+        self.report(server_round, fields)
+        if metrics is not None and "epsilon" in fields:
+            metrics = MetricRecord({**dict(metrics), "epsilon": fields["epsilon"]})
+        return arrays, metrics
 
 
 def planned_client_rate(cfg, ctx) -> float:
@@ -249,11 +277,13 @@ def planned_client_rate(cfg, ctx) -> float:
     return float(max(matrix.sum(axis=1).max(), 1) / ctx.num_clients)
 
 
-def wrap_privacy(strategy, cfg, ctx):
+def wrap_privacy(strategy: Strategy, cfg, ctx) -> Strategy:
     """``strategy`` wrapped for ``cfg.dp.mode`` (unchanged for ``none``); checks budgets up front."""
     dp = cfg.dp
     if dp.mode == "none":
         return strategy
+    from fedpeft import privacy  # Opacus (imports torch); only when privacy is on
+
     zeroth_order = getattr(strategy, "client_mode", "first-order") == "spsa"
     if dp.mode == "client" and zeroth_order:
         raise ConfigError(
@@ -270,7 +300,6 @@ def wrap_privacy(strategy, cfg, ctx):
                 steps=cfg.num_rounds,
                 what=f"{cfg.num_rounds} rounds of client-level DP",
             )
-        log.info("client-level DP: sigma %.4f, C %g, delta %g", sigma, dp.clip_norm, dp.delta)
         return ClientLevelDP(
             strategy=strategy,
             noise_multiplier=sigma,
@@ -278,7 +307,7 @@ def wrap_privacy(strategy, cfg, ctx):
             num_clients=ctx.num_clients,
             delta=dp.delta,
             seed=cfg.seed,
-            max_weight=dp.max_weight or None,
+            report=ctx.report,
         )
     if getattr(strategy, "client_mode", "first-order") not in ("first-order", "spsa"):
         raise ConfigError(f"dp.mode='sample' has no recipe for strategy.name={cfg.strategy.name!r}")
@@ -293,4 +322,4 @@ def wrap_privacy(strategy, cfg, ctx):
         privacy.client_noise_multiplier(
             dp, num_examples=len(rows), batch_size=batch, steps_per_round=steps, num_rounds=cfg.num_rounds
         )
-    return SampleLevelDPReport(strategy=strategy, delta=dp.delta)
+    return SampleLevelDPReport(strategy=strategy, delta=dp.delta, report=ctx.report)

@@ -31,14 +31,11 @@ reply (which then closes an interval spanning the failed round).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
 
-from fedpeft.adapters import State, apply_delta
-from fedpeft.records import state_to_record
+from fedpeft.state import State
 from strategies.fedavg import FedAvgPEFT
 
 
@@ -113,18 +110,6 @@ def advance_interval(state: IntervalState, server_round: int, k_cap: int) -> tup
     return before.omega, after
 
 
-def scaled_sum(deltas: list[State], weights: list[float], scale: float) -> State:
-    """``scale * sum_i w_i d_i`` per tensor, in float64 then cast to fp32 (no normalisation)."""
-    if not deltas or len(deltas) != len(weights):
-        raise ValueError("need one weight per delta and at least one delta")
-    return {
-        k: (scale * sum(np.float64(w) * d[k].astype(np.float64) for d, w in zip(deltas, weights, strict=True))).astype(
-            np.float32
-        )
-        for k in deltas[0]
-    }
-
-
 class FedAUWeights:
     """FedAU's per-client interval state, keyed by partition id; O(1) memory and work per participant."""
 
@@ -158,7 +143,7 @@ class FedAU(FedAvgPEFT):
         N, every client that could ever participate (not the number online).
     k_cap : int
         Interval cutoff K.
-    server_lr, node_selector, partition_of
+    server_lr, node_selector, partition_of, report, max_weight
         As for :class:`~strategies.fedavg.FedAvgPEFT`.
     """
 
@@ -178,23 +163,23 @@ class FedAU(FedAvgPEFT):
             server_lr=cfg.strategy.server_lr,
             node_selector=ctx.node_selector,
             partition_of=ctx.partition_of,
+            report=ctx.report,
+            max_weight=(cfg.dp.max_weight or None) if cfg.dp.mode == "client" else None,
         )
 
     def aggregation_weights(self, server_round: int, accepted: list[tuple[int, State, dict]]) -> list[float]:
         """FedAU's omega for each accepted reply (failed and rejected replies never get here)."""
         return self.estimator.weights(server_round, [pid for pid, _, _ in accepted])
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """x + server_lr * (1/N) * sum omega_n delta_n over the accepted replies."""
-        accepted = self.accept_replies(server_round, replies)
-        if not accepted:
-            return None, None
-        weights = self.aggregation_weights(server_round, accepted)
-        update = scaled_sum([d for _, d, _ in accepted], weights, 1.0 / self.num_clients)
-        self.round_report["extra"] = {"omega": {str(pid): w for (pid, _, _), w in zip(accepted, weights, strict=True)}}
-        return state_to_record(apply_delta(self.current, update, self.server_lr)), self.summarise_metrics(accepted)
+    def normalise(self, weights: np.ndarray) -> np.ndarray:
+        """``omega_n / N``: FedAU's update is not a weighted mean (the paper's Alg. 1)."""
+        return weights / self.num_clients
+
+    def round_extras(self, accepted: list[tuple[int, State, dict]], coefficients: list[float]) -> dict:
+        """The omega each participant received (``c_i * N``, after any ``max_weight`` cap)."""
+        return {
+            "omega": {str(pid): c * self.num_clients for (pid, _, _), c in zip(accepted, coefficients, strict=True)}
+        }
 
     def state_for_results(self) -> dict:
         """The interval state, saved in results.json as ``strategy_state``."""

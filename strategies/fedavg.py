@@ -3,12 +3,18 @@
 Clients send ``delta_i = theta_i - theta`` for the trainable PEFT tensors only; the
 server applies
 
-    theta <- theta + server_lr * sum_i(w_i * delta_i) / sum_i(w_i),
+    theta <- theta + server_lr * sum_i c_i delta_i,    c_i = w_i / sum_j w_j,
 
 with ``w_i = n_i`` (examples seen, ``weighting="examples"``) or ``w_i = 1``
-(``weighting="uniform"``). Replies that failed, or whose delta has the wrong keys,
-shapes or non-finite values, are logged, recorded and left out; the global state is
-never touched by them.
+(``weighting="uniform"``). :meth:`FedAvgPEFT.coefficients` is the one aggregation hook:
+subclasses change the weights (FedAU's omega, the oracle's 1/p_n) or their
+normalisation (FedAU divides by N, not by the weight sum), and the DP wrapper calibrates
+its noise from the largest ``c_i`` the strategy reports (metric ``max-coefficient``).
+
+Replies that failed, broke the message contract (strategies/base.py), or whose delta
+has the wrong keys, shapes or non-finite values, or whose ``num-examples`` is not a
+finite positive number, are logged, reported and left out; the global state is never
+touched by them.
 """
 
 from __future__ import annotations
@@ -21,27 +27,27 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedpeft.adapters import DeltaError, State, apply_delta, check_state
 from fedpeft.records import record_to_state, state_to_record
+from fedpeft.state import DeltaError, State, apply_delta, check_metric, check_state, linear_combination
+from strategies.base import KIND_DELTA, ContractError, Reporter, contract_violation, no_report
 
 log = logging.getLogger(__name__)
 
 NodeSelector = Callable[[int, Grid], list[int]]
+Accepted = list[tuple[int, State, dict]]
+
+#: train metrics that mean something when averaged over clients (example-weighted)
+MEAN_METRICS = ("train-loss", "train-loss-first", "train-loss-last", "spsa-mean-abs-g")
+#: client-reported counts that enter aggregation or reports, and their valid range
+MAX_EXAMPLES = 1e12
 
 
 def weighted_average(deltas: list[State], weights: list[float]) -> State:
     """``sum_i w_i d_i / sum_i w_i`` per tensor, in float64 then cast to fp32."""
-    if not deltas or len(deltas) != len(weights):
-        raise ValueError("need one weight per delta and at least one delta")
     total = float(np.sum(weights))
     if total <= 0:
         raise ValueError(f"aggregation weights sum to {total}; they must be positive")
-    return {
-        k: (sum(np.float64(w) * d[k].astype(np.float64) for d, w in zip(deltas, weights, strict=False)) / total).astype(
-            np.float32
-        )
-        for k in deltas[0]
-    }
+    return linear_combination(deltas, [float(w) / total for w in weights])
 
 
 class FedAvgPEFT(FedAvg):
@@ -50,7 +56,7 @@ class FedAvgPEFT(FedAvg):
     Parameters
     ----------
     server_lr : float
-        Step applied to the averaged delta (1.0 is plain FedAvg).
+        Step applied to the aggregated delta (1.0 is plain FedAvg).
     weighting : str
         ``"examples"`` (weights ``num-examples``) or ``"uniform"``.
     node_selector : callable, optional
@@ -58,7 +64,17 @@ class FedAvgPEFT(FedAvg):
         participation model). Without it, Flower's own fraction sampling is used.
     partition_of : callable, optional
         Maps a Flower node id to its partition id, for per-client state and reports.
+    report : callable, optional
+        Round-report callback ``(server_round, fields)`` (strategies/base.py).
+    max_weight : float, optional
+        Cap on every aggregation weight (``dp.max-weight``: bounds FedAU's omega under
+        client-level DP); ``None`` leaves them as they are.
     """
+
+    #: what the ClientApp does with a train message (see simulations/client_app.py)
+    client_mode = "first-order"
+    #: what a train reply must carry (the message contract, strategies/base.py)
+    expected_kind = KIND_DELTA
 
     def __init__(
         self,
@@ -67,6 +83,8 @@ class FedAvgPEFT(FedAvg):
         weighting: str = "examples",
         node_selector: NodeSelector | None = None,
         partition_of: Callable[[int], int] | None = None,
+        report: Reporter | None = None,
+        max_weight: float | None = None,
         fraction_train: float = 1.0,
         min_train_nodes: int = 1,
     ) -> None:
@@ -82,11 +100,11 @@ class FedAvgPEFT(FedAvg):
         self.weighting = weighting
         self.node_selector = node_selector
         self.partition_of = partition_of or (lambda node_id: node_id)
+        self.report = report or no_report
+        self.max_weight = max_weight
         self.current: State = {}
-        self.round_report: dict[str, list] = {"failed": [], "rejected": [], "aggregated": []}
-
-    #: what the ClientApp does with a train message (see simulations/client_app.py)
-    client_mode = "first-order"
+        self.expected: list[int] = []  # partitions sent a train message this round
+        self.outcome: dict[str, list] = {"failed": [], "rejected": []}
 
     @classmethod
     def from_config(cls, cfg, ctx) -> FedAvgPEFT:
@@ -96,83 +114,167 @@ class FedAvgPEFT(FedAvg):
             weighting=cfg.strategy.weighting,
             node_selector=ctx.node_selector,
             partition_of=ctx.partition_of,
+            report=ctx.report,
+            max_weight=(cfg.dp.max_weight or None) if cfg.dp.mode == "client" else None,
         )
+
+    def summary(self) -> None:
+        """Log the strategy's settings (called by ``Strategy.start``)."""
+        log.info(
+            "%s: server_lr=%g, weighting=%s, replies must carry %r",
+            type(self).__name__,
+            self.server_lr,
+            self.weighting,
+            self.expected_kind,
+        )
+
+    # --- configure --------------------------------------------------------------------
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send the global adapter to this round's online nodes."""
         self.current = record_to_state(arrays)
-        config["mode"] = self.client_mode
+        config = ConfigRecord({**dict(config), "mode": self.client_mode, "server-round": server_round})
         if self.node_selector is None:
-            return super().configure_train(server_round, arrays, config, grid)
-        config["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(record, self.node_selector(server_round, grid), MessageType.TRAIN)
+            messages = list(super().configure_train(server_round, arrays, config, grid))
+        else:
+            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+            messages = self._construct_messages(record, self.node_selector(server_round, grid), MessageType.TRAIN)
+        self.expected = [self.partition_of(m.metadata.dst_node_id) for m in messages]
+        return messages
+
+    # --- aggregate --------------------------------------------------------------------
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate each reply's delta, then apply the weighted average to the global state."""
+        """Validate each reply, then apply ``server_lr * sum_i c_i delta_i`` to the global state."""
         accepted = self.accept_replies(server_round, replies)
         if not accepted:
+            self.finish_round(server_round, [])
             return None, None
-        deltas = [delta for _, delta, _ in accepted]
-        weights = self.aggregation_weights(server_round, accepted)
-        new_state = apply_delta(self.current, weighted_average(deltas, weights), self.server_lr)
-        return state_to_record(new_state), self.summarise_metrics(accepted)
+        coefficients = self.coefficients(server_round, accepted)
+        update = linear_combination([d for _, d, _ in accepted], coefficients)
+        new_state = apply_delta(self.current, update, self.server_lr)
+        self.finish_round(server_round, accepted, **self.round_extras(accepted, coefficients))
+        return state_to_record(new_state), self.summarise_metrics(accepted, coefficients)
 
-    def aggregation_weights(self, server_round: int, accepted: list[tuple[int, State, dict]]) -> list[float]:
+    def aggregation_weights(self, server_round: int, accepted: Accepted) -> list[float]:
         """Weights ``w_i`` of the accepted replies (examples or uniform)."""
         if self.weighting == "uniform":
             return [1.0] * len(accepted)
         return [float(metrics["num-examples"]) for _, _, metrics in accepted]
 
-    def record_if_failed(self, server_round: int, pid: int, msg: Message) -> bool:
-        """Log and record a reply that carries an error instead of content; True if it did."""
-        if not msg.has_error():
-            return False
-        log.warning("round %d: partition %s failed: %s", server_round, pid, msg.error.reason)
-        self.round_report["failed"].append({"partition_id": pid, "reason": str(msg.error.reason)[:500]})
-        return True
+    def coefficients(self, server_round: int, accepted: Accepted) -> list[float]:
+        """``c_i`` in ``update = sum_i c_i delta_i``: the (capped) weights, normalised.
 
-    def accept_replies(self, server_round: int, replies: Iterable[Message]) -> list[tuple[int, State, dict]]:
-        """``(partition id, delta, metrics)`` of every valid reply; failures are recorded and logged."""
-        self.round_report = {"failed": [], "rejected": [], "aggregated": []}
+        Call once per round: stateful weights (FedAU's intervals) advance when called.
+        """
+        weights = np.asarray(self.aggregation_weights(server_round, accepted), dtype=np.float64)
+        if self.max_weight:
+            weights = np.minimum(weights, self.max_weight)
+        return [float(c) for c in self.normalise(weights)]
+
+    def normalise(self, weights: np.ndarray) -> np.ndarray:
+        """``w_i / sum_j w_j`` (a weighted mean)."""
+        total = float(weights.sum())
+        if total <= 0:
+            raise ValueError(f"aggregation weights sum to {total}; they must be positive")
+        return weights / total
+
+    def round_extras(self, accepted: Accepted, coefficients: list[float]) -> dict:
+        """Strategy-specific fields for the round report (none for FedAvg)."""
+        return {}
+
+    # --- validation and reports ----------------------------------------------------------
+
+    def accept_replies(self, server_round: int, replies: Iterable[Message]) -> Accepted:
+        """``(partition id, delta, metrics)`` of every valid reply, sorted by partition id.
+
+        Failed, contract-breaking and invalid replies are logged and kept in
+        ``self.outcome`` for the round report; partitions that were sent a message
+        and did not answer are recorded as failed.
+        """
         shapes = {k: v.shape for k, v in self.current.items()}
-        accepted = []
+
+        def parse(msg: Message, metrics: dict) -> State:
+            if self.arrayrecord_key not in msg.content.array_records:
+                raise DeltaError(f"reply has no {self.arrayrecord_key!r} ArrayRecord")
+            delta = record_to_state(msg.content.array_records[self.arrayrecord_key])
+            check_state(delta, shapes)
+            check_metric(metrics, "num-examples", low=1, high=MAX_EXAMPLES, required=self.weighting == "examples")
+            return delta
+
+        return self.screen_replies(server_round, replies, parse)
+
+    def screen_replies(
+        self, server_round: int, replies: Iterable[Message], parse: Callable[[Message, dict], object]
+    ) -> list[tuple[int, object, dict]]:
+        """Shared screening: failures, the contract, then ``parse`` (raises DeltaError to reject)."""
+        self.outcome = {"failed": [], "rejected": []}
+        accepted, answered, contract_breaks = [], set(), 0
         for msg in replies:
             pid = self.partition_of(msg.metadata.src_node_id)
-            if self.record_if_failed(server_round, pid, msg):
+            answered.add(pid)
+            if msg.has_error():
+                log.warning("round %d: partition %s failed: %s", server_round, pid, msg.error.reason)
+                self.outcome["failed"].append({"partition_id": pid, "reason": str(msg.error.reason)})
                 continue
+            metrics = dict(next(iter(msg.content.metric_records.values()), {}))
             try:
-                if self.arrayrecord_key not in msg.content.array_records:
-                    raise DeltaError(f"reply has no {self.arrayrecord_key!r} ArrayRecord")
-                delta = record_to_state(msg.content.array_records[self.arrayrecord_key])
-                check_state(delta, shapes)
-                metrics = dict(next(iter(msg.content.metric_records.values()), {}))
-                if self.weighting == "examples" and not metrics.get("num-examples", 0) > 0:
-                    raise DeltaError("reply has no positive 'num-examples' metric")
+                broken = contract_violation(msg, self.expected_kind)
+                if broken:
+                    contract_breaks += 1
+                    raise DeltaError(broken)
+                item = parse(msg, metrics)
             except DeltaError as err:
-                log.warning("round %d: rejected update from partition %s: %s", server_round, pid, err)
-                self.round_report["rejected"].append({"partition_id": pid, "reason": str(err)})
+                log.warning("round %d: rejected reply from partition %s: %s", server_round, pid, err)
+                self.outcome["rejected"].append({"partition_id": pid, "reason": str(err)})
                 continue
-            accepted.append((pid, delta, metrics))
+            accepted.append((pid, item, metrics))
+        for pid in self.expected:
+            if pid not in answered:
+                reason = "no reply within simulation.round-timeout-s"
+                self.outcome["failed"].append({"partition_id": pid, "reason": reason})
+        if contract_breaks and not accepted:
+            raise ContractError(self.outcome["rejected"][0]["reason"])
         # Replies arrive in any order; sum in partition order so results are reproducible.
         accepted.sort(key=lambda item: item[0])
-        self.round_report["aggregated"] = [pid for pid, _, _ in accepted]
         return accepted
 
+    def finish_round(self, server_round: int, accepted: list[tuple[int, object, dict]], **extras) -> None:
+        """Send the round report: aggregated, failed and rejected partitions, per-client metrics, extras."""
+        clients = [{"partition_id": pid, **_numbers(m)} for pid, _, m in accepted]
+        self.report(
+            server_round,
+            {"aggregated": [pid for pid, _, _ in accepted], **self.outcome, "clients": clients, **extras},
+        )
+
     @staticmethod
-    def summarise_metrics(accepted: list[tuple[int, State, dict]]) -> MetricRecord:
-        """Example-weighted mean of the clients' numeric train metrics."""
-        weights = np.array([float(m.get("num-examples", 1.0)) for _, _, m in accepted])
-        keys = sorted({k for _, _, m in accepted for k, v in m.items() if isinstance(v, (int, float))})
-        out: dict[str, float] = {}
-        for key in keys:
-            vals = np.array([float(m.get(key, np.nan)) for _, _, m in accepted])
+    def summarise_metrics(accepted: list[tuple[int, object, dict]], coefficients: list[float]) -> MetricRecord:
+        """Train metrics that aggregate meaningfully; per-client values stay in the round report.
+
+        Losses are example-weighted means, ``num-examples`` a sum, ``epsilon`` the maximum;
+        ``max-coefficient`` is the largest ``c_i`` (the DP wrapper calibrates noise from it).
+        """
+        metrics = [m for _, _, m in accepted]
+        examples = np.array([float(m.get("num-examples", 1.0)) for m in metrics])
+        out: dict[str, float] = {
+            "num-examples": float(examples.sum()),
+            "num-clients": len(metrics),
+            "max-coefficient": float(max(coefficients)),
+        }
+        for key in MEAN_METRICS:
+            vals = np.array([float(m.get(key, np.nan)) for m in metrics])
             ok = np.isfinite(vals)
             if ok.any():
-                out[key] = float(np.sum(vals[ok] * weights[ok]) / np.sum(weights[ok]))
-        out["num-examples"] = float(weights.sum())
+                out[key] = float(np.sum(vals[ok] * examples[ok]) / np.sum(examples[ok]))
+        eps = [float(m["epsilon"]) for m in metrics if "epsilon" in m]
+        if eps:
+            out["epsilon"] = max(eps)
         return MetricRecord(out)
+
+
+def _numbers(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float) and k != "partition-id"}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedpeft.adapters import State
+from fedpeft.state import State
 from strategies.fedau import FedAU
 
 
@@ -46,6 +46,8 @@ class KnownPOracle(FedAU):
             server_lr=cfg.strategy.server_lr,
             node_selector=ctx.node_selector,
             partition_of=ctx.partition_of,
+            report=ctx.report,
+            max_weight=(cfg.dp.max_weight or None) if cfg.dp.mode == "client" else None,
         )
 
     def aggregation_weights(self, server_round: int, accepted: list[tuple[int, State, dict]]) -> list[float]:

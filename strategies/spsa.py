@@ -22,6 +22,10 @@ adapter (``4 |theta|`` bytes), or the server does not know the client's state (n
 seen after a failure, a rejected reply, a hash mismatch), the full adapter is sent
 instead. The client checks the hash after catching up and reports a mismatch.
 
+Torch: the directions z are torch's CPU generator stream (what the clients draw), and the
+server keeps its fp32 master copy as torch tensors so replaying gives the clients' bits;
+torch is imported when the strategy is built, not when this module is imported.
+
 The codec scale ``s_{r+1}`` is ``scale_multiplier x median |g_hat|`` of round ``r``
 (``scale_rule="median"``) or fixed.
 """
@@ -36,10 +40,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 
 from fedpeft import onebyte
-from fedpeft.adapters import State
 from fedpeft.records import record_to_state, state_to_record
-from fedpeft.zo import lr_at, state_hash, to_master, to_state
+from fedpeft.state import DeltaError, State
 from fedpeft.zo_log import RoundLog, f32, pack_header, pack_log, replay_round
+from strategies.base import KIND_SPSA, Reporter
 from strategies.fedavg import FedAvgPEFT
 
 log = logging.getLogger(__name__)
@@ -76,6 +80,7 @@ class SharedSeedSPSA(FedAvgPEFT):
     """
 
     client_mode = "spsa"
+    expected_kind = KIND_SPSA
 
     def __init__(
         self,
@@ -93,10 +98,18 @@ class SharedSeedSPSA(FedAvgPEFT):
         server_lr: float = 1.0,
         node_selector: Callable[[int, Grid], list[int]] | None = None,
         partition_of: Callable[[int], int] | None = None,
+        report: Reporter | None = None,
     ) -> None:
         super().__init__(
-            server_lr=server_lr, weighting="uniform", node_selector=node_selector, partition_of=partition_of
+            server_lr=server_lr,
+            weighting="uniform",
+            node_selector=node_selector,
+            partition_of=partition_of,
+            report=report,
         )
+        from fedpeft.zo import lr_at, state_hash, to_master, to_state  # torch: see the module docstring
+
+        self._lr_at, self._state_hash, self._to_master, self._to_state = lr_at, state_hash, to_master, to_state
         self.master = to_master(initial_state)
         self.adapter_bytes = 4 * sum(int(a.size) for a in initial_state.values())
         self.run_seed, self.local_steps, self.codec, self.distribution = run_seed, local_steps, codec, distribution
@@ -128,22 +141,23 @@ class SharedSeedSPSA(FedAvgPEFT):
             server_lr=cfg.strategy.server_lr,
             node_selector=ctx.node_selector,
             partition_of=ctx.partition_of,
+            report=ctx.report,
         )
 
     def round_lr(self, server_round: int) -> float:
         """The float32 learning rate of ``server_round``."""
-        return f32(lr_at(self.lr, self.lr_schedule, server_round))
+        return f32(self._lr_at(self.lr, self.lr_schedule, server_round))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Per node: header + log tail (bytes), or header + full adapter when that is cheaper."""
         given = record_to_state(arrays)
-        if state_hash(given) != state_hash(self.master):
+        if self._state_hash(given) != self._state_hash(self.master):
             log.warning("round %d: the server state differs from SPSA's replayed state; resyncing all", server_round)
-            self.master, self.synced = to_master(given), dict.fromkeys(self.synced)
+            self.master, self.synced = self._to_master(given), dict.fromkeys(self.synced)
         self._fill_skipped_rounds(server_round)
-        header = pack_header(self.scale, self.round_lr(server_round), state_hash(self.master))
+        header = pack_header(self.scale, self.round_lr(server_round), self._state_hash(self.master))
         nodes = self.node_selector(server_round, grid) if self.node_selector else sorted(grid.get_node_ids())
         self.downloads = {"log": 0, "full": 0}
         messages = []
@@ -156,7 +170,7 @@ class SharedSeedSPSA(FedAvgPEFT):
             )
             content = RecordDict({self.configrecord_key: conf})
             if tail is None or len(tail) >= self.adapter_bytes:
-                content[self.arrayrecord_key] = state_to_record(to_state(self.master))
+                content[self.arrayrecord_key] = state_to_record(self._to_state(self.master))
                 self.downloads["full"] += 1
             else:
                 conf["spsa-base-round"] = base
@@ -165,6 +179,7 @@ class SharedSeedSPSA(FedAvgPEFT):
                 self.downloads["log"] += 1
             self.synced[pid] = None  # known again only once its reply is accepted
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+        self.expected = [self.partition_of(node) for node in nodes]
         return messages
 
     def aggregate_train(
@@ -178,14 +193,14 @@ class SharedSeedSPSA(FedAvgPEFT):
         entry = RoundLog(server_round, scale, lr, weight, tuple((pid, codes) for pid, codes, _ in accepted))
         replay_round(self.master, entry, run_seed=self.run_seed, codec=self.codec, distribution=self.distribution)
         self.log.append(entry)
-        self.hashes[server_round + 1] = state_hash(self.master).hex()
+        self.hashes[server_round + 1] = self._state_hash(self.master).hex()
         for pid, _, _ in accepted:
             self.synced[pid] = server_round
         g_hat = np.concatenate(
             [onebyte.decode(onebyte.from_bytes(c, self.codec), scale, codec=self.codec) for _, c, _ in accepted] or [[]]
         )
         self.scale = next_scale(g_hat, scale, rule=self.scale_rule, multiplier=self.scale_multiplier)
-        self.round_report["extra"] = {
+        extras = {
             "spsa_scale": scale,
             "spsa_lr": lr,
             "spsa_weight": weight,
@@ -194,27 +209,21 @@ class SharedSeedSPSA(FedAvgPEFT):
             "spsa_log_downloads": self.downloads["log"],
             "spsa_full_downloads": self.downloads["full"],
         }
-        metrics = self.summarise_metrics([(p, None, m) for p, _, m in accepted]) if accepted else MetricRecord()
-        return state_to_record(to_state(self.master)), metrics
+        self.finish_round(server_round, accepted, **extras)
+        if not accepted:
+            return state_to_record(self._to_state(self.master)), None
+        return state_to_record(self._to_state(self.master)), self.summarise_metrics(accepted, [weight] * len(accepted))
 
     def accept_codes(self, server_round: int, replies: Iterable[Message]) -> list[tuple[int, bytes, dict]]:
         """``(partition id, codes, metrics)`` of valid replies, sorted by partition id."""
-        self.round_report = {"failed": [], "rejected": [], "aggregated": []}
-        accepted = []
-        for msg in replies:
-            pid = self.partition_of(msg.metadata.src_node_id)
-            if self.record_if_failed(server_round, pid, msg):
-                continue
-            metrics = dict(next(iter(msg.content.metric_records.values()), {}))
+
+        def parse(msg: Message, metrics: dict) -> bytes:
             reason = self._check_reply(msg, metrics)
             if reason:
-                log.warning("round %d: rejected SPSA reply from partition %s: %s", server_round, pid, reason)
-                self.round_report["rejected"].append({"partition_id": pid, "reason": reason})
-                continue
-            accepted.append((pid, bytes(msg.content["spsa"]["codes"]), metrics))
-        accepted.sort(key=lambda a: a[0])
-        self.round_report["aggregated"] = [pid for pid, _, _ in accepted]
-        return accepted
+                raise DeltaError(reason)
+            return bytes(msg.content["spsa"]["codes"])
+
+        return self.screen_replies(server_round, replies, parse)
 
     def _check_reply(self, msg: Message, metrics: dict) -> str:
         if metrics.get("spsa-desync"):

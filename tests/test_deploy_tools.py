@@ -19,9 +19,9 @@ from torch import nn
 from fedpeft.config import DataConfig, ExperimentConfig
 from fedpeft.data import load_node_data
 from fedpeft.memory import measure_client_memory, split_bytes
-from simulations import warm_worker
-from simulations.certs import make_deployment_certs
-from simulations.deploy import key_values, run_config_overrides
+from simulations.deploy import warm_worker
+from simulations.deploy.certs import make_deployment_certs
+from simulations.deploy.loopback import key_values, run_config_overrides
 from tests.conftest import tiny_config
 
 
@@ -86,6 +86,9 @@ def test_messages_and_the_node_context_survive_the_worker_encoding(task_identity
     assert ctx2.state["kept"]["round"] == 3
 
 
+MOD = warm_worker.make_warm_worker_mod("simulations.client_app:build_client_app")
+
+
 @pytest.fixture
 def worker_folder(tmp_path_factory):
     """A warm-worker folder; every worker started there is killed by PID afterwards."""
@@ -103,8 +106,8 @@ def test_the_mod_starts_a_warm_worker_that_answers_and_is_reused(task_identity, 
     msg, ctx = _query(run_config, {"partition-id": 2, "num-partitions": 3, "warm-worker": str(worker_folder)})
     in_process = lambda m, c: pytest.fail("the message ran in this process")  # noqa: E731
 
-    reply = warm_worker.warm_worker_mod(msg, ctx, in_process)
-    again = warm_worker.warm_worker_mod(msg, ctx, in_process)
+    reply = MOD(msg, ctx, in_process)
+    again = MOD(msg, ctx, in_process)
 
     assert reply.content["config"]["partition-id"] == 2 and again.content["config"]["partition-id"] == 2
     assert len(list(worker_folder.glob("*.pid"))) == 1  # one worker served both
@@ -114,7 +117,7 @@ def test_the_mod_starts_a_warm_worker_that_answers_and_is_reused(task_identity, 
 
 def test_without_the_setting_the_mod_runs_the_message_in_process(task_identity):
     msg, ctx = _query({}, {"partition-id": 0})
-    assert warm_worker.warm_worker_mod(msg, ctx, lambda m, c: "ran here") == "ran here"
+    assert MOD(msg, ctx, lambda m, c: "ran here") == "ran here"
 
 
 def test_a_node_file_is_read_with_the_configured_columns_and_the_experiments_labels(tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.deploy import CONNECTION, Loopback, wait_for_results
+from simulations.deploy.loopback import CONNECTION, Loopback, wait_for_results
 
 pytestmark = pytest.mark.slow
 

@@ -7,12 +7,12 @@ several seconds per message on a small CPU, more than the training itself.
 
 With ``--node-config "... warm-worker=true"`` the ClientApp's mod (:func:`warm_worker_mod`)
 forwards each message to a long-lived worker process of this SuperNode and returns its
-reply. The worker runs the very same ClientApp (``build_client_app()``), so every handler
+reply. The worker runs the very same ClientApp (the factory the mod names), so every handler
 behaves as in simulation; the model stays in the worker's per-process cache (backbone.py).
 Messages and the node's ``Context`` travel as Flower's own protobufs over a Unix socket
 in a directory only this user can open.
 
-Lifecycle: the first message starts the worker (``python -m simulations.warm_worker``,
+Lifecycle: the first message starts the worker (``python -m simulations.deploy.warm_worker``,
 detached, under a lock so two messages never start two). It serves one SuperNode (its
 ``flower-superexec``, the ClientApp process's parent) and one app version (the installed
 FAB's folder), and exits when that SuperNode is gone or after ``IDLE_EXIT_S`` without a
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -104,26 +105,34 @@ def decode(message_bytes: bytes, context_bytes: bytes) -> tuple[Message, Context
 # --- the ClientApp side -------------------------------------------------------------------
 
 
-def warm_worker_mod(msg: Message, context: Context, call_next) -> Message:
-    """Flower mod: forward to this node's warm worker when its node config asks for one."""
-    directory = worker_dir(context.node_config.get(NODE_CONFIG_KEY))
-    if directory is None:
-        return call_next(msg, context)
-    t0 = time.monotonic()
-    path = socket_path(directory, os.getppid())
-    conn = connect_or_start(path, owner_pid=os.getppid())
-    with conn:
-        send_frames(conn, *encode(msg, context))
-        status, first, second, worker_s = recv_frames(conn, 4)
-    if status != b"ok":
-        raise RuntimeError(f"warm worker: {first.decode(errors='replace')}")
-    reply, new_context = decode(first, second)
-    context.state = new_context.state  # Flower saves the node's state from this process
-    _append_stats(path, msg, process_age_s=_process_age_s(), worker_s=float(worker_s), mod_s=time.monotonic() - t0)
-    return reply
+def make_warm_worker_mod(app_factory: str):
+    """Flower mod: forward to this node's warm worker when its node config asks for one.
+
+    ``app_factory`` ("module:function") names the ClientApp builder the worker runs; it is
+    passed by reference so this module never imports the ClientApp (no import cycle).
+    """
+
+    def warm_worker_mod(msg: Message, context: Context, call_next) -> Message:
+        directory = worker_dir(context.node_config.get(NODE_CONFIG_KEY))
+        if directory is None:
+            return call_next(msg, context)
+        t0 = time.monotonic()
+        path = socket_path(directory, os.getppid())
+        conn = connect_or_start(path, owner_pid=os.getppid(), app_factory=app_factory)
+        with conn:
+            send_frames(conn, *encode(msg, context))
+            status, first, second, worker_s = recv_frames(conn, 4)
+        if status != b"ok":
+            raise RuntimeError(f"warm worker: {first.decode(errors='replace')}")
+        reply, new_context = decode(first, second)
+        context.state = new_context.state  # Flower saves the node's state from this process
+        _append_stats(path, msg, process_age_s=_process_age_s(), worker_s=float(worker_s), mod_s=time.monotonic() - t0)
+        return reply
+
+    return warm_worker_mod
 
 
-def connect_or_start(path: Path, *, owner_pid: int) -> socket.socket:
+def connect_or_start(path: Path, *, owner_pid: int, app_factory: str) -> socket.socket:
     """A connection to the worker at ``path``, starting one first if none answers."""
     conn = _try_connect(path)
     if conn is not None:
@@ -134,7 +143,7 @@ def connect_or_start(path: Path, *, owner_pid: int) -> socket.socket:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another message of this node may be starting it
         conn = _try_connect(path)
         if conn is None:
-            _spawn(path, owner_pid)
+            _spawn(path, owner_pid, app_factory)
             deadline = time.monotonic() + START_TIMEOUT_S
             while conn is None and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -156,10 +165,19 @@ def _try_connect(path: Path) -> socket.socket | None:
         return None
 
 
-def _spawn(path: Path, owner_pid: int) -> None:
+def _spawn(path: Path, owner_pid: int, app_factory: str) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(APP_ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    args = [sys.executable, "-m", "simulations.warm_worker", "--socket", str(path), "--owner-pid", str(owner_pid)]
+    args = [
+        sys.executable,
+        "-m",
+        "simulations.deploy.warm_worker",
+        "--socket",
+        str(path),
+        "--owner-pid",
+        str(owner_pid),
+    ]
+    args += ["--app", app_factory]
     with open(path.with_suffix(".log"), "ab") as out:
         proc = subprocess.Popen(
             args, cwd=APP_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
@@ -185,12 +203,17 @@ def _append_stats(path: Path, msg: Message, **fields: float | None) -> None:
 # --- the worker side ----------------------------------------------------------------------
 
 
-def serve(path: Path, owner_pid: int, idle_exit_s: float = IDLE_EXIT_S) -> None:
+def load_factory(app_factory: str):
+    """The callable named by ``"module:function"``."""
+    module_name, _, attr = app_factory.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def serve(path: Path, owner_pid: int, app_factory: str, idle_exit_s: float = IDLE_EXIT_S) -> None:
     """Answer messages on ``path`` until the owner process is gone or nothing came for a while."""
     from fedpeft.backbone import clear_cache
-    from simulations.client_app import build_client_app
 
-    app = build_client_app()  # the same handlers, without the forwarding mod
+    app = load_factory(app_factory)()  # the same handlers, without the forwarding mod
     old_umask = os.umask(0o077)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     path.unlink(missing_ok=True)
@@ -270,16 +293,17 @@ def _alive(pid: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m simulations.warm_worker --socket PATH --owner-pid PID`` (started by the mod)."""
+    """``python -m simulations.deploy.warm_worker --socket PATH --owner-pid PID --app MODULE:FACTORY`` (started by the mod)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--socket", required=True, type=Path)
     parser.add_argument("--owner-pid", required=True, type=int)
+    parser.add_argument("--app", required=True, help="ClientApp factory, module:function")
     parser.add_argument("--idle-exit-s", type=float, default=IDLE_EXIT_S)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger(__name__).setLevel(logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    serve(args.socket, args.owner_pid, args.idle_exit_s)
+    serve(args.socket, args.owner_pid, args.app, args.idle_exit_s)
     return 0
 
 

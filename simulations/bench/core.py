@@ -1,6 +1,6 @@
 """Core benchmark: quantized weight bytes, step time, and Flower's simulation overhead.
 
-    python -m simulations.bench_core [--rounds 2] [--clients 4] [--examples 400] [--steps 8]
+    python -m simulations.bench.core [--rounds 2] [--clients 4] [--examples 400] [--steps 8]
 
 Prints, side by side in one run (this machine is shared and noisy, so only ratios
 taken here are meaningful):

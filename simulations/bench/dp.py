@@ -1,6 +1,6 @@
 """Per-step time of DP-SGD (Opacus) against plain training, on the same fixed batches.
 
-    python -m simulations.bench_dp [--steps 8] [--batch-size 32] [--modes hooks,functorch,ghost]
+    python -m simulations.bench.dp [--steps 8] [--batch-size 32] [--modes hooks,functorch,ghost]
 
 One process, one torch thread, the embedded NF4 MiniLM + LoRA r=8. Each mode trains the
 same batches from the same initial adapter; modes are interleaved run by run so a

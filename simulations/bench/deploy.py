@@ -1,6 +1,6 @@
 """Deployment vs simulation: per-round wall time and what each ClientApp message costs.
 
-    nice -n 10 python -m simulations.bench_deploy [--nodes 2] [--rounds 3] [--json OUT.json]
+    nice -n 10 python -m simulations.bench.deploy [--nodes 2] [--rounds 3] [--json OUT.json]
 
 Runs one small experiment three ways on this machine and prints the figures side by side:
 Flower's simulation engine (Ray actors keep the model), the deployment runtime on
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from fedpeft.config import ExperimentConfig
 from fedpeft.results import load_results
-from simulations.deploy import Loopback, run_config_overrides, wait_for_results
+from simulations.deploy.loopback import Loopback, run_config_overrides, wait_for_results
 
 FLOWER_CLIENTAPP = "import flwr.supernode.runtime.run_clientapp"
 

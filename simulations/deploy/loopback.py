@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.config import ExperimentConfig, load_config, parse_override
-from simulations.certs import DeploymentCerts, make_deployment_certs
+from simulations.deploy.certs import DeploymentCerts, make_deployment_certs
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--root", help="folder for certificates, logs and results (default: a temp folder)")
     args, rest = parser.parse_known_args(argv)
     if args.action == "certs":
-        from simulations.certs import main as certs_main
+        from simulations.deploy.certs import main as certs_main
 
         return certs_main(rest)
     if rest:

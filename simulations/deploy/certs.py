@@ -1,6 +1,6 @@
 """Certificates and node keys for a test deployment (SuperLink TLS + SuperNode authentication).
 
-``python -m simulations.certs OUT_DIR --nodes 3 [--san 192.168.1.10] [--san gpu-server]``
+``python -m simulations.deploy.certs OUT_DIR --nodes 3 [--san 192.168.1.10] [--san gpu-server]``
 (or ``fedpeft deploy certs ...``) writes::
 
     OUT_DIR/ca.crt, ca.key                 a self-signed CA (give ca.crt to every node and to `flwr`)
@@ -142,7 +142,7 @@ def make_deployment_certs(out_dir: str | Path, *, num_nodes: int, sans: list[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m simulations.certs OUT_DIR --nodes N [--san HOST ...]``."""
+    """Command line: ``python -m simulations.deploy.certs OUT_DIR --nodes N [--san HOST ...]``."""
     parser = argparse.ArgumentParser(prog="fedpeft deploy certs", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--nodes", type=int, default=2, help="how many SuperNode key pairs (default 2)")

@@ -1,6 +1,6 @@
 """Accuracy vs epsilon from DP runs' results files: a markdown table and one figure.
 
-    python -m simulations.plot_dp RUN_DIR... --out docs/figures/dp_accuracy_vs_epsilon.png
+    python -m simulations.experiments.plot_dp RUN_DIR... --out docs/figures/dp_accuracy_vs_epsilon.png
 
 Reads results.json only (never trains). A run's mode is its ``dp.mode``; its epsilon is
 the last round's ``epsilon`` (the worst client so far for ``sample``, the server's

@@ -1,0 +1,110 @@
+"""The ServerApp's results writer: ``Strategy.start``'s ``evaluate_fn`` and the strategies' report callback.
+
+Per round, the strategy (and any DP wrapper) reports what happened through
+:meth:`RunRecorder.report`; ``Strategy.start`` then calls :meth:`RunRecorder.evaluate`,
+which scores the global adapter on the fixed held-out set (every ``train.eval-every``
+rounds and the last), joins the reports and the byte ledger into one row of
+``results.json``, rewrites the file, and prints the progress line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, MetricRecord
+
+from fedpeft.adapters import set_adapter_state
+from fedpeft.comm import Ledger
+from fedpeft.config import ExperimentConfig
+from fedpeft.records import record_to_state
+from fedpeft.results import write_results
+from fedpeft.task import Task
+from fedpeft.train import evaluate
+
+log = logging.getLogger("fedpeft")
+
+BYTE_KEYS = ("uplink_payload_bytes", "uplink_message_bytes", "downlink_payload_bytes", "downlink_message_bytes")
+
+
+class RunRecorder:
+    """Collects round reports, evaluates, writes ``run_dir/results.json`` after every round."""
+
+    def __init__(self, cfg: ExperimentConfig, task: Task, ledger: Ledger, run_dir: Path, results: dict[str, Any]):
+        self.cfg, self.task, self.ledger, self.run_dir = cfg, task, ledger, run_dir
+        self.results = results
+        self.pending: dict[int, dict[str, Any]] = {}
+        self.strategy = None  # set by the ServerApp: its state is saved with every row
+        self._t_round = time.monotonic()
+
+    def report(self, server_round: int, fields: dict[str, Any]) -> None:
+        """Merge one report into round ``server_round`` (list fields are extended, others set)."""
+        row = self.pending.setdefault(server_round, {})
+        for key, value in fields.items():
+            if isinstance(value, list) and isinstance(row.get(key), list):
+                row[key] = row[key] + value
+            else:
+                row[key] = value
+
+    def scores(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any] | None:
+        """Held-out scores of ``arrays``, or None when this round is not evaluated."""
+        every = self.cfg.train.eval_every
+        if server_round not in (0, self.cfg.num_rounds) and server_round % every:
+            return None
+        set_adapter_state(self.task.model, record_to_state(arrays))
+        return evaluate(self.task.model, self.task.test_loader())
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """``Strategy.start``'s ``evaluate_fn``: score, write the round's row, print progress."""
+        scores = self.scores(server_round, arrays)
+        fields = self.pending.pop(server_round, {})
+        per_round = self.ledger.per_round().get(server_round, {})
+        row: dict[str, Any] = {
+            "round": server_round,
+            "accuracy": None if scores is None else scores["accuracy"],
+            "loss": None if scores is None else scores["loss"],
+            "participants": list(fields.pop("participants", [])),
+            "aggregated": list(fields.pop("aggregated", [])),
+            "failed": list(fields.pop("failed", [])),
+            "rejected": list(fields.pop("rejected", [])),
+            **{key: per_round.get(key, 0) for key in BYTE_KEYS},
+            "wall_s": time.monotonic() - self._t_round,
+        }
+        if scores is not None:
+            row["balanced_accuracy"] = scores["balanced_accuracy"]
+            row["per_class_accuracy"] = scores["per_class_accuracy"]
+        row.update(fields)  # per-client train metrics, strategy extras, epsilon
+        self.results["rounds"].append(row)
+        if self.strategy is not None and hasattr(self.strategy, "state_for_results"):
+            self.results["strategy_state"] = self.strategy.state_for_results()
+        write_results(self.run_dir, self.results)
+        self._log_progress(row)
+        self._t_round = time.monotonic()
+        if scores is None:
+            return None
+        return MetricRecord({"accuracy": scores["accuracy"], "loss": scores["loss"]})
+
+    def _log_progress(self, row: dict[str, Any]) -> None:
+        if row["round"] == 0:
+            log.info("round 0: accuracy %.4f loss %.4f", row["accuracy"], row["loss"])
+            return
+        rounds = self.results["rounds"]
+        score = "not evaluated" if row["accuracy"] is None else f"accuracy {row['accuracy']:.4f} loss {row['loss']:.4f}"
+        log.info(
+            "round %d/%d: %s | %d online, %d aggregated, %d failed, %d rejected | "
+            "cumulative bytes up %s down %s | %.1f s",
+            row["round"], self.cfg.num_rounds, score, len(row["participants"]), len(row["aggregated"]),
+            len(row["failed"]), len(row["rejected"]),
+            format_bytes(sum(r["uplink_payload_bytes"] for r in rounds)),
+            format_bytes(sum(r["downlink_payload_bytes"] for r in rounds)), row["wall_s"],
+        )  # fmt: skip
+
+
+def format_bytes(n: int) -> str:
+    """Bytes for the progress line, in a unit that shows them (SPSA rounds move bytes, not MB)."""
+    for unit, size in (("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
