@@ -70,13 +70,13 @@ def rare_class(results: dict[str, Any]) -> int | None:
 
     In order: a recorded ``rare_class``; the class with the lowest expected participation
     share (``class_participation``, or sum_n p_n h_nc / sum_n h_nc from the recorded
-    ``participation_probabilities`` and ``partitions.label_histograms`` when they are not
+    ``participation_probabilities`` and ``label_histograms`` when they are not
     all equal); the minority class of the test set (``test_label_counts``); else ``None``.
     """
     if results.get("rare_class") is not None:
         return int(results["rare_class"])
     share = results.get("class_participation")
-    hist = (results.get("partitions") or {}).get("label_histograms")
+    hist = results.get("label_histograms")
     if share is None and hist is not None and results.get("participation_probabilities") is not None:
         h = np.asarray(hist, dtype=np.float64)
         share = (np.asarray(results["participation_probabilities"]) @ h) / np.maximum(h.sum(axis=0), 1.0)

@@ -29,7 +29,7 @@ def write_run(folder, *, lr, seed, accs, status="completed", up=100, down=300, w
             row["balanced_accuracy"] = sum(per_class[rnd]) / len(per_class[rnd])
         rows.append(row)
     results = {"status": status, "config": config, "rounds": rows, "wall_s": wall_s}
-    results["partitions"] = {"label_histograms": [[10, 2], [10, 8]]}  # class 1 lives mostly on client 1
+    results["label_histograms"] = [[10, 2], [10, 8]]  # class 1 lives mostly on client 1
     results["participation_probabilities"] = [0.9, 0.1]  # ... which is rarely online: class 1 is rare
     if status != "completed":
         results["error"] = "RuntimeError: boom"
@@ -61,7 +61,7 @@ def test_runs_that_differ_only_in_seed_and_out_dir_form_one_group():
 
 def test_rare_class_is_the_class_with_the_lowest_expected_participation_share():
     # class 0: (0.9*10 + 0.1*10) / 20 = 0.5; class 1: (0.9*2 + 0.1*8) / 10 = 0.26
-    hist = {"partitions": {"label_histograms": [[10, 2], [10, 8]]}, "participation_probabilities": [0.9, 0.1]}
+    hist = {"label_histograms": [[10, 2], [10, 8]], "participation_probabilities": [0.9, 0.1]}
     assert rare_class(hist) == 1
     assert rare_class({"class_participation": [0.2, 0.7]}) == 0
     assert rare_class({**hist, "participation_probabilities": [0.5, 0.5], "test_label_counts": [30, 70]}) == 0

@@ -1,6 +1,7 @@
 """``fedpeft sweep``: seed and grid parsing, the plan and its folders, resume, refusals, failures."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -14,16 +15,17 @@ TINY_TOML = """\
 name = "tiny"
 num-rounds = 1
 [data]
-num-train-examples = 96
-num-test-examples = 64
+num-train-examples = 48
+num-test-examples = 32
+max-seq-len = 32
 [partition]
-num-partitions = 3
+num-partitions = 2
 min-partition-size = 8
 [participation]
 model = "always"
 [train]
-local-steps = 2
-batch-size = 16
+local-steps = 1
+batch-size = 8
 """
 
 
@@ -139,3 +141,61 @@ def test_cli_refuses_bad_input_before_any_run_starts(tiny_toml, tmp_path, capsys
         assert main(["sweep", str(tiny_toml), "--out", str(out), *extra]) == 2
         assert "fedpeft: error:" in capsys.readouterr().err
         assert not (out / "tiny").exists()
+
+
+BAD_PROMPTS = "good=a good movie; bad=a bad movie"  # not the data's labels: fails only once the run loads them
+
+
+def test_a_run_that_crashes_is_recorded_as_failed_and_the_sweep_goes_on_and_the_report_says_so(tiny_toml, tmp_path):
+    out = tmp_path / "out"
+    argv = ["sweep", str(tiny_toml), "--out", str(out), "--jobs", "1", "--seeds", "0-1"]
+    argv += [
+        "--set",
+        "model.pooling=mean",
+        "--set",
+        "model.head-init=prompts",
+        "--set",
+        f"model.label-prompts={BAD_PROMPTS}",
+    ]
+    assert main(argv) == 1  # some run failed
+    runs = json.loads((out / "sweep.json").read_text())["runs"]
+    assert [(r["seed"], r["status"]) for r in runs] == [(0, "failed"), (1, "failed")]  # seed 1 ran after seed 0 crashed
+    assert all("model.label-prompts" in r["error"] for r in runs)
+    failed = json.loads((Path(runs[1]["dir"]) / "results.json").read_text())
+    assert failed["status"] == "failed" and "model.label-prompts" in failed["error"]
+    assert failed["config"]["model.label-prompts"] == BAD_PROMPTS and failed["config"]["seed"] == 1
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| tiny | 0 of 2 (n < seeds) |" in md and "- tiny, seed 1: failed" in md
+
+
+@pytest.mark.slow
+def test_sweep_of_the_tiny_config_resumes_by_skipping_every_finished_run_then_reports(tiny_toml, tmp_path):
+    pytest.importorskip("simulations.inprocess")
+    out, report = tmp_path / "out", tmp_path / "report"
+    argv = [
+        "sweep",
+        str(tiny_toml),
+        "--out",
+        str(out),
+        "--jobs",
+        "1",
+        "--seeds",
+        "0-1",
+        "--grid",
+        "train.lr=0.001,0.01",
+    ]
+    assert main(argv) == 0
+    files = sorted(out.rglob("results.json"))
+    assert len(files) == 4
+    assert all(json.loads(f.read_text())["status"] == "completed" for f in files)
+    stamps = [f.stat().st_mtime_ns for f in files]
+    assert main(argv) == 0  # the same command again: every run is already completed
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert main(["report", str(out), "--out", str(report), "--target", "0.5"]) == 0
+    data = json.loads((report / "report.json").read_text())
+    assert [(g["label"], g["n"]) for g in data["groups"]] == [("tiny: train.lr=0.001", 2), ("tiny: train.lr=0.01", 2)]
+    accs = [json.loads(f.read_text())["rounds"][-1]["accuracy"] for f in files[:2]]
+    assert data["groups"][0]["metrics"]["final_accuracy"]["values"] == accs
+    assert (report / "accuracy.png").stat().st_size > 10_000
+    assert "| tiny: train.lr=0.01 | 2 |" in (report / "report.md").read_text()

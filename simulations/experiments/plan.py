@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedpeft.config import ConfigError, ExperimentConfig, load_config, parse_override
+from fedpeft.config import ConfigError, ExperimentConfig, flatten, parse_override
 
 _SEED_ITEM = re.compile(r"^(\d+)(?:-(\d+))?$")
 _SAFE = re.compile(r"[^A-Za-z0-9._+-]")
@@ -140,12 +140,12 @@ def plan_sweep(
     combos = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
     plan: dict[Path, PlannedRun] = {}
     for source in configs:
-        base = load_config(source, fixed)
+        base = _read_flat(source)  # validated per run below: a grid value may complete a --set
         for combo in combos:
             label = grid_label(combo)
             for seed in seeds:
                 try:
-                    cfg = base.replace({**combo, "seed": seed})
+                    cfg = ExperimentConfig.from_flat({**base, **fixed, **combo, "seed": seed})
                 except ConfigError as err:
                     raise ConfigError(f"{source} with {label or 'no grid'}, seed {seed}: {err}") from err
                 run_dir = Path(out) / _SAFE.sub("-", cfg.name) / label / f"seed-{seed}"
@@ -160,3 +160,15 @@ def plan_sweep(
                     )
                 plan[run_dir] = run
     return list(plan.values())
+
+
+def _read_flat(path: str | Path) -> dict[str, Any]:
+    """The TOML file's flat keys, unvalidated."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found; see simulations/configs/ for examples")
+    with path.open("rb") as fh:
+        try:
+            return flatten(tomllib.load(fh))
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path} is not valid TOML: {err}") from err

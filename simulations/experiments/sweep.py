@@ -150,11 +150,11 @@ def _run_on_ray(todo: list[PlannedRun], manifest: _Manifest, jobs: int, engine: 
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
         ray.init(num_cpus=jobs, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
     try:
-        queue, pending = list(todo), {}
+        remote, queue, pending = ray.remote(execute), list(todo), {}
         while queue or pending:
             while queue and len(pending) < jobs:
                 run = queue.pop(0)
-                task = ray.remote(num_cpus=run.cfg.simulation.torch_threads)(execute)
+                task = remote.options(num_cpus=run.cfg.simulation.torch_threads)
                 pending[task.remote(run.cfg.to_flat(), str(run.run_dir), engine)] = run
                 manifest.start(run)
             (ready,), _ = ray.wait(list(pending), num_returns=1)
