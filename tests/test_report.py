@@ -110,3 +110,11 @@ def test_report_writes_table_json_and_figures(sweep, tmp_path):
 def test_report_of_a_folder_without_results_names_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no results.json under"):
         load_runs(tmp_path)
+
+
+def test_fedpeft_plot_draws_a_band_for_seeds_of_one_group_and_a_line_for_a_single_run(sweep, tmp_path):
+    from fedpeft.plot import plot_runs
+
+    paths = [sweep / "lr-0.01" / "seed-0", sweep / "lr-0.01" / "seed-1", sweep / "lr-0.1" / "seed-0"]
+    out = plot_runs(paths, tmp_path / "bands.png", total_bytes=True, target=0.7)
+    assert out.stat().st_size > 10_000
