@@ -47,7 +47,8 @@ def plot_runs(
     """
     if not paths:
         raise ValueError("give at least one run folder or results.json to plot")
-    loaded = [load_results(p) for p in paths]
+    files = list(dict.fromkeys((Path(p) / "results.json" if Path(p).is_dir() else Path(p)).resolve() for p in paths))
+    loaded = [load_results(p) for p in files]  # a run given twice (folder and file) is one run
     groups = [[loaded[i] for i in idx] for idx in group_by_experiment(loaded)]
     labels = [run_label(g[0]) for g in groups]
     if len(set(labels)) < len(labels):  # same name/strategy/method/quantization: name what differs

@@ -13,6 +13,13 @@ is refused before anything starts. A run that raises is recorded as ``failed`` (
 results file keeps the error) and the sweep goes on; ``fedpeft report`` then shows that
 group with fewer seeds.
 
+The grid is a full cross product. Settings that go together (FedAvg with uniform weights
+at one learning rate, FedAU at another) are separate sweeps into the same ``--out``, each
+with its own ``--set name=...`` so their folders and report groups stay apart::
+
+    fedpeft sweep fedau_bernoulli.toml --seeds 0-4 --out runs/fedau --set name=fedau-bernoulli-fedau \
+        --set strategy.name=fedau --set train.lr=0.01
+
 Engines: ``inprocess`` (default) drives the same ServerApp code through an in-memory
 Grid in one process (``simulations/inprocess.py``); ``flower`` starts Flower's
 simulation engine per run (``fedpeft simulate``), which parallelises clients itself, so it
