@@ -123,11 +123,13 @@ def group_by_experiment(results: list[dict[str, Any]]) -> list[list[int]]:
 
 
 def group_labels(configs: list[dict[str, Any]]) -> list[str]:
-    """One legend/table label per group config: ``name`` plus the keys whose values differ between groups."""
-    keys = sorted({k for c in configs for k in c})
-    differ = [k for k in keys if k != "name" and len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
+    """One legend/table label per group config: its ``name``, plus, where several groups share that
+    name, the keys whose values differ among them (``quickstart: train.lr=0.01``)."""
     labels = []
     for c in configs:
+        peers = [d for d in configs if d.get("name") == c.get("name")]
+        keys = sorted({k for d in peers for k in d} - {"name"})
+        differ = [k for k in keys if len({json.dumps(d.get(k), default=str) for d in peers}) > 1]
         extra = ", ".join(f"{k}={c.get(k)}" for k in differ)
         labels.append(f"{c.get('name', '?')}: {extra}" if extra else str(c.get("name", "?")))
     return labels

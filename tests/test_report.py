@@ -57,6 +57,8 @@ def test_runs_that_differ_only_in_seed_and_out_dir_form_one_group():
     assert group_by_experiment([{"config": a}, {"config": c}, {"config": b}]) == [[0, 2], [1]]
     labels = group_labels([experiment_config(a), experiment_config(c)])
     assert labels == ["quickstart: train.lr=0.001", "quickstart: train.lr=0.5"]
+    other = {**experiment_config(c), "name": "other", "num-rounds": 9}
+    assert group_labels([experiment_config(a), experiment_config(c), other]) == [*labels, "other"]
 
 
 def test_rare_class_is_the_class_with_the_lowest_expected_participation_share():
