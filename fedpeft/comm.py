@@ -94,3 +94,11 @@ class Ledger:
     def to_json(self) -> list[dict]:
         """Rows as plain dicts for the results file."""
         return [asdict(r) for r in self._rows]
+
+    @classmethod
+    def from_json(cls, rows: list[dict]) -> Ledger:
+        """The ledger whose :meth:`to_json` gave ``rows`` (a resumed run continues it)."""
+        ledger = cls()
+        for row in rows:
+            ledger.record(LedgerRow(**row))
+        return ledger

@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.comm import DOWN, UP, Ledger
+from simulations.interrupt import check_stop
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class MeteringGrid(Grid):
         self.grid = grid
         self.ledger = ledger
         self.partition_of = partition_of
+        self.poll_interval_s = 0.1
 
     def set_run(self, run_id: int) -> None:
         """Delegated."""
@@ -87,12 +89,29 @@ class MeteringGrid(Grid):
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Send, wait for replies, record both directions; SuperLink errors are re-attributed."""
+        """Send, wait for replies, record both directions; SuperLink errors are re-attributed.
+
+        The wait is Flower's push-then-poll loop, written here so that a Ctrl-C
+        (simulations/interrupt.py) ends it within one poll interval instead of after
+        ``simulation.round-timeout-s``.
+        """
+        check_stop()
         messages = list(messages)
         if not messages:
             return []
         self._record_sent(messages)
-        replies = self.attribute_superlink_errors(list(self.grid.send_and_receive(messages, timeout=timeout)), messages)
+        pending = set(self.grid.push_messages(messages))
+        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        received: list[Message] = []
+        while pending:
+            check_stop()
+            got = list(self.grid.pull_messages(pending))
+            received.extend(got)
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(self.poll_interval_s)
+        replies = self.attribute_superlink_errors(received, messages)
         self._record_received(replies, round_of={m.metadata.message_id: message_round(m) for m in messages})
         return replies
 

@@ -20,8 +20,10 @@ from fedpeft.config import ExperimentConfig
 from fedpeft.results import default_run_dir
 
 
-def run_in_process(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, client_mods: list | None = None) -> Path:
-    """Run ``cfg`` in this process; return the path of its ``results.json``."""
+def run_in_process(
+    cfg: ExperimentConfig, run_dir: str | Path | None = None, *, client_mods: list | None = None, resume: bool = False
+) -> Path:
+    """Run ``cfg`` in this process (``resume``: continue the run in ``run_dir``); return its ``results.json``."""
     from simulations.client_app import build_client_app
     from simulations.grids import InMemoryGrid
     from simulations.server_app import run_experiment
@@ -37,5 +39,5 @@ def run_in_process(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, 
         run_config=flat,
         node_configs=[{"partition-id": p, "num-partitions": n} for p in range(n)],
     )
-    run_experiment(grid, cfg, run_dir)
+    run_experiment(grid, cfg, run_dir, resume=resume)
     return run_dir / "results.json"

@@ -6,6 +6,18 @@ import logging
 import os
 import sys
 
+#: set by ``--verbose``; inherited by Flower's Ray actors, which import the apps (and this) on their own
+VERBOSE_ENV = "FEDPEFT_VERBOSE"
+
+
+def _filter_library_warnings() -> None:
+    """FutureWarning / DeprecationWarning raised inside these libraries: by category and origin."""
+    import warnings
+
+    for module in ("ray", "torch", "transformers", "peft", "opacus", "bitsandbytes"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+
 
 def quiet_libraries() -> None:
     """Hide transformers' load reports and progress bars, and bitsandbytes' CPU-kernel notice.
@@ -15,6 +27,8 @@ def quiet_libraries() -> None:
     is not imported here (a ClientApp process that only forwards to a warm worker must
     start fast): its environment switches are set instead, unless already imported.
     """
+    if os.environ.get(VERBOSE_ENV) != "1":
+        _filter_library_warnings()
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -24,3 +38,48 @@ def quiet_libraries() -> None:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+
+
+class _DropByOrigin(logging.Filter):
+    """Drop records below WARNING that come from one library folder (``origin`` in the path)."""
+
+    def __init__(self, origin: str) -> None:
+        super().__init__()
+        self.origin = origin
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or self.origin not in record.pathname.replace("\\", "/")
+
+
+class _DropActorShutdown(logging.Filter):
+    """Flower warnings that say nothing wrong about a fedpeft run.
+
+    Its Ray backend warns "Manually terminating ClientAppActor" at every normal end, and its
+    FedAvg warns that federated evaluation is skipped (fedpeft evaluates on the server).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        return "Manually terminating" not in text and "Federated evaluation will be skipped" not in text
+
+
+#: Flower's Strategy.start narrates every round (config, aggregated metrics, a final dump of
+#: every round's metrics); our progress line and results.json say the same, once.
+STRATEGY_NARRATION = _DropByOrigin("flwr/serverapp/strategy/")
+ACTOR_SHUTDOWN = _DropActorShutdown()
+
+
+def quiet_run_logs(verbose: bool = False) -> None:
+    """The launcher's log policy: progress lines and warnings by default; ``verbose`` shows all.
+
+    Filters are by origin (Flower's round-loop narration) and by category (library
+    FutureWarning / DeprecationWarning from Ray, torch.jit and transformers), never global.
+    """
+    flwr_logger = logging.getLogger("flwr")
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+        return
+    _filter_library_warnings()
+    for target in (flwr_logger, *flwr_logger.handlers):  # Flower logs through its own handler
+        target.addFilter(STRATEGY_NARRATION)
+        target.addFilter(ACTOR_SHUTDOWN)

@@ -23,6 +23,7 @@ from fedpeft.records import record_to_state
 from fedpeft.results import write_results
 from fedpeft.task import Task
 from fedpeft.train import evaluate
+from simulations.resume import write_checkpoint
 
 log = logging.getLogger("fedpeft")
 
@@ -79,12 +80,28 @@ class RunRecorder:
         self.results["rounds"].append(row)
         if self.strategy is not None and hasattr(self.strategy, "state_for_results"):
             self.results["strategy_state"] = self.strategy.state_for_results()
+        if self.strategy is not None and server_round > 0:  # what `fedpeft simulate --resume` continues from
+            write_checkpoint(self.run_dir, server_round, record_to_state(arrays), self.strategy, self.ledger.to_json())
         write_results(self.run_dir, self.results)
         self._log_progress(row)
         self._t_round = time.monotonic()
         if scores is None:
             return None
         return MetricRecord({"accuracy": scores["accuracy"], "loss": scores["loss"]})
+
+    def interrupted(self, t_start: float) -> dict[str, Any]:
+        """Write the results of a run stopped by the user: status ``interrupted`` after the last completed round."""
+        self.results["status"] = "interrupted"
+        self.results["last_completed_round"] = self.results["rounds"][-1]["round"] if self.results["rounds"] else None
+        self.results["ledger"] = self.ledger.to_json()
+        self.results["wall_s"] = time.monotonic() - t_start
+        write_results(self.run_dir, self.results)
+        log.warning(
+            "interrupted: %s written with the %s completed round(s)",
+            self.run_dir / "results.json",
+            max(len(self.results["rounds"]) - 1, 0),
+        )
+        return self.results
 
     def _log_progress(self, row: dict[str, Any]) -> None:
         if row["round"] == 0:

@@ -24,6 +24,9 @@ from fedpeft.report import add_parser as add_report_parser
 from fedpeft.report import write_report
 from fedpeft.results import default_run_dir, load_results
 from simulations.experiments import sweep
+from simulations.interrupt import RunInterrupted, stop_on_sigint
+from simulations.quiet import quiet_run_logs
+from simulations.resume import resume_config
 
 log = logging.getLogger("fedpeft")
 
@@ -35,11 +38,19 @@ def backend_config(cfg: ExperimentConfig) -> dict:
 
 
 def simulate(
-    cfg: ExperimentConfig, run_dir: str | Path | None = None, *, plot: bool = True, client_mods: list | None = None
+    cfg: ExperimentConfig,
+    run_dir: str | Path | None = None,
+    *,
+    plot: bool = True,
+    client_mods: list | None = None,
+    resume: bool = False,
+    in_process: bool = False,
 ) -> Path:
     """Run ``cfg`` on Flower's simulation engine; return the results file.
 
-    ``client_mods`` are Flower ClientApp mods (tests use one to make a client fail).
+    ``client_mods`` are Flower ClientApp mods (tests use one to make a client fail);
+    ``resume`` continues the run in ``run_dir`` after its last checkpoint;
+    ``in_process`` runs the same apps without Ray (simulations/inprocess.py).
     """
     from flwr.simulation import run_simulation
 
@@ -49,30 +60,56 @@ def simulate(
     run_dir = Path(run_dir) if run_dir else default_run_dir(cfg.name, cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     stale = run_dir / "results.json"
-    if stale.exists():
+    if stale.exists() and not resume:
         stale.unlink()
     flat = cfg.to_flat()
     # Users do not set HF_HUB_OFFLINE for the embedded default; nothing there needs the hub.
     if cfg.model.name == "embedded" and cfg.data.dataset == "embedded":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.monotonic()
+    if in_process:
+        from simulations.inprocess import run_in_process
+
+        results_path = run_in_process(cfg, run_dir, client_mods=client_mods, resume=resume)
+        return _finish(cfg, results_path, plot, t0)
     logging.getLogger("flwr").addFilter(_DropRunSimulationDeprecation())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
-        run_simulation(
-            server_app=build_server_app(flat, run_dir.resolve()),
-            client_app=build_client_app(flat, mods=client_mods),
-            num_supernodes=cfg.partition.num_partitions,
-            backend_config=backend_config(cfg),
-        )
-    results_path = run_dir / "results.json"
-    if not results_path.exists() or load_results(results_path).get("status") != "completed":
-        raise RuntimeError(f"the simulation did not complete; see the log above (run folder {run_dir})")
+        with stop_on_sigint():
+            run_simulation(
+                server_app=build_server_app(flat, run_dir.resolve(), resume=resume),
+                client_app=build_client_app(flat, mods=client_mods),
+                num_supernodes=cfg.partition.num_partitions,
+                backend_config=backend_config(cfg),
+            )
+    return _finish(cfg, run_dir / "results.json", plot, t0)
+
+
+def _finish(cfg: ExperimentConfig, results_path: Path, plot: bool, t0: float) -> Path:
+    check_finished(results_path)
     log.info("simulation finished in %.1f s: %s", time.monotonic() - t0, results_path)
     if plot:
-        fig = plot_runs([results_path], run_dir / "accuracy.png", title=cfg.name)
+        fig = plot_runs([results_path], results_path.parent / "accuracy.png", title=cfg.name)
         log.info("plot: %s", fig)
     return results_path
+
+
+class RunFailed(RuntimeError):
+    """The run ended without aggregating any client update (or without results)."""
+
+
+def check_finished(results_path: Path) -> None:
+    """Raise unless ``results_path`` records a completed run (interrupted and failed runs say why)."""
+    if not results_path.exists():
+        raise RunFailed(f"the simulation wrote no results; see the log above ({results_path.parent})")
+    results = load_results(results_path)
+    status = results.get("status")
+    if status == "interrupted":
+        raise RunInterrupted(
+            f"interrupted after round {results.get('last_completed_round')}; results so far in {results_path}"
+        )
+    if status != "completed":
+        raise RunFailed(f"the run {status}: {results.get('error', 'see the log above')} ({results_path})")
 
 
 class _DropRunSimulationDeprecation(logging.Filter):
@@ -91,12 +128,15 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpeft", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run an experiment config on Flower's simulation engine")
-    sim.add_argument("config", help="experiment TOML, e.g. simulations/configs/quickstart.toml")
+    sim.add_argument("config", nargs="?", help="experiment TOML, e.g. simulations/configs/quickstart.toml")
     sim.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
     sim.add_argument("--out", help="run folder (default runs/<name>/seed-<seed>)")
     sim.add_argument("--no-plot", action="store_true", help="skip the accuracy plot")
+    sim.add_argument("--verbose", action="store_true", help="show every library log line and warning")
+    sim.add_argument("--resume", metavar="RUN_DIR", help="continue a killed or interrupted run from its last round")
+    sim.add_argument("--in-process", action="store_true", help="run the same apps in this process, without Ray")
     plot = sub.add_parser("plot", help="plot one or more runs from their results files")
     plot.add_argument("runs", nargs="+", help="run folders or results.json files")
     plot.add_argument("--out", required=True, help="PNG to write")
@@ -125,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedpeft").setLevel(logging.INFO)
     logging.getLogger("flwr").propagate = False  # Flower prints through its own handler already
+    quiet_run_logs(verbose=getattr(args, "verbose", False))
     try:
         if args.command == "plot":
             print(plot_runs(args.runs, args.out, title=args.title, total_bytes=args.total_bytes, target=args.target))
@@ -137,13 +178,29 @@ def main(argv: list[str] | None = None) -> int:
             summary = write_report(args.dir, args.out, target=args.target)
             print(f"{len(summary['groups'])} groups: {Path(args.out) / 'report.md'}")
             return 0
+        if args.resume:
+            if args.config or args.overrides or args.out:
+                raise ConfigError(
+                    "--resume RUN_DIR takes the run's own config and folder; drop CONFIG, --set and --out"
+                )
+            cfg = resume_config(args.resume)
+            print(simulate(cfg, args.resume, plot=not args.no_plot, resume=True, in_process=args.in_process))
+            return 0
+        if not args.config:
+            raise ConfigError("fedpeft simulate needs CONFIG.toml (or --resume RUN_DIR)")
         overrides = dict(parse_override(o) for o in args.overrides)
         cfg = load_config(args.config, overrides)
-        print(simulate(cfg, args.out, plot=not args.no_plot))
+        print(simulate(cfg, args.out, plot=not args.no_plot, in_process=args.in_process))
         return 0
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"fedpeft: error: {err}", file=sys.stderr)
         return 2
+    except RunInterrupted as err:
+        print(f"fedpeft: {err}", file=sys.stderr)
+        return 130
+    except RunFailed as err:
+        print(f"fedpeft: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

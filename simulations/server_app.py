@@ -26,11 +26,13 @@ from fedpeft.adapters import export_adapter, num_trainable, set_adapter_state
 from fedpeft.comm import UP, Ledger
 from fedpeft.config import ExperimentConfig
 from fedpeft.records import record_to_state, state_to_record
-from fedpeft.results import default_run_dir, git_revision, package_versions, write_results
+from fedpeft.results import default_run_dir, git_revision, load_results, package_versions, write_results
 from fedpeft.task import load_task, set_threads
 from simulations.grids import MeteringGrid
+from simulations.interrupt import RunInterrupted
 from simulations.quiet import quiet_libraries
 from simulations.recorder import RunRecorder
+from simulations.resume import Resumed, read_checkpoint
 from strategies import StrategyContext, build_strategy
 
 quiet_libraries()
@@ -84,12 +86,17 @@ def discover_partitions(grid: Grid, cfg: ExperimentConfig, ledger: Ledger) -> di
     return mapping
 
 
-def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
-    """Run every round of ``cfg`` on ``grid`` through ``Strategy.start``; write ``run_dir/results.json``."""
+def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False) -> dict[str, Any]:
+    """Run every round of ``cfg`` on ``grid`` through ``Strategy.start``; write ``run_dir/results.json``.
+
+    ``resume=True`` continues the run in ``run_dir`` after its last checkpointed round
+    (simulations/resume.py).
+    """
     t_start = time.monotonic()
     set_threads(cfg.simulation.torch_threads)
     task = load_task(cfg)
-    ledger = Ledger()
+    checkpoint = read_checkpoint(run_dir) if resume else None
+    ledger = Ledger.from_json(checkpoint[0]["ledger"]) if checkpoint else Ledger()
     node_of = discover_partitions(grid, cfg, ledger)
     partition_of = {node: pid for pid, node in node_of.items()}
     env = participation_lib.build_participation(
@@ -132,13 +139,30 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict[str
     recorder.strategy = strategy
     results["startup_s"] = time.monotonic() - t_start
     initial = state_to_record(task.initial_state)
-    outcome = strategy.start(
-        MeteringGrid(grid, ledger, lambda node: partition_of.get(node, -1)),
-        initial,
-        num_rounds=cfg.num_rounds,
-        timeout=cfg.simulation.round_timeout_s,
-        evaluate_fn=recorder.evaluate,
-    )
+    runner, done, evaluate_fn = strategy, 0, recorder.evaluate
+    if checkpoint:
+        meta, state, extra = checkpoint
+        strategy.restore_state(meta["strategy"], extra)
+        done, initial = meta["round"], state_to_record(state)
+        previous = load_results(run_dir / "results.json")
+        results["rounds"] = [r for r in previous["rounds"] if r["round"] <= done]
+        results["resumed_after_rounds"] = [*previous.get("resumed_after_rounds", []), done]
+        runner = Resumed(strategy=strategy, offset=done)
+
+        def evaluate_fn(server_round: int, arrays):  # round 0 of the resumed loop is round `done`, recorded
+            return None if server_round == 0 else recorder.evaluate(server_round + done, arrays)
+
+        log(INFO, "resuming %s after round %d of %d", run_dir, done, cfg.num_rounds)
+    try:
+        outcome = runner.start(
+            MeteringGrid(grid, ledger, lambda node: partition_of.get(node, -1)),
+            initial,
+            num_rounds=cfg.num_rounds - done,
+            timeout=cfg.simulation.round_timeout_s,
+            evaluate_fn=evaluate_fn,
+        )
+    except (RunInterrupted, KeyboardInterrupt):
+        return recorder.interrupted(t_start)
     final = outcome.arrays if outcome.arrays is not None and len(outcome.arrays) else initial
     set_adapter_state(task.model, record_to_state(final))
     results["adapter_dir"] = str(export_adapter(task.model, run_dir / "adapter", cfg.peft, cfg.model).resolve())
@@ -155,8 +179,10 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict[str
     return results
 
 
-def build_server_app(overrides: dict[str, Any] | None = None, run_dir: str | Path | None = None) -> ServerApp:
-    """A ServerApp whose config is ``run_config`` overlaid with ``overrides``."""
+def build_server_app(
+    overrides: dict[str, Any] | None = None, run_dir: str | Path | None = None, *, resume: bool = False
+) -> ServerApp:
+    """A ServerApp whose config is ``run_config`` overlaid with ``overrides`` (``resume``: continue ``run_dir``)."""
     overrides = dict(overrides or {})
     app = ServerApp()
 
@@ -164,7 +190,7 @@ def build_server_app(overrides: dict[str, Any] | None = None, run_dir: str | Pat
     def main(grid: Grid, context: Context) -> None:
         cfg = ExperimentConfig.from_flat({**dict(context.run_config), **overrides})
         out = Path(run_dir or cfg.out_dir or default_run_dir(cfg.name, cfg.seed))
-        run_experiment(grid, cfg, out)
+        run_experiment(grid, cfg, out, resume=resume)
 
     return app
 

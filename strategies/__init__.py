@@ -7,7 +7,7 @@ Adding a strategy: write ``strategies/<name>.py``, add one line below and the na
 """
 
 from strategies.base import StrategyContext
-from strategies.dp import wrap_privacy
+from strategies.dp import ClientLevelDP, SampleLevelDPReport, wrap_privacy
 from strategies.fedau import FedAU
 from strategies.fedavg import FedAvgPEFT
 from strategies.known_p_oracle import KnownPOracle
@@ -29,4 +29,14 @@ def build_strategy(cfg, ctx: StrategyContext):
     return wrap_privacy(REGISTRY[cfg.strategy.name].from_config(cfg, ctx), cfg, ctx)
 
 
-__all__ = ["REGISTRY", "FedAU", "FedAvgPEFT", "KnownPOracle", "SharedSeedSPSA", "StrategyContext", "build_strategy"]
+__all__ = [
+    "REGISTRY",
+    "ClientLevelDP",
+    "FedAU",
+    "FedAvgPEFT",
+    "KnownPOracle",
+    "SampleLevelDPReport",
+    "SharedSeedSPSA",
+    "StrategyContext",
+    "build_strategy",
+]

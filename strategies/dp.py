@@ -92,7 +92,7 @@ class _Delegating(Strategy):
 
     def __init__(self, *, strategy: Strategy, report: Reporter | None = None) -> None:
         self.strategy = strategy
-        self.report = report or no_report
+        self.report = report if report is not None else no_report
 
     def summary(self) -> None:
         """The wrapper's settings, then the wrapped strategy's."""
@@ -119,6 +119,15 @@ class _Delegating(Strategy):
         """The wrapped strategy's state for results.json (if it has any)."""
         inner = getattr(self.strategy, "state_for_results", None)
         return inner() if callable(inner) else {}
+
+    def checkpoint_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """The wrapped strategy's checkpoint under ``inner`` (subclasses add their own fields)."""
+        meta, arrays = self.strategy.checkpoint_state()
+        return {"inner": meta}, arrays
+
+    def restore_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Restore the wrapped strategy."""
+        self.strategy.restore_state(meta["inner"], arrays)
 
 
 class ClientLevelDP(_Delegating):
@@ -224,6 +233,16 @@ class ClientLevelDP(_Delegating):
         )
         metrics = MetricRecord({**dict(metrics), "epsilon": epsilon, "dp-noise-std": std})
         return state_to_record(noisy), metrics
+
+    def checkpoint_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """The accountant history (every released round) beside the wrapped strategy's checkpoint."""
+        meta, arrays = super().checkpoint_state()
+        return {**meta, "dp_history": [list(h) for h in self.history]}, arrays
+
+    def restore_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Restore the accountant history and the wrapped strategy."""
+        super().restore_state(meta, arrays)
+        self.history = [(float(s), float(q), int(n)) for s, q, n in meta["dp_history"]]
 
     def state_for_results(self) -> dict:
         """The accountant history beside the wrapped strategy's own state."""

@@ -184,3 +184,14 @@ class FedAU(FedAvgPEFT):
     def state_for_results(self) -> dict:
         """The interval state, saved in results.json as ``strategy_state``."""
         return self.estimator.to_json()
+
+    def checkpoint_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """Every client's (last round, interval sum, count): all FedAU needs to continue exactly."""
+        return {"fedau": self.estimator.to_json()}, {}
+
+    def restore_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Reload the interval state of :meth:`checkpoint_state`."""
+        saved = meta["fedau"]
+        if saved["k_cap"] != self.estimator.k_cap:
+            raise ValueError(f"checkpoint has k_cap {saved['k_cap']}, the config {self.estimator.k_cap}")
+        self.estimator.clients = {int(p): IntervalState(**s) for p, s in saved["clients"].items()}

@@ -100,7 +100,7 @@ class FedAvgPEFT(FedAvg):
         self.weighting = weighting
         self.node_selector = node_selector
         self.partition_of = partition_of or (lambda node_id: node_id)
-        self.report = report or no_report
+        self.report = report if report is not None else no_report
         self.max_weight = max_weight
         self.current: State = {}
         self.expected: list[int] = []  # partitions sent a train message this round
@@ -157,8 +157,10 @@ class FedAvgPEFT(FedAvg):
         coefficients = self.coefficients(server_round, accepted)
         update = linear_combination([d for _, d, _ in accepted], coefficients)
         new_state = apply_delta(self.current, update, self.server_lr)
-        self.finish_round(server_round, accepted, **self.round_extras(accepted, coefficients))
-        return state_to_record(new_state), self.summarise_metrics(accepted, coefficients)
+        metrics = self.summarise_metrics(accepted, coefficients)
+        extras = self.round_extras(accepted, coefficients)
+        self.finish_round(server_round, accepted, train_metrics=dict(metrics), **extras)
+        return state_to_record(new_state), metrics
 
     def aggregation_weights(self, server_round: int, accepted: Accepted) -> list[float]:
         """Weights ``w_i`` of the accepted replies (examples or uniform)."""
@@ -186,6 +188,15 @@ class FedAvgPEFT(FedAvg):
     def round_extras(self, accepted: Accepted, coefficients: list[float]) -> dict:
         """Strategy-specific fields for the round report (none for FedAvg)."""
         return {}
+
+    # --- checkpoints (simulations/resume.py) ---------------------------------------------
+
+    def checkpoint_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """What a resumed run needs beyond the global adapter: JSON fields and named arrays (none here)."""
+        return {}, {}
+
+    def restore_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Undo :meth:`checkpoint_state` (the clients restarted too: they hold nothing)."""
 
     # --- validation and reports ----------------------------------------------------------
 

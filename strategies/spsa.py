@@ -209,10 +209,9 @@ class SharedSeedSPSA(FedAvgPEFT):
             "spsa_log_downloads": self.downloads["log"],
             "spsa_full_downloads": self.downloads["full"],
         }
-        self.finish_round(server_round, accepted, **extras)
-        if not accepted:
-            return state_to_record(self._to_state(self.master)), None
-        return state_to_record(self._to_state(self.master)), self.summarise_metrics(accepted, [weight] * len(accepted))
+        metrics = self.summarise_metrics(accepted, [weight] * len(accepted)) if accepted else None
+        self.finish_round(server_round, accepted, train_metrics=dict(metrics or {}), **extras)
+        return state_to_record(self._to_state(self.master)), metrics
 
     def accept_codes(self, server_round: int, replies: Iterable[Message]) -> list[tuple[int, bytes, dict]]:
         """``(partition id, codes, metrics)`` of valid replies, sorted by partition id."""
@@ -246,6 +245,34 @@ class SharedSeedSPSA(FedAvgPEFT):
             r = len(self.log) + 1
             self.log.append(RoundLog(r, self.scale, self.round_lr(r), f32(1.0), ()))
             self.hashes[r + 1] = self.hashes[r]
+
+    def checkpoint_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """The fp32 master, the whole log (codes as hex), hashes, the next scale, what each client holds."""
+        meta = {
+            "scale": self.scale,
+            "hashes": {str(k): v for k, v in self.hashes.items()},
+            "synced": {str(p): r for p, r in self.synced.items()},
+            "log": [
+                {"round": e.round, "scale": e.scale, "lr": e.lr, "weight": e.weight,
+                 "entries": [[pid, None if c is None else c.hex()] for pid, c in e.entries]}
+                for e in self.log
+            ],
+        }  # fmt: skip
+        return meta, {f"master/{k}": v for k, v in self._to_state(self.master).items()}
+
+    def restore_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Reload :meth:`checkpoint_state`. Restarted clients lost their synced adapters: each gets the
+        full adapter once (extra downlink a real restart causes), a never-seen client still starts
+        from the seeded theta_1."""
+        self.master = self._to_master({k.removeprefix("master/"): v for k, v in arrays.items()})
+        self.scale = float(meta["scale"])
+        self.hashes = {int(k): v for k, v in meta["hashes"].items()}
+        self.synced = {int(p): None for p in meta["synced"]}
+        self.log = [
+            RoundLog(e["round"], e["scale"], e["lr"], e["weight"],
+                     tuple((pid, None if c is None else bytes.fromhex(c)) for pid, c in e["entries"]))
+            for e in meta["log"]
+        ]  # fmt: skip
 
     def state_for_results(self) -> dict:
         """The ordered log (round, partition, codes, scale, lr, weight) and per-round hashes."""

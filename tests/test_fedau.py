@@ -4,13 +4,14 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord
 
 from fedpeft.records import record_to_state, state_to_record
 from strategies import REGISTRY, StrategyContext, build_strategy
 from strategies.fedau import FedAU, FedAUWeights, IntervalState, advance_interval, fedau_weight_trace
 from strategies.known_p_oracle import KnownPOracle
 from tests.conftest import tiny_config
+from tests.replies import RoundReports, fake_reply
 
 GLOBAL = {"lora_A": np.array([[1.0, 2.0]], np.float32), "head.bias": np.array([0.5, -0.5], np.float32)}
 DELTAS = [
@@ -73,23 +74,13 @@ def test_the_incremental_state_equals_fedau_weight_trace_on_random_traces(k_cap)
     np.testing.assert_allclose(got, fedau_weight_trace(part, k_cap))
 
 
-def _reply(query: Message, node: int, delta=None, error: str | None = None) -> Message:
-    if error:
-        reply = Message(Error(code=1, reason=error), reply_to=query)
-    else:
-        content = RecordDict({"arrays": state_to_record(delta), "metrics": MetricRecord({"num-examples": 8})})
-        reply = Message(content, reply_to=query)
-    reply.metadata.__dict__["_src_node_id"] = node
-    return reply
-
-
 def _drive(strategy: FedAU, server_round: int, nodes: list[int], deltas=None, errors=None):
     """One round with fake replies; node id = partition id + 100. Returns the new global state."""
     strategy.node_selector = lambda rnd, grid: nodes
     queries = list(strategy.configure_train(server_round, state_to_record(GLOBAL), ConfigRecord(), grid=None))
     errors = errors or {}
     replies = [
-        _reply(q, n, error=errors.get(n)) if n in errors else _reply(q, n, (deltas or {}).get(n, DELTAS[0]))
+        fake_reply(q, error=errors[n]) if n in errors else fake_reply(q, (deltas or {}).get(n, DELTAS[0]), n=8)
         for q, n in zip(queries, nodes, strict=True)
     ]
     arrays, _ = strategy.aggregate_train(server_round, replies) if replies else (None, None)
@@ -97,15 +88,16 @@ def _drive(strategy: FedAU, server_round: int, nodes: list[int], deltas=None, er
 
 
 def _fedau(num_clients=3, **kw):
-    return FedAU(num_clients=num_clients, partition_of=lambda node: node - 100, **kw)
+    reports = RoundReports()
+    return FedAU(num_clients=num_clients, partition_of=lambda node: node - 100, report=reports, **kw), reports
 
 
 def test_fedau_with_full_participation_applies_one_over_n_times_the_sum_of_deltas(task_identity):
-    strategy = _fedau(server_lr=1.0)
+    strategy, reports = _fedau(server_lr=1.0)
     nodes = [100, 101, 102]
     for t in (1, 2):
         new = _drive(strategy, t, nodes, deltas=dict(zip(nodes, DELTAS, strict=True)))
-        assert strategy.round_report["extra"]["omega"] == {"0": 1.0, "1": 1.0, "2": 1.0}
+        assert reports.last["omega"] == {"0": 1.0, "1": 1.0, "2": 1.0}
     # (1/3) * ([1,0] + [0,2] + [4,4]) = [5/3, 2]; bias (1/3) * ([0,3] + [3,0] + [-3,3]) = [0, 2]
     np.testing.assert_allclose(new["lora_A"], [[1 + 5 / 3, 4.0]], atol=1e-6)
     np.testing.assert_allclose(new["head.bias"], [0.5, 1.5], atol=1e-6)
@@ -115,13 +107,13 @@ def test_fedau_aggregation_of_two_clients_matches_the_hand_computation(task_iden
     # rounds: 1 {0}, 2 nobody, 3 {0, 1}, 4 {0, 1}; N = 3, server_lr = 0.5
     # round 4: client 0 closed intervals 1 and 2 -> omega 1.5; client 1 closed 3 -> omega 3
     # new = g + 0.5 * (1.5 d0 + 3 d1) / 3 = g + 0.25 d0 + 0.5 d1
-    strategy = _fedau(server_lr=0.5)
+    strategy, reports = _fedau(server_lr=0.5)
     deltas = {100: DELTAS[0], 101: DELTAS[1]}
     _drive(strategy, 1, [100], deltas)
     assert _drive(strategy, 2, []) is None
     _drive(strategy, 3, [100, 101], deltas)
     new = _drive(strategy, 4, [100, 101], deltas)
-    assert strategy.round_report["extra"]["omega"] == {"0": 1.5, "1": 3.0}
+    assert reports.last["omega"] == {"0": 1.5, "1": 3.0}
     np.testing.assert_allclose(new["lora_A"], [[1.25, 3.0]], atol=1e-6)
     np.testing.assert_allclose(new["head.bias"], [2.0, 0.25], atol=1e-6)
 
@@ -129,12 +121,12 @@ def test_fedau_aggregation_of_two_clients_matches_the_hand_computation(task_iden
 def test_the_strategy_state_equals_fedau_weight_trace_when_driven_by_replies(task_identity):
     rng = np.random.default_rng(3)
     part = rng.random((25, 4)) < np.array([0.1, 0.3, 0.6, 0.9])
-    strategy = _fedau(num_clients=4, k_cap=4)
+    strategy, reports = _fedau(num_clients=4, k_cap=4)
     got = np.zeros(part.shape)
     for t, row in enumerate(part, start=1):
         nodes = [100 + int(i) for i in np.flatnonzero(row)]
         _drive(strategy, t, nodes)
-        for pid, omega in strategy.round_report["extra"]["omega"].items() if nodes else []:
+        for pid, omega in reports.last["omega"].items() if nodes else []:
             got[t - 1, int(pid)] = omega
     np.testing.assert_allclose(got, fedau_weight_trace(part, k_cap=4))
     state = json.loads(json.dumps(strategy.state_for_results()))
@@ -145,7 +137,7 @@ def test_the_strategy_state_equals_fedau_weight_trace_when_driven_by_replies(tas
 def test_a_failed_or_rejected_reply_counts_as_absence(task_identity, bad):
     # client 0 is online in rounds 1-4 but its round-2 reply fails: to FedAU it was absent,
     # so its omegas are those of the trace [1, 0, 1, 1]: 1, 1, (1 + 2) / 2 = 1.5
-    strategy = _fedau(num_clients=1)
+    strategy, reports = _fedau(num_clients=1)
     _drive(strategy, 1, [100])
     if bad == "error":
         assert _drive(strategy, 2, [100], errors={100: "client raised"}) is None
@@ -155,7 +147,7 @@ def test_a_failed_or_rejected_reply_counts_as_absence(task_identity, bad):
     omegas = []
     for t in (3, 4):
         _drive(strategy, t, [100])
-        omegas.append(strategy.round_report["extra"]["omega"]["0"])
+        omegas.append(reports.last["omega"]["0"])
     expected = fedau_weight_trace(np.array([[1], [0], [1], [1]], bool), k_cap=100000)[2:, 0]
     assert omegas == list(expected) == [1.0, 1.5]
 

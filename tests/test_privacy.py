@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ConfigRecord
 from opacus.accountants import RDPAccountant
 
 from fedpeft import privacy
@@ -17,6 +17,7 @@ from strategies.base import StrategyContext
 from strategies.dp import ClientLevelDP, SampleLevelDPReport, clip_delta, wrap_privacy
 from strategies.fedavg import FedAvgPEFT
 from tests.conftest import tiny_config
+from tests.replies import RoundReports, fake_reply
 
 GLOBAL = {"lora_A": np.zeros((2, 3), np.float32), "head.bias": np.zeros(2, np.float32)}
 
@@ -25,31 +26,29 @@ def _flat_norm(state):
     return math.sqrt(sum(float(np.sum(np.square(v.astype(np.float64)))) for v in state.values()))
 
 
-def _reply(query, node, delta, n=1, metrics=None):
-    from flwr.app import Message
-
-    content = RecordDict(
-        {"arrays": state_to_record(delta), "metrics": MetricRecord({"num-examples": n, **(metrics or {})})}
+def _client_dp(sigma, clip, num_clients=10, seed=0, inner=None):
+    """ClientLevelDP around ``inner`` (uniform FedAvgPEFT by default); both report into ``strategy.reports``."""
+    reports = RoundReports()
+    inner = inner or FedAvgPEFT(weighting="uniform", partition_of=lambda node: node)
+    inner.report = reports
+    strategy = ClientLevelDP(
+        strategy=inner,
+        noise_multiplier=sigma,
+        clip_norm=clip,
+        num_clients=num_clients,
+        delta=1e-5,
+        seed=seed,
+        report=reports,
     )
-    reply = Message(content, reply_to=query)
-    reply.metadata.__dict__["_src_node_id"] = node
-    return reply
-
-
-def _client_dp(sigma, clip, num_clients=10, seed=0):
-    inner = FedAvgPEFT(weighting="uniform", partition_of=lambda node: node)
-    return ClientLevelDP(
-        strategy=inner, noise_multiplier=sigma, clip_norm=clip, num_clients=num_clients, delta=1e-5, seed=seed
-    )
+    strategy.reports = reports
+    return strategy
 
 
 def _dp_round(strategy, server_round, deltas, state=GLOBAL):
     nodes = list(range(len(deltas)))
     strategy.strategy.node_selector = lambda rnd, grid: nodes
     queries = strategy.configure_train(server_round, state_to_record(state), ConfigRecord(), grid=None)
-    arrays, _ = strategy.aggregate_train(
-        server_round, [_reply(q, i, d) for i, (q, d) in enumerate(zip(queries, deltas, strict=True))]
-    )
+    arrays, _ = strategy.aggregate_train(server_round, [fake_reply(q, d) for q, d in zip(queries, deltas, strict=True)])
     return record_to_state(arrays)
 
 
@@ -75,7 +74,7 @@ def test_a_malicious_huge_delta_moves_the_global_by_at_most_clip_over_m(task_ide
     new = _dp_round(strategy, 1, [evil, zero, zero, zero])
     moved = _flat_norm(compute_delta(new, GLOBAL))
     assert moved == pytest.approx(0.5 / 4, rel=1e-5)
-    assert strategy.round_report["extra"]["dp_clipped"] == 1
+    assert strategy.reports.last["dp_clipped"] == 1
 
 
 def test_noise_on_the_aggregate_has_std_sigma_times_clip_over_m(task_identity):
@@ -86,7 +85,7 @@ def test_noise_on_the_aggregate_has_std_sigma_times_clip_over_m(task_identity):
     noise = np.concatenate(samples)
     assert abs(noise.mean()) < 0.01
     assert noise.std() == pytest.approx(0.75, rel=0.01)
-    assert strategy.round_report["extra"]["dp_noise_std"] == pytest.approx(0.75)
+    assert strategy.reports.last["dp_noise_std"] == pytest.approx(0.75)
     assert not np.array_equal(samples[0], samples[1])  # fresh noise every round
     again = _client_dp(sigma=1.5, clip=2.0)
     np.testing.assert_array_equal(_dp_round(again, 1, [big] * 4, state=big)["w"], samples[0])  # seeded
@@ -99,26 +98,24 @@ def test_client_level_epsilon_equals_opacus_rdp_accountant_with_rate_m_over_n(ta
         _dp_round(strategy, t, [zero] * 4)
     independent = RDPAccountant()
     independent.history = [(1.1, 0.4, 3)]
-    assert strategy.round_report["extra"]["epsilon"] == pytest.approx(independent.get_epsilon(delta=1e-5), rel=1e-9)
-    assert strategy.round_report["extra"]["dp_sample_rate"] == 0.4
+    assert strategy.reports.last["epsilon"] == pytest.approx(independent.get_epsilon(delta=1e-5), rel=1e-9)
+    assert strategy.reports.last["dp_sample_rate"] == 0.4
 
 
 def test_fedau_noise_is_calibrated_to_omega_max_over_n_and_omega_is_capped(task_identity):
     from strategies.fedau import FedAU
 
-    inner = FedAU(num_clients=10, partition_of=lambda node: node)
-    strategy = ClientLevelDP(
-        strategy=inner, noise_multiplier=1.0, clip_norm=1.0, num_clients=10, delta=1e-5, seed=0, max_weight=3.0
-    )
+    inner = FedAU(num_clients=10, partition_of=lambda node: node, max_weight=3.0)
+    strategy = _client_dp(sigma=1.0, clip=1.0, inner=inner)
     zero = {k: np.zeros_like(v) for k, v in GLOBAL.items()}
     _dp_round(strategy, 1, [zero] * 2)  # first intervals: omega = 1 for both -> std 1 * 1 * 1 / 10
-    assert strategy.round_report["extra"]["dp_noise_std"] == pytest.approx(0.1)
+    assert strategy.reports.last["dp_noise_std"] == pytest.approx(0.1)
     strategy.strategy.node_selector = lambda rnd, grid: [0]
     for t in (9, 10):  # round 9 closes client 0's interval of 8; round 10 uses omega = mean(1, 8) = 4.5
         queries = strategy.configure_train(t, state_to_record(GLOBAL), ConfigRecord(), grid=None)
-        strategy.aggregate_train(t, [_reply(queries[0], 0, zero)])
-    assert strategy.round_report["extra"]["omega"] == {"0": 3.0}  # capped by max_weight
-    assert strategy.round_report["extra"]["dp_noise_std"] == pytest.approx(0.3)  # sigma * C * 3 / N
+        strategy.aggregate_train(t, [fake_reply(queries[0], zero)])
+    assert strategy.reports.last["omega"] == {"0": 3.0}  # capped by max_weight
+    assert strategy.reports.last["dp_noise_std"] == pytest.approx(0.3)  # sigma * C * 3 / N
 
 
 def test_client_dp_needs_uniform_weighting_and_an_impossible_target_fails_clearly():
@@ -144,18 +141,22 @@ def test_a_reachable_target_gives_a_sigma_that_spends_at_most_the_target():
 
 
 def test_sample_level_report_gives_max_mean_and_worst_epsilon_so_far(task_identity):
-    strategy = SampleLevelDPReport(strategy=FedAvgPEFT(partition_of=lambda node: node), delta=1e-5)
+    reports = RoundReports()
+    inner = FedAvgPEFT(partition_of=lambda node: node, report=reports)
+    strategy = SampleLevelDPReport(strategy=inner, delta=1e-5, report=reports)
     strategy.strategy.node_selector = lambda rnd, grid: [0, 1]
     zero = {k: np.zeros_like(v) for k, v in GLOBAL.items()}
     q = strategy.configure_train(1, state_to_record(GLOBAL), ConfigRecord(), grid=None)
     strategy.aggregate_train(
-        1, [_reply(q[0], 0, zero, 5, {"epsilon": 2.0}), _reply(q[1], 1, zero, 5, {"epsilon": 4.0})]
+        1,
+        [fake_reply(q[0], zero, n=5, metrics={"epsilon": 2.0}), fake_reply(q[1], zero, n=5, metrics={"epsilon": 4.0})],
     )
-    assert strategy.round_report["extra"] == {"delta": 1e-5, "epsilon_max": 4.0, "epsilon_mean": 3.0, "epsilon": 4.0}
+    got = {k: reports.last[k] for k in ("delta", "epsilon_max", "epsilon_mean", "epsilon")}
+    assert got == {"delta": 1e-5, "epsilon_max": 4.0, "epsilon_mean": 3.0, "epsilon": 4.0}
     strategy.strategy.node_selector = lambda rnd, grid: [0]
     q = strategy.configure_train(2, state_to_record(GLOBAL), ConfigRecord(), grid=None)
-    strategy.aggregate_train(2, [_reply(q[0], 0, zero, 5, {"epsilon": 3.0})])
-    extra = strategy.round_report["extra"]
+    strategy.aggregate_train(2, [fake_reply(q[0], zero, n=5, metrics={"epsilon": 3.0})])
+    extra = reports.last
     assert (extra["epsilon_max"], extra["epsilon_mean"], extra["epsilon"]) == (3.0, 3.0, 4.0)
 
 

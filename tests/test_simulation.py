@@ -7,6 +7,7 @@ from flwr.app import Message
 
 from fedpeft.results import load_results
 from fedpeft.task import load_task
+from simulations.inprocess import run_in_process
 from simulations.run import main, simulate
 from tests.conftest import tiny_config
 
@@ -95,3 +96,36 @@ def test_the_cli_plots_several_runs(first_run, tmp_path):
     assert main(["plot", str(out), str(out / "results.json"), "--out", str(fig)]) == 0
     assert fig.stat().st_size > 10_000
     assert json.loads((out / "results.json").read_text())["status"] == "completed"
+
+
+def test_the_in_process_runner_gives_the_same_round_metrics_as_flowers_engine(first_run, tmp_path):
+    # One round loop (Strategy.start) over two grids: Flower's Ray engine and the in-memory grid.
+    results, _ = first_run
+    again = load_results(run_in_process(tiny_config(), tmp_path / "inproc"))
+    keep = (
+        "accuracy",
+        "loss",
+        "balanced_accuracy",
+        "participants",
+        "aggregated",
+        "uplink_payload_bytes",
+        "uplink_message_bytes",
+        "downlink_payload_bytes",
+        "downlink_message_bytes",
+    )
+    strip = lambda rs: [{k: r.get(k) for k in keep} for r in rs["rounds"]]  # noqa: E731
+    assert strip(again) == strip(results)
+    assert again["status"] == "completed"
+
+
+def _fail_every_train(msg: Message, context, call_next):
+    if msg.metadata.message_type == "train":
+        raise FloatingPointError("local loss became nan at step 0; lower train.lr")
+    return call_next(msg, context)
+
+
+def test_a_run_where_no_update_is_ever_aggregated_ends_failed_with_the_clients_own_error(tmp_path):
+    results = load_results(run_in_process(tiny_config(), tmp_path / "dead", client_mods=[_fail_every_train]))
+    assert results["status"] == "failed"
+    assert "FloatingPointError: local loss became nan at step 0; lower train.lr" in results["error"]
+    assert all(len(row["failed"]) == 3 for row in results["rounds"][1:])

@@ -3,14 +3,16 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedpeft import comm, onebyte, zo
 from fedpeft.records import record_to_state, state_to_record
 from fedpeft.zo_log import unpack_header
 from simulations.spsa_client import SYNC_KEY, THETA_KEY, catch_up
+from strategies.base import KIND_SPSA
 from strategies.spsa import SharedSeedSPSA, next_scale
 from tests.conftest import tiny_config
+from tests.replies import RoundReports, fake_reply
 
 K = 6
 INIT = {"lora_A": np.full((8, 16), 0.1, np.float32), "head.bias": np.zeros(2, np.float32)}
@@ -43,16 +45,13 @@ def client_round(msg: Message, context: FakeContext, pid: int) -> tuple[Message,
     codes = onebyte.to_bytes(result.codes)
     context.state[THETA_KEY] = state_to_record(start)
     context.state[SYNC_KEY] = ConfigRecord({"round": int(conf["server-round"]), "codes": codes})
-    content = RecordDict({"spsa": ConfigRecord({"codes": codes}), "metrics": MetricRecord({"num-examples": K})})
-    reply = Message(content, reply_to=msg)
-    reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
-    return reply, master
+    return fake_reply(msg, n=K, codes=codes), master
 
 
 def make_strategy(**kw) -> SharedSeedSPSA:
     return SharedSeedSPSA(
         initial_state=INIT, run_seed=CFG.seed, local_steps=K, lr=0.05, initial_scale=4.0,
-        partition_of=lambda node: node - 100, **kw,
+        partition_of=lambda node: node - 100, report=RoundReports(), **kw,
     )  # fmt: skip
 
 
@@ -69,7 +68,7 @@ def test_server_replay_of_one_clients_codes_equals_that_clients_adapter_bit_for_
     new, _, finals = run_round(strategy, 1, INIT, [2], {2: FakeContext()})
     for name in INIT:
         assert np.array_equal(new[name], finals[0][name].numpy())
-    assert strategy.log[0].weight == 1.0 and strategy.round_report["aggregated"] == [2]
+    assert strategy.log[0].weight == 1.0 and strategy.report.last["aggregated"] == [2]
 
 
 def test_two_clients_are_averaged_with_weight_one_over_m(task_identity):
@@ -128,12 +127,10 @@ def test_wrong_length_or_desynced_replies_are_rejected_and_theta_is_untouched(ta
     strategy = make_strategy()
     strategy.node_selector = lambda r, grid: [100, 101]
     msgs = list(strategy.configure_train(1, state_to_record(INIT), ConfigRecord(), grid=None))
-    short = Message(RecordDict({"spsa": ConfigRecord({"codes": b"\x01"})}), reply_to=msgs[0])
-    desync = Message(RecordDict({"metrics": MetricRecord({"spsa-desync": 1})}), reply_to=msgs[1])
-    for reply, node in ((short, 100), (desync, 101)):
-        reply.metadata.__dict__["_src_node_id"] = node
+    short = fake_reply(msgs[0], codes=b"\x01")
+    desync = fake_reply(msgs[1], metrics={"spsa-desync": 1}, kind=KIND_SPSA)
     arrays, _ = strategy.aggregate_train(1, [short, desync])
-    assert [r["partition_id"] for r in strategy.round_report["rejected"]] == [0, 1]
+    assert [r["partition_id"] for r in strategy.report.last["rejected"]] == [0, 1]
     assert zo.state_hash(record_to_state(arrays)) == zo.state_hash(INIT)
     assert strategy.synced == {0: None, 1: None}
 

@@ -7,8 +7,9 @@ taken here are meaningful):
 (a) bytes of the backbone's linear layers for none / int8 / nf4 and their ratio to fp32;
 (b) local training step time on nf4 and int8 vs fp32 (same batches, interleaved);
 (c) wall time of Flower's simulation for R rounds x C clients divided by the wall time of
-    exactly the same local training in a bare loop in one process (start-up reported
-    separately). Writes the figures to ``runs/bench_core.json``.
+    exactly the same run in one process (simulations/inprocess.py: the same ServerApp,
+    ClientApp and ``Strategy.start`` over an in-memory grid; start-up reported
+    separately). Writes the figures to ``runs/bench/bench_core.json``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from fedpeft.config import ExperimentConfig, TrainConfig
 from fedpeft.results import load_results
 from fedpeft.task import load_task, set_threads
 from fedpeft.train import train_local
-from simulations.bare_loop import run_bare_loop
+from simulations.inprocess import run_in_process
 from simulations.quiet import quiet_libraries
 
 
@@ -66,7 +67,7 @@ def bench_steps(steps: int, repeats: int = 3) -> dict:
 
 
 def bench_overhead(rounds: int, clients: int, examples: int, out_dir: Path) -> dict:
-    """(c) Flower simulation vs the same work in a bare loop, start-up separated."""
+    """(c) Flower simulation vs the same run in one process, start-up separated."""
     from simulations.run import simulate
 
     cfg = ExperimentConfig.from_flat(
@@ -80,8 +81,10 @@ def bench_overhead(rounds: int, clients: int, examples: int, out_dir: Path) -> d
         }
     )
     t0 = time.perf_counter()
-    bare = run_bare_loop(cfg)
+    inproc = load_results(run_in_process(cfg, out_dir / "inprocess"))
     bare_s = time.perf_counter() - t0
+    bare = {"round_s": [r["wall_s"] for r in inproc["rounds"][1:]], "accuracies": [inproc["rounds"][-1]["accuracy"]]}
+    bare["train_s"] = sum(bare["round_s"])
     t0 = time.perf_counter()
     results = load_results(simulate(cfg, out_dir / "flower", plot=False))
     flower_total = time.perf_counter() - t0
@@ -92,17 +95,17 @@ def bench_overhead(rounds: int, clients: int, examples: int, out_dir: Path) -> d
     bare_steady = sum(bare["round_s"][1:])
     return {
         "flower_round_s": [r["wall_s"] for r in results["rounds"][1:]],
-        "bare_round_s": bare["round_s"],
+        "inprocess_round_s": bare["round_s"],
         "ratio_steady_rounds": flower_steady / bare_steady if bare_steady else float("nan"),
         "rounds": rounds,
         "clients": clients,
-        "bare_loop_s": bare_s,
-        "bare_loop_train_s": bare["train_s"],
+        "inprocess_s": bare_s,
+        "inprocess_train_s": bare["train_s"],
         "flower_rounds_s": flower_rounds,
         "flower_total_s": flower_total,
         "flower_startup_and_teardown_s": flower_total - flower_rounds,
-        "ratio_flower_rounds_to_bare_loop": flower_rounds / bare_s,
-        "bare_accuracy": bare["accuracies"][-1],
+        "ratio_flower_rounds_to_inprocess": flower_rounds / bare_s,
+        "inprocess_accuracy": bare["accuracies"][-1],
         "flower_accuracy": results["rounds"][-1]["accuracy"],
     }
 
@@ -131,14 +134,14 @@ def main() -> None:
     report["overhead"] = bench_overhead(args.rounds, args.clients, args.examples, out)
     o = report["overhead"]
     print(f"(c) {o['rounds']} rounds x {o['clients']} clients")
-    print(f"    bare loop (1 process, sequential)  {o['bare_loop_s']:.1f} s")
+    print(f"    in-process (1 process, sequential) {o['inprocess_s']:.1f} s")
     print(
-        f"    Flower simulation, rounds only      {o['flower_rounds_s']:.1f} s  ratio {o['ratio_flower_rounds_to_bare_loop']:.2f}"
+        f"    Flower simulation, rounds only      {o['flower_rounds_s']:.1f} s  ratio {o['ratio_flower_rounds_to_inprocess']:.2f}"
     )
     print(f"    Flower start-up + teardown          {o['flower_startup_and_teardown_s']:.1f} s")
     print(
-        "    per round, Flower vs bare loop      "
-        + ", ".join(f"{f:.1f}/{b:.1f} s" for f, b in zip(o["flower_round_s"], o["bare_round_s"], strict=True))
+        "    per round, Flower vs in-process     "
+        + ", ".join(f"{f:.1f}/{b:.1f} s" for f, b in zip(o["flower_round_s"], o["inprocess_round_s"], strict=True))
         + f"  steady (rounds 2..R) ratio {o['ratio_steady_rounds']:.2f}"
     )
     out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,9 @@ Each run writes its own ``results.json`` to ``OUT/<config name>/<grid label>/see
 (the label names the grid values, e.g. ``strategy.name=fedau,train.lr=0.01``; without
 ``--grid`` the level is left out). ``OUT/sweep.json`` lists the planned runs and their
 status. A run whose results file says ``completed`` is skipped, so re-running the same
-command resumes an interrupted sweep; a run folder holding results of a different config
+command resumes an interrupted sweep (a run cut off mid-way continues from its last
+round's checkpoint, as ``fedpeft simulate --resume`` does; a failed one starts over;
+Ctrl-C stops the sweep, marking the current run ``interrupted``); a run folder holding results of a different config
 is refused before anything starts. A run that raises is recorded as ``failed`` (its
 results file keeps the error) and the sweep goes on; ``fedpeft report`` then shows that
 group with fewer seeds.
@@ -55,17 +57,17 @@ ENGINES = ("inprocess", "flower")
 MANIFEST = "sweep.json"
 
 
-def run_one(cfg: ExperimentConfig, run_dir: str | Path, engine: str = "inprocess") -> Path:
-    """One run of ``cfg`` into ``run_dir`` on ``engine``; returns its results file."""
-    if engine == "flower":
-        from simulations.run import simulate
+def run_one(cfg: ExperimentConfig, run_dir: str | Path, engine: str = "inprocess", *, resume: bool = False) -> Path:
+    """One run of ``cfg`` into ``run_dir``, exactly as ``fedpeft simulate [--in-process]`` runs it.
 
-        return simulate(cfg, run_dir, plot=False)
-    if engine == "inprocess":
-        from simulations.inprocess import run_in_process
+    Returns its results file; raises ``RunFailed`` when the run failed and ``RunInterrupted``
+    on Ctrl-C. ``resume`` continues the run in ``run_dir`` from its last checkpoint.
+    """
+    if engine not in ENGINES:
+        raise ConfigError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
+    from simulations.run import simulate
 
-        return run_in_process(cfg, Path(run_dir))
-    raise ConfigError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
+    return simulate(cfg, run_dir, plot=False, resume=resume, in_process=engine == "inprocess")
 
 
 def record_failure(run_dir: Path, flat: dict[str, Any], error: str, trace: str = "") -> None:
@@ -78,18 +80,39 @@ def record_failure(run_dir: Path, flat: dict[str, Any], error: str, trace: str =
     write_results(run_dir, results)
 
 
-def execute(flat: dict[str, Any], run_dir: str, engine: str) -> dict[str, Any]:
-    """Run one planned run, never raising: ``{status, wall_s, error?, accuracy?}`` (also a Ray task)."""
+def execute(flat: dict[str, Any], run_dir: str, engine: str, resume: bool = False) -> dict[str, Any]:
+    """Run one planned run: ``{status, wall_s, error?, accuracy?}`` (also a Ray task).
+
+    A crash is recorded as ``failed`` and returned, so the sweep goes on; a Ctrl-C
+    (``RunInterrupted``, ``KeyboardInterrupt``) propagates and stops the sweep.
+    """
+    from simulations.interrupt import RunInterrupted
+
     t0 = time.monotonic()
     try:
-        path = run_one(ExperimentConfig.from_flat(flat), run_dir, engine)
+        path = run_one(ExperimentConfig.from_flat(flat), run_dir, engine, resume=resume)
         rounds = [r for r in load_results(path)["rounds"] if r.get("accuracy") is not None]
         accuracy = rounds[-1]["accuracy"] if rounds else None
-        return {"status": "completed", "wall_s": time.monotonic() - t0, "accuracy": accuracy}
+        return {"status": "completed", "wall_s": time.monotonic() - t0, "accuracy": accuracy, "resumed": resume}
+    except RunInterrupted:
+        raise
     except Exception as err:  # noqa: BLE001 - any crash of one run is recorded, the sweep goes on
         error = f"{type(err).__name__}: {err}"
         record_failure(Path(run_dir), flat, error, traceback.format_exc())
         return {"status": "failed", "wall_s": time.monotonic() - t0, "error": error}
+
+
+def resumable(run: PlannedRun, status: str) -> bool:
+    """An interrupted or killed run with a checkpoint continues from it (simulations/resume.py)."""
+    from simulations.resume import resume_config
+
+    if status not in ("interrupted", "running"):
+        return False
+    try:
+        resume_config(run.run_dir)
+    except (ConfigError, OSError, ValueError):
+        return False
+    return True
 
 
 def existing_status(run: PlannedRun) -> str:
@@ -136,18 +159,29 @@ def run_sweep(
     log.info("sweep: %d runs planned, %d already completed, %d to run", len(plan), len(plan) - len(todo), len(todo))
     manifest = _Manifest(out, entries, command or [], engine, jobs)
     manifest.write()
-    for run in todo:  # a stale file from an interrupted or failed attempt must not pass for this one
-        (run.run_dir / "results.json").unlink(missing_ok=True)
+    resume = {r.run_dir for r in todo if resumable(r, entries[str(r.run_dir)]["status"])}
+    for run in todo:  # a fresh start must not inherit an earlier attempt's files
+        if run.run_dir not in resume:
+            for name in ("results.json", "checkpoint.json", "checkpoint.npz"):
+                (run.run_dir / name).unlink(missing_ok=True)
     if jobs == 1 or len(todo) <= 1 and not ray_address:
         for run in todo:
             manifest.start(run)
-            manifest.finish(run, execute(run.cfg.to_flat(), str(run.run_dir), engine))
+            try:
+                outcome = execute(run.cfg.to_flat(), str(run.run_dir), engine, run.run_dir in resume)
+            except BaseException:
+                manifest.entries[str(run.run_dir)]["status"] = "interrupted"
+                manifest.write()
+                raise
+            manifest.finish(run, outcome)
     else:
-        _run_on_ray(todo, manifest, jobs, engine, ray_address)
+        _run_on_ray(todo, resume, manifest, jobs, engine, ray_address)
     return list(entries.values())
 
 
-def _run_on_ray(todo: list[PlannedRun], manifest: _Manifest, jobs: int, engine: str, address: str | None) -> None:
+def _run_on_ray(
+    todo: list[PlannedRun], resume: set[Path], manifest: _Manifest, jobs: int, engine: str, address: str | None
+) -> None:
     import ray
 
     if address:
@@ -162,7 +196,7 @@ def _run_on_ray(todo: list[PlannedRun], manifest: _Manifest, jobs: int, engine: 
             while queue and len(pending) < jobs:
                 run = queue.pop(0)
                 task = remote.options(num_cpus=run.cfg.simulation.torch_threads)
-                pending[task.remote(run.cfg.to_flat(), str(run.run_dir), engine)] = run
+                pending[task.remote(run.cfg.to_flat(), str(run.run_dir), engine, run.run_dir in resume)] = run
                 manifest.start(run)
             (ready,), _ = ray.wait(list(pending), num_returns=1)
             run = pending.pop(ready)
@@ -198,6 +232,7 @@ class _Manifest:
         elapsed = time.monotonic() - self.t0
         eta = elapsed / self.done * (self.to_run - self.done)
         what = f"accuracy {outcome['accuracy']:.4f}" if outcome.get("accuracy") is not None else outcome.get("error")
+        what += ", resumed from its checkpoint" if outcome.get("resumed") else ""
         log.info(
             "[%d/%d] %s: %s (%s) in %.0f s | %d failed so far | ETA %s",
             self.done, self.to_run, run.name, outcome["status"], what, outcome["wall_s"], self.failed, _duration(eta),

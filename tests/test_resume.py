@@ -1,0 +1,112 @@
+"""Resume: a run killed with SIGKILL after round 2 of 4 and resumed ends exactly as an uninterrupted run."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from fedpeft.config import ConfigError
+from fedpeft.results import load_results
+from simulations.inprocess import run_in_process
+from simulations.resume import resume_config
+from simulations.run import main
+from tests.conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SETUPS = {
+    "fedavg": {},
+    "spsa": {"strategy.name": "spsa", "spsa.local-steps": 4, "spsa.lr": 1e-3},
+    "fedau-client-dp": {
+        "strategy.name": "fedau",
+        "participation.model": "bernoulli",
+        "participation.p-mean": 0.6,
+        "dp.mode": "client",
+        "strategy.weighting": "uniform",
+        "dp.noise-multiplier": 0.5,
+        "dp.max-weight": 4.0,
+    },
+}
+COMPARED = (
+    "accuracy",
+    "loss",
+    "participants",
+    "aggregated",
+    "uplink_payload_bytes",
+    "omega",
+    "epsilon",
+    "spsa_state_hash",
+)
+
+
+def _write_config(path: Path, **overrides) -> Path:
+    flat = tiny_config(**{"num-rounds": 4, **overrides}).to_flat()
+    path.write_text("\n".join(f'"{k}" = {json.dumps(v)}' for k, v in flat.items()) + "\n")
+    return path
+
+
+def _kill_after_round(config: Path, out: Path, round_: int) -> None:
+    """Start the run in a subprocess (in-process engine) and SIGKILL it once round ``round_`` is recorded."""
+    cmd = [sys.executable, "-m", "simulations.run", "simulate", str(config), "--out", str(out), "--in-process"]
+    proc = subprocess.Popen([*cmd, "--no-plot"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            path = out / "results.json"
+            if path.exists() and any(r["round"] >= round_ for r in json.loads(path.read_text())["rounds"]):
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+def test_a_killed_run_resumed_ends_exactly_as_the_uninterrupted_run(tmp_path, setup):
+    config = _write_config(tmp_path / "cfg.toml", **SETUPS[setup])
+    reference = load_results(run_in_process(tiny_config(**{"num-rounds": 4, **SETUPS[setup]}), tmp_path / "ref"))
+    killed = tmp_path / "killed"
+    _kill_after_round(config, killed, 2)
+    assert load_results(killed / "results.json")["status"] == "running"  # a SIGKILL leaves no chance to say more
+
+    assert main(["simulate", "--resume", str(killed), "--in-process", "--no-plot"]) == 0
+
+    resumed = load_results(killed / "results.json")
+    assert resumed["status"] == "completed" and resumed["resumed_after_rounds"][0] >= 2
+    strip = lambda rs: [{k: r.get(k) for k in COMPARED} for r in rs["rounds"]]  # noqa: E731
+    assert strip(resumed) == strip(reference)
+    a, b = (
+        load_file(killed / "adapter/adapter_model.safetensors"),
+        load_file(tmp_path / "ref/adapter/adapter_model.safetensors"),
+    )
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_completed_runs_missing_checkpoints_and_sample_level_dp(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    with pytest.raises(ConfigError, match="no results.json"):
+        resume_config(run)
+    flat = tiny_config().to_flat()
+    (run / "results.json").write_text(json.dumps({"status": "completed", "config": flat, "rounds": []}))
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        resume_config(run)
+    (run / "results.json").write_text(json.dumps({"status": "running", "config": flat, "rounds": []}))
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        resume_config(run)
+    (run / "checkpoint.json").write_text("{}")
+    (run / "checkpoint.npz").write_bytes(b"")
+    dp = tiny_config(**{"dp.mode": "sample"}).to_flat()
+    (run / "results.json").write_text(json.dumps({"status": "interrupted", "config": dp, "rounds": []}))
+    with pytest.raises(ConfigError, match="under-report epsilon"):
+        resume_config(run)
+    assert main(["simulate", "--resume", str(run), "--out", str(tmp_path / "x")]) == 2
