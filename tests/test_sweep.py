@@ -170,7 +170,7 @@ def test_a_run_that_crashes_is_recorded_as_failed_and_the_sweep_goes_on_and_the_
 
 
 @pytest.mark.slow
-def test_sweep_of_the_tiny_config_resumes_by_skipping_every_finished_run_then_reports(tiny_toml, tmp_path):
+def test_sweep_of_the_tiny_config_skips_finished_runs_resumes_a_killed_one_then_reports(tiny_toml, tmp_path):
     pytest.importorskip("simulations.inprocess")
     out, report = tmp_path / "out", tmp_path / "report"
     argv = [
@@ -192,6 +192,13 @@ def test_sweep_of_the_tiny_config_resumes_by_skipping_every_finished_run_then_re
     stamps = [f.stat().st_mtime_ns for f in files]
     assert main(argv) == 0  # the same command again: every run is already completed
     assert [f.stat().st_mtime_ns for f in files] == stamps
+    killed = json.loads(files[3].read_text())  # as if killed after its checkpoint, before the final write
+    files[3].write_text(json.dumps({**killed, "status": "running"}))
+    assert main(argv) == 0
+    runs = json.loads((out / "sweep.json").read_text())["runs"]
+    assert [r.get("resumed") for r in runs] == [None, None, None, True]  # only that one ran, from its checkpoint
+    assert json.loads(files[3].read_text())["status"] == "completed"
+    assert [f.stat().st_mtime_ns for f in files[:3]] == stamps[:3]
     assert main(["report", str(out), "--out", str(report), "--target", "0.5"]) == 0
     data = json.loads((report / "report.json").read_text())
     assert [(g["label"], g["n"]) for g in data["groups"]] == [("tiny: train.lr=0.001", 2), ("tiny: train.lr=0.01", 2)]
