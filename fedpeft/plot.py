@@ -1,4 +1,4 @@
-"""Plots drawn from results files only (nothing here trains)."""
+"""Plots drawn from results files only (nothing here trains); several seeds of one experiment draw a CI band."""
 
 from __future__ import annotations
 
@@ -9,8 +9,17 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from fedpeft.results import load_results, round_metrics  # noqa: E402
+from fedpeft.results import (  # noqa: E402
+    experiment_config,
+    group_by_experiment,
+    group_labels,
+    load_results,
+    round_metrics,
+)
+from fedpeft.stats import curve_band  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -31,58 +40,75 @@ def plot_runs(
 ) -> Path:
     """Accuracy vs cumulative uplink bytes (log x) and accuracy vs round, one line per run.
 
-    ``total_bytes=True`` adds a panel of accuracy vs cumulative payload bytes in both
-    directions (uplink + downlink); ``target`` draws a dashed line at that accuracy.
+    Runs that differ only in their seed form one group, drawn as its mean with a shaded
+    95% Student-t confidence band (see :func:`plot_groups`). ``total_bytes=True`` adds a
+    panel of accuracy vs cumulative payload bytes in both directions (uplink + downlink);
+    ``target`` draws a dashed line at that accuracy.
     """
     if not paths:
         raise ValueError("give at least one run folder or results.json to plot")
+    files = list(dict.fromkeys((Path(p) / "results.json" if Path(p).is_dir() else Path(p)).resolve() for p in paths))
+    loaded = [load_results(p) for p in files]  # a run given twice (folder and file) is one run
+    groups = [[loaded[i] for i in idx] for idx in group_by_experiment(loaded)]
+    labels = [run_label(g[0]) for g in groups]
+    if len(set(labels)) < len(labels):  # same name/strategy/method/quantization: name what differs
+        labels = group_labels([experiment_config(g[0]["config"]) for g in groups])
+    return plot_groups(list(zip(labels, groups, strict=True)), out, title, total_bytes=total_bytes, target=target)
+
+
+def plot_groups(
+    groups: list[tuple[str, list[dict]]],
+    out: str | Path,
+    title: str | None = None,
+    *,
+    metric: str = "accuracy",
+    total_bytes: bool = False,
+    target: float | None = None,
+    level: float = 0.95,
+) -> Path:
+    """``metric`` vs cumulative uplink bytes (log x) and vs round, one line or band per group.
+
+    ``groups`` holds ``(label, [results of each seed])``. A group of one run is drawn as
+    that run's line; a larger group as the mean over its seeds with a shaded Student-t
+    ``level`` confidence band, on the rounds every seed evaluated (the bytes axis places
+    each round at the seeds' mean cumulative bytes).
+    """
     if total_bytes:
         fig, (ax_bytes, ax_total, ax_round) = plt.subplots(1, 3, figsize=(17, 4.5))
     else:
         fig, (ax_bytes, ax_round) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for path in paths:
-        results = load_results(path)
-        rows = [r for r in round_metrics(results) if r.get("accuracy") is not None]
-        label = run_label(results)
-        seeded = f"{label} (seed {results['config']['seed']})"
-        with_bytes = [r for r in rows if r["cum_uplink_payload_bytes"] > 0]
-        line = ax_bytes.plot(
-            [r["cum_uplink_payload_bytes"] for r in with_bytes],
-            [r["accuracy"] for r in with_bytes],
-            marker="o",
-            label=seeded,
-        )[0]
-        ax_round.plot(
-            [r["round"] for r in rows], [r["accuracy"] for r in rows], marker="o", color=line.get_color(), label=seeded
-        )
-        if total_bytes:
-            both = [r for r in rows if r["cum_total_payload_bytes"] > 0]
-            ax_total.plot(
-                [r["cum_total_payload_bytes"] for r in both],
-                [r["accuracy"] for r in both],
-                marker="o",
-                color=line.get_color(),
-            )
-    ax_bytes.set_xscale("log")
-    ax_bytes.set_xlabel("cumulative uplink payload bytes (all clients, log scale)")
-    ax_bytes.set_ylabel("held-out accuracy")
-    ax_bytes.set_title("accuracy vs communication")
-    if total_bytes:
-        ax_total.set_xscale("log")
-        ax_total.set_xlabel("cumulative payload bytes, uplink + downlink (log scale)")
-        ax_total.set_ylabel("held-out accuracy")
-        ax_total.set_title("accuracy vs total communication")
-        ax_total.grid(True, alpha=0.3)
+        ax_total = None
+    ylabel = f"held-out {metric.replace('_', ' ')}"
+    for label, runs in groups:
+        color = None
+        for ax, xkey in (
+            (ax_bytes, "cum_uplink_payload_bytes"),
+            (ax_total, "cum_total_payload_bytes"),
+            (ax_round, "round"),
+        ):
+            if ax is None:
+                continue
+            color = _draw(ax, runs, metric, xkey, label, color, level)
+    panels = [(ax_bytes, "cumulative uplink payload bytes (all clients, log scale)", "vs communication")]
+    if ax_total is not None:
+        panels.append((ax_total, "cumulative payload bytes, uplink + downlink (log scale)", "vs total communication"))
+    for ax, xlabel, what in panels:
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_title(f"{metric.replace('_', ' ')} {what}")
     ax_round.set_xlabel("server round (0 = before training)")
-    ax_round.set_ylabel("held-out accuracy")
-    ax_round.set_title("accuracy vs round")
-    for ax in (ax_bytes, ax_round):
+    ax_round.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_round.set_title(f"{metric.replace('_', ' ')} vs round")
+    for ax, _, _ in [*panels, (ax_round, None, None)]:
+        ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
-    if target is not None:
-        for ax in (ax_bytes, ax_round) + ((ax_total,) if total_bytes else ()):
+        if target is not None:
             ax.axhline(target, color="grey", linestyle="--", linewidth=1)
+    if target is not None:
         ax_round.text(0, target, f" target {target:g}", va="bottom", fontsize=8, color="grey")
     ax_round.legend(fontsize=8, loc="lower right")
+    if any(len(runs) > 1 for _, runs in groups):
+        fig.text(0.01, 0.01, f"bands: {level:.0%} CI of the mean, Student-t over seeds", fontsize=8, color="grey")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -92,6 +118,28 @@ def plot_runs(
     plt.close(fig)
     log.info("wrote %s", out)
     return out
+
+
+def _draw(ax, runs: list[dict], metric: str, xkey: str, label: str, color, level: float):
+    """One group on one panel: a line (one run) or a mean line with a CI band; returns its colour."""
+    curves = []
+    for res in runs:
+        rows = [r for r in round_metrics(res) if r.get(metric) is not None]
+        curves.append({r["round"]: (r[xkey], r[metric]) for r in rows})
+    rounds, x_mean, _, _ = curve_band([{k: v[0] for k, v in c.items()} for c in curves], level)
+    _, y_mean, y_half, _ = curve_band([{k: v[1] for k, v in c.items()} for c in curves], level)
+    keep = [i for i in range(len(rounds)) if xkey == "round" or x_mean[i] > 0]  # log axes start after round 0
+    x = np.array([x_mean[i] for i in keep])
+    y = np.array([y_mean[i] for i in keep])
+    if len(runs) == 1:
+        label = f"{label} (seed {runs[0]['config'].get('seed')})"
+    else:
+        label = f"{label} ({len(runs)} seeds)"
+    line = ax.plot(x, y, marker="o", markersize=3 if len(runs) > 1 else 6, color=color, label=label)[0]
+    if len(runs) > 1:
+        half = np.array([y_half[i] for i in keep])
+        ax.fill_between(x, y - half, y + half, color=line.get_color(), alpha=0.2, linewidth=0)
+    return line.get_color()
 
 
 def target_table(paths: list[str | Path], target: float) -> str:

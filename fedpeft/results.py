@@ -101,3 +101,35 @@ def bytes_to_target(results: dict[str, Any], target: float, metric: str = "accur
                 "total_payload_bytes": row["cum_total_payload_bytes"],
             }
     return None
+
+
+def experiment_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The flat config minus what does not define the experiment: what runs of one group share.
+
+    Dropped: ``seed`` (what a group averages over), ``out-dir`` (where the results go) and
+    the ``simulation.*`` keys (Ray resources and the server's patience: how a run is
+    scheduled, not what it computes).
+    """
+    return {k: v for k, v in config.items() if k not in ("seed", "out-dir") and not k.startswith("simulation.")}
+
+
+def group_by_experiment(results: list[dict[str, Any]]) -> list[list[int]]:
+    """Indices of ``results`` grouped by :func:`experiment_config`, groups in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for i, res in enumerate(results):
+        key = json.dumps(experiment_config(res["config"]), sort_keys=True, default=str)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def group_labels(configs: list[dict[str, Any]]) -> list[str]:
+    """One legend/table label per group config: its ``name``, plus, where several groups share that
+    name, the keys whose values differ among them (``quickstart: train.lr=0.01``)."""
+    labels = []
+    for c in configs:
+        peers = [d for d in configs if d.get("name") == c.get("name")]
+        keys = sorted({k for d in peers for k in d} - {"name"})
+        differ = [k for k in keys if len({json.dumps(d.get(k), default=str) for d in peers}) > 1]
+        extra = ", ".join(f"{k}={c.get(k)}" for k in differ)
+        labels.append(f"{c.get('name', '?')}: {extra}" if extra else str(c.get("name", "?")))
+    return labels

@@ -1,4 +1,4 @@
-"""The one launcher: ``fedpeft simulate`` / ``fedpeft plot`` (also ``python -m simulations.run``).
+"""The one launcher: ``fedpeft simulate`` / ``plot`` / ``sweep`` / ``report`` (also ``python -m simulations.run``).
 
 This is the only file that knows how Flower is started. Local runs use Flower's
 simulation engine (Ray backend) through ``flwr.simulation.run_simulation``; the same
@@ -20,7 +20,10 @@ from pathlib import Path
 
 from fedpeft.config import ConfigError, ExperimentConfig, load_config, parse_override
 from fedpeft.plot import plot_runs, target_table
+from fedpeft.report import add_parser as add_report_parser
+from fedpeft.report import write_report
 from fedpeft.results import default_run_dir, load_results
+from simulations.experiments import sweep
 from simulations.inprocess import num_nodes
 from simulations.interrupt import RunInterrupted, stop_on_sigint
 from simulations.quiet import quiet_run_logs
@@ -143,6 +146,8 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument(
         "--target", type=float, help="accuracy target: draw it and print the bytes each run needed to reach it"
     )
+    sweep.add_parser(sub)
+    add_report_parser(sub)
     sub.add_parser("deploy", help="certs | memory | loopback: Flower's deployment runtime (simulations/deploy.py)")
     return parser
 
@@ -167,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
             print(plot_runs(args.runs, args.out, title=args.title, total_bytes=args.total_bytes, target=args.target))
             if args.target is not None:
                 print(target_table(args.runs, args.target))
+            return 0
+        if args.command == "sweep":
+            return sweep.main(args, argv)
+        if args.command == "report":
+            summary = write_report(args.dir, args.out, target=args.target)
+            print(f"{len(summary['groups'])} groups: {Path(args.out) / 'report.md'}")
             return 0
         if args.resume:
             if args.config or args.overrides or args.out:
