@@ -27,6 +27,8 @@ class ConfigError(ValueError):
 
 
 # Allowed values for string fields: "<section>.<field>" -> choices.
+FAULT_KINDS = ("crash", "hang", "nan", "inf", "shape", "metrics", "slow")
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.quantization": ("none", "int8", "nf4"),
     "model.device": ("auto", "cpu", "cuda"),
@@ -224,6 +226,22 @@ class ClientsConfig:
     rank_profile: str = ""
 
 
+@dataclass(frozen=True)
+class FaultsConfig:
+    """Client faults injected in simulation, for robustness tests (simulations/faults.py).
+
+    Each client-round draws, from ``derive_seed(seed, "fault", round, partition)``, whether
+    it fails (probability ``rate``) and how (one of ``kinds``, uniformly): ``crash`` raises,
+    ``hang`` answers after ``simulation.round-timeout-s``, ``nan`` / ``inf`` / ``shape``
+    corrupt the delta, ``metrics`` reports ``num-examples = inf``, ``slow`` answers
+    ``slow-s`` late but in time.
+    """
+
+    rate: float = 0.0
+    kinds: str = "crash,hang,nan,inf,shape,metrics,slow"
+    slow_s: float = 0.5
+
+
 SECTIONS = {
     "model": ModelConfig,
     "peft": PeftConfig,
@@ -236,6 +254,7 @@ SECTIONS = {
     "spsa": SpsaConfig,
     "simulation": SimulationConfig,
     "clients": ClientsConfig,
+    "faults": FaultsConfig,
 }
 
 
@@ -260,6 +279,7 @@ class ExperimentConfig:
     spsa: SpsaConfig = field(default_factory=SpsaConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -430,7 +450,27 @@ def _validate(cfg: ExperimentConfig) -> None:
     _check(cfg.simulation.torch_threads >= 1, "simulation.torch-threads", ">= 1", cfg.simulation.torch_threads)
     _check(cfg.simulation.round_timeout_s > 0, "simulation.round-timeout-s", "> 0", cfg.simulation.round_timeout_s)
     _check(cfg.simulation.node_wait_s > 0, "simulation.node-wait-s", "> 0", cfg.simulation.node_wait_s)
-    _check(cfg.simulation.cohort_size >= 1, "simulation.cohort-size", ">= 1 (1 = one client per node)", cfg.simulation.cohort_size)
+    _check(0.0 <= cfg.faults.rate <= 1.0, "faults.rate", "in [0, 1] (0 = no injected faults)", cfg.faults.rate)
+    _check(cfg.faults.slow_s >= 0, "faults.slow-s", ">= 0", cfg.faults.slow_s)
+    unknown = [k for k in cfg.faults.kinds.split(",") if k.strip() not in FAULT_KINDS]
+    _check(
+        not unknown and cfg.faults.kinds.strip() != "",
+        "faults.kinds",
+        f"a comma list of {FAULT_KINDS}",
+        cfg.faults.kinds,
+    )
+    _check(
+        cfg.faults.rate == 0 or cfg.simulation.cohort_size == 1,
+        "faults.rate",
+        "0 when simulation.cohort-size > 1 (faults are injected per one-client node)",
+        cfg.faults.rate,
+    )
+    _check(
+        cfg.simulation.cohort_size >= 1,
+        "simulation.cohort-size",
+        ">= 1 (1 = one client per node)",
+        cfg.simulation.cohort_size,
+    )
 
 
 def parse_label_prompts(text: str) -> dict[str, str]:

@@ -8,10 +8,12 @@ config comes from Flower's ``run_config`` (pyproject defaults, ``flwr run
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from fedpeft.config import ConfigError, ExperimentConfig
 from simulations.cohort import (
@@ -26,6 +28,7 @@ from simulations.cohort import (
     unpack,
 )
 from simulations.deploy.warm_worker import make_warm_worker_mod
+from simulations.faults import fault_mod
 from simulations.node import DP_STATE_KEY, experiment_config, node_data_path, partition_id
 from simulations.quiet import quiet_libraries
 from strategies.base import CONTRACT_KEY, KIND_DELTA, contract_record
@@ -36,6 +39,7 @@ from strategies.base import CONTRACT_KEY, KIND_DELTA, contract_record
 # here would cost ~1.5 s per message for nothing.
 
 quiet_libraries()
+log = logging.getLogger(__name__)
 
 
 def first_order_train(content: RecordDict, context: Context, cfg: ExperimentConfig) -> RecordDict:
@@ -165,7 +169,7 @@ def run_cohort(handler, packed: RecordDict, context: Context, cfg: ExperimentCon
 def build_client_app(overrides: dict[str, Any] | None = None, mods: list | None = None) -> ClientApp:
     """A ClientApp whose config is ``run_config`` overlaid with ``overrides``; ``mods`` are Flower mods."""
     overrides = dict(overrides or {})
-    app = ClientApp(mods=mods or [])
+    app = ClientApp(mods=[*(mods or []), fault_mod(overrides)])
 
     def serve(handler, msg: Message, context: Context) -> Message:
         from fedpeft.task import set_threads
@@ -175,7 +179,12 @@ def build_client_app(overrides: dict[str, Any] | None = None, mods: list | None 
             set_threads(max(cfg.simulation.torch_threads, int(cfg.simulation.num_cpus_per_client)))
             return Message(run_cohort(handler, msg.content, context, cfg), reply_to=msg)
         set_threads(cfg.simulation.torch_threads)
-        return Message(handler(msg.content, context, cfg), reply_to=msg)
+        try:
+            return Message(handler(msg.content, context, cfg), reply_to=msg)
+        except Exception as err:  # the reply keeps the client's own error (engines would wrap it)
+            log.exception("%s handler failed", msg.metadata.message_type)
+            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err).__name__}: {err}")
+            return Message(error, reply_to=msg)
 
     app.query()(lambda msg, context: serve(query, msg, context))
     app.train()(lambda msg, context: serve(train, msg, context))

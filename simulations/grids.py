@@ -156,10 +156,21 @@ class InMemoryGrid(Grid):
         One node config per node (e.g. ``{"partition-id": i, "num-partitions": n}``).
     run_id : int
         The run id messages carry.
+    reply_timeout_s : float, optional
+        A reply whose handling took longer is dropped, as if it arrived after the round's
+        timeout (clients run one after another here, so each is timed on its own).
     """
 
-    def __init__(self, client_app, run_config: dict, node_configs: list[dict], run_id: int = 1) -> None:
+    def __init__(
+        self,
+        client_app,
+        run_config: dict,
+        node_configs: list[dict],
+        run_id: int = 1,
+        reply_timeout_s: float | None = None,
+    ) -> None:
         self.client_app = client_app
+        self.reply_timeout_s = reply_timeout_s
         self._run_id = run_id
         self.node_ids = [1000 + i for i in range(len(node_configs))]
         self.contexts = {
@@ -197,7 +208,14 @@ class InMemoryGrid(Grid):
         ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # as Flower's own grids do
-            self._replies[msg.metadata.message_id] = self._deliver(msg)
+            t0 = time.monotonic()
+            reply = self._deliver(msg)
+            if self.reply_timeout_s is None or time.monotonic() - t0 <= self.reply_timeout_s:
+                self._replies[msg.metadata.message_id] = reply
+            else:
+                log.warning(
+                    "node %d replied after the %.1f s timeout; dropped", msg.metadata.dst_node_id, self.reply_timeout_s
+                )
             ids.append(msg.metadata.message_id)
         return ids
 

@@ -44,6 +44,7 @@ def run_in_process(
         build_client_app(mods=client_mods),
         run_config=flat,
         node_configs=[{"partition-id": p, "num-partitions": n} for p in range(n)],
+        reply_timeout_s=cfg.simulation.round_timeout_s,
     )
     run_experiment(grid, cfg, run_dir, resume=resume)
     return run_dir / "results.json"

@@ -47,6 +47,23 @@ class ContractError(RuntimeError):
     """Every reply of a round broke the message contract (e.g. full weights to a delta strategy)."""
 
 
+def client_error(reason: str, limit: int = 1000) -> str:
+    """The client's own error from a Flower error reason, without the engine's wrapping.
+
+    fedpeft's ClientApp replies ``"<ExceptionType>: <message>"`` itself; an exception that
+    escapes to Flower's Ray engine arrives wrapped in a Ray traceback whose useful part is
+    the ``Message: ...`` of Flower's ClientAppException (or the last line of a traceback).
+    """
+    text = str(reason)
+    marker = "occurred. Message: "
+    if marker in text:
+        text = text.split(marker, 1)[1].splitlines()[0].rstrip("'>\" ")
+    elif "Traceback" in text:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        text = next((line for line in reversed(lines) if ": " in line), lines[-1])
+    return text[:limit]
+
+
 def contract_record(kind: str) -> ConfigRecord:
     """The ConfigRecord a ClientApp adds to a train reply carrying ``kind``."""
     return ConfigRecord({"kind": kind})

@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedpeft.records import record_to_state, state_to_record
 from fedpeft.state import DeltaError, State, apply_delta, check_metric, check_state, linear_combination
-from strategies.base import KIND_DELTA, ContractError, Reporter, contract_violation, no_report
+from strategies.base import KIND_DELTA, ContractError, Reporter, client_error, contract_violation, no_report
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +229,9 @@ class FedAvgPEFT(FedAvg):
             pid = self.partition_of(msg.metadata.src_node_id)
             answered.add(pid)
             if msg.has_error():
-                log.warning("round %d: partition %s failed: %s", server_round, pid, msg.error.reason)
-                self.outcome["failed"].append({"partition_id": pid, "reason": str(msg.error.reason)})
+                reason = client_error(msg.error.reason)
+                log.warning("round %d: partition %s failed: %s", server_round, pid, reason)
+                self.outcome["failed"].append({"partition_id": pid, "reason": reason})
                 continue
             metrics = dict(next(iter(msg.content.metric_records.values()), {}))
             try:
