@@ -7,6 +7,8 @@ are the sizes the clients will get. No model weight is read; no Flower or Ray im
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +29,8 @@ def check_data_and_plan(cfg: ExperimentConfig, report) -> Plan:
     from fedpeft import data, partition
 
     try:
-        splits = data.load_splits(cfg.data)
+        with _quiet_datasets():
+            splits = data.load_splits(cfg.data)
     except (ConnectionError, OSError) as err:
         if isinstance(err, FileNotFoundError):
             raise
@@ -59,6 +62,22 @@ def check_data_and_plan(cfg: ExperimentConfig, report) -> Plan:
     )
     report.summary.append(f"privacy: {plan_privacy(cfg, sizes, online)}")
     return Plan(names, sizes)
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No "Generating train split" progress bars or parser tracebacks around the check's own messages."""
+    import datasets
+
+    was, level = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+        if was:
+            datasets.enable_progress_bars()
 
 
 def check_batch_size(cfg: ExperimentConfig, sizes: tuple[int, ...], report) -> None:

@@ -120,7 +120,7 @@ def _load_local_table(path: Path, name: str):
         raise FileNotFoundError(f"data.dataset={name!r} does not exist; give an existing file or an HF dataset name")
     if path.suffix != ".parquet":
         try:
-            path.read_bytes().decode("utf-8")
+            text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as err:
             raise ValueError(
                 f"data.dataset={name!r} is not UTF-8 ({err.reason} at byte {err.start}); re-save it as UTF-8 "
@@ -128,6 +128,9 @@ def _load_local_table(path: Path, name: str):
             ) from None
         except OSError as err:
             raise ValueError(f"data.dataset={name!r} cannot be read ({err.strerror}); check its permissions") from None
+        lines = [line for line in text.splitlines() if line.strip()]
+        if len(lines) <= int(path.suffix in (".csv", ".tsv")):
+            raise ValueError(f"data.dataset={name!r} has no data rows; give a file with a header and rows")
     builder = {".jsonl": "json", ".tsv": "csv"}.get(path.suffix, path.suffix[1:])
     extra = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
     try:
