@@ -507,7 +507,8 @@ def _validate_dp(cfg: ExperimentConfig) -> None:
     _check(
         not (dp.mode == "client" and cfg.strategy.name == "spsa"),
         "dp.mode",
-        "'sample' with strategy.name='spsa' (client-level DP clips array deltas; SPSA clients send one-byte codes)",
+        "'none' or 'sample' with SPSA (client-level DP clips array deltas, SPSA clients send one-byte codes); "
+        "use dp.mode='sample' with strategy.name='spsa' (DPZero)",
         dp.mode,
     )
     if dp.mode == "client":

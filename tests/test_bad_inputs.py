@@ -109,7 +109,7 @@ CASES = [
                                                 "--set", "participation.min-clients=5"],
      ["participation.min-clients", "<= partition.num-partitions=3"]),
     ("client-dp-with-spsa", lambda t: ["check", str(_config(t)), "--set", "strategy.name=spsa", "--set",
-                                       "dp.mode=client"], ["dp.mode", "'sample' with strategy.name='spsa'"]),
+                                       "dp.mode=client"], ["dp.mode", "use dp.mode='sample' with strategy.name='spsa'"]),
     # --- data files and columns
     ("csv-missing", lambda t: ["check", str(_config(t, data=t / "gone.csv"))], ["gone.csv", "give an existing file"]),
     ("text-column-missing", lambda t: ["check", str(_config(t)), "--set", "data.text-column=review"],
