@@ -13,7 +13,6 @@ except where a config file carries them and the switch was turned off on the com
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import logging
 import time
@@ -138,6 +137,11 @@ def check_settings(cfg: ExperimentConfig, sources: Sources) -> list[str]:
             warnings.append(text)
         else:
             errors.append(text)
+    if cfg.dp.mode == "client" and cfg.strategy.name == "spsa":
+        errors.append(
+            "dp.mode='client' clips array deltas, but SPSA clients send one-byte codes; "
+            "use dp.mode='sample' with strategy.name='spsa' (DPZero)"
+        )
     if errors:
         raise ConfigError("\n  ".join(errors))
     return warnings
@@ -215,9 +219,10 @@ def check_model(cfg: ExperimentConfig, num_labels: int) -> ModelFacts:
 def _count_trainable(model, cfg: ExperimentConfig) -> int | None:
     """Trainable scalars of ``cfg.peft`` on ``model``, counted from shapes (peft itself is not imported).
 
-    LoRA adds r (in + out) per adapted linear module; the head (``modules_to_save``) trains
-    in full with ``peft.train-head``; BitFit trains every bias. ``ia3`` / ``prompt``: None
-    (their shapes come from peft's per-architecture tables; the run prints the count).
+    LoRA adds r (in + out) per adapted linear module; prompt tuning one embedding row per
+    virtual token; the head (``modules_to_save``) trains in full with ``peft.train-head``;
+    BitFit trains every bias. ``ia3``: None
+    (IA3's modules come from peft's per-architecture tables; the run prints the count).
     """
     from fedpeft import adapters, backbone
 
@@ -235,6 +240,8 @@ def _count_trainable(model, cfg: ExperimentConfig) -> int | None:
             0 if cfg.peft.train_head else sum(p.numel() for n, p in head.named_parameters() if n.endswith("bias"))
         )
         return biases + head_count + head_bias
+    if cfg.peft.method == "prompt":  # peft's PromptEmbedding: one token-embedding row per virtual token
+        return cfg.peft.num_virtual_tokens * model.get_input_embeddings().embedding_dim + head_count
     if cfg.peft.method != "lora":
         return None
     modules = dict(model.named_modules())
@@ -318,4 +325,4 @@ def check_experiment(cfg: ExperimentConfig, sources: Sources | None = None) -> C
         f"prompt head {'on' if cfg.model.head_init == 'prompts' else 'off'}",
     )
     report.seconds = time.monotonic() - t0
-    return dataclasses.replace(report)
+    return report

@@ -59,6 +59,13 @@ class Uniform:
     min_clients: int
     seed: int
 
+    def __post_init__(self) -> None:
+        if self.min_clients > self.num_clients:  # no silent clamp: the run could never pick that many
+            raise ValueError(
+                f"participation.min-clients={self.min_clients} is more than the {self.num_clients} clients; "
+                f"set participation.min-clients <= partition.num-partitions={self.num_clients}"
+            )
+
     @property
     def size(self) -> int:
         """Clients online per round."""

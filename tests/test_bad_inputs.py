@@ -81,9 +81,11 @@ def _trace(tmp: Path, matrix) -> Path:
 CASES = [
     # --- config files and overrides
     ("empty-config", lambda t: ["check", str(_blank(t / "e.toml", ""))], ["e.toml", "is empty", "name ="]),
-    ("toml-syntax", lambda t: ["check", str(_blank(t / "s.toml", "name = \n"))], ["s.toml", "not valid TOML"]),
-    ("toml-not-utf8", lambda t: ["check", str(_blank(t / "u.toml", b'name = "\xe9"\n'))], ["u.toml", "not UTF-8"]),
+    ("toml-syntax", lambda t: ["check", str(_blank(t / "s.toml", "name = \n"))], ["s.toml", "not readable UTF-8 TOML", "at line 1", "fix that line"]),
+    ("toml-not-utf8", lambda t: ["check", str(_blank(t / "u.toml", b'name = "\xe9"\n'))], ["u.toml", "not readable UTF-8 TOML", "0xe9"]),
     ("config-missing", lambda t: ["check", str(t / "nope.toml")], ["nope.toml", "simulations/configs"]),
+    ("config-is-a-folder", lambda t: ["check", str(t)], ["is a folder", "pass one of its .toml files"]),
+    ("unknown-command", lambda t: ["chek", str(_config(t))], ["invalid choice: 'chek'", "choose from"]),
     ("key-typo", lambda t: ["check", str(_edit(t, "train", "lrr = 0.1"))], ["train.lrr", "did you mean train.lr"]),
     ("lr-inf", lambda t: ["check", str(_config(t)), "--set", "train.lr=inf"], ["train.lr", "finite"]),
     ("lr-nan", lambda t: ["check", str(_config(t)), "--set", "train.lr=nan"], ["train.lr", "finite"]),
@@ -108,8 +110,11 @@ CASES = [
     ("min-clients-above-partitions", lambda t: ["check", str(_config(t)), "--set", "participation.model=uniform",
                                                 "--set", "participation.min-clients=5"],
      ["participation.min-clients", "<= partition.num-partitions=3"]),
+    ("nobody-ever-online", lambda t: ["check", str(_config(t)), "--set", "participation.model=uniform", "--set",
+                                      "participation.fraction=0.01", "--set", "participation.min-clients=0"],
+     ["participation.model='uniform' puts no client online", "raise the participation probabilities"]),
     ("client-dp-with-spsa", lambda t: ["check", str(_config(t)), "--set", "strategy.name=spsa", "--set",
-                                       "dp.mode=client"], ["dp.mode", "use dp.mode='sample' with strategy.name='spsa'"]),
+                                       "dp.mode=client", "--set", "strategy.weighting=uniform"], ["dp.mode", "use dp.mode='sample' with strategy.name='spsa'"]),
     # --- data files and columns
     ("csv-missing", lambda t: ["check", str(_config(t, data=t / "gone.csv"))], ["gone.csv", "give an existing file"]),
     ("text-column-missing", lambda t: ["check", str(_config(t)), "--set", "data.text-column=review"],
@@ -309,3 +314,20 @@ def test_the_check_path_never_imports_ray_or_flowers_simulation_engine(tmp_path)
         [sys.executable, "-c", NO_RAY_SCRIPT.format(argvs=argvs)], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert proc.stdout.strip().splitlines()[-1] == "[0, 2, 2, 2, 2, 2] False False", proc.stderr[-2000:]
+
+
+def test_injecting_lora_with_a_target_that_matches_no_module_names_the_entry_and_the_candidates():
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from fedpeft.adapters import inject_adapters
+    from fedpeft.backbone import resolve_model_path
+    from fedpeft.config import ConfigError, PeftConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_path("embedded"), num_labels=2)
+    with torch.device("meta"):  # module names without weights
+        model = AutoModelForSequenceClassification.from_config(config)
+    with pytest.raises(
+        ConfigError, match=r"\['querry'\] match no module .* named classifier, dense, key, query, value"
+    ):
+        inject_adapters(model, PeftConfig(target_modules="querry,value"))
