@@ -108,7 +108,50 @@ INACTIVE_RULES: tuple[Rule, ...] = (
      _keys("model", "label-prompts head-scale")),
     ("train.local-steps", lambda c: "a step count replaces epochs" if c.train.local_steps > 0 else None,
      ("train.local-epochs",)),
+    ("data.dataset", lambda c: "a split is chosen on HF datasets only" if _is_file_or_embedded(c) else None,
+     ("data.split",)),
+    ("model.device", lambda c: "clients run on the CPU" if c.model.device == "cpu" else None,
+     ("simulation.num-gpus-per-client",)),
 )  # fmt: skip
+
+
+def _is_file_or_embedded(cfg: ExperimentConfig) -> bool:
+    from fedpeft.data import LOCAL_SUFFIXES
+
+    return cfg.data.dataset == "embedded" or Path(cfg.data.dataset).suffix in LOCAL_SUFFIXES
+
+
+def check_resources(cfg: ExperimentConfig) -> list[str]:
+    """Ray never places a client that asks for more CPUs / GPUs than exist: the run would wait forever.
+
+    With a Ray cluster running (``ray start``), its other machines may have them: a warning.
+    """
+    import os
+
+    import torch
+
+    sim = cfg.simulation
+    problems = []
+    if sim.num_cpus_per_client > (os.cpu_count() or 1):
+        problems.append(
+            f"simulation.num-cpus-per-client={sim.num_cpus_per_client:g} is more than this machine's "
+            f"{os.cpu_count()} CPUs, so no client could start; set it <= {os.cpu_count()}"
+        )
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if sim.num_gpus_per_client > 0 and gpus == 0:
+        problems.append(
+            f"simulation.num-gpus-per-client={sim.num_gpus_per_client:g} but this machine has no CUDA GPU, "
+            "so no client could start; set it to 0"
+        )
+    if not problems:
+        return []
+    if Path(RAY_CLUSTER_FILE).is_file():
+        return [p + " (a Ray cluster is running: fine if its other machines have them)" for p in problems]
+    raise ConfigError("\n  ".join(problems))
+
+
+#: written by ``ray start``; Ray attaches to that cluster instead of starting a local one
+RAY_CLUSTER_FILE = "/tmp/ray/ray_current_cluster"
 
 
 def inactive_settings(cfg: ExperimentConfig) -> list[tuple[str, str, str]]:
@@ -309,6 +352,7 @@ def check_experiment(cfg: ExperimentConfig, sources: Sources | None = None) -> C
     t0 = time.monotonic()
     report = CheckReport()
     report.warnings += check_settings(cfg, sources or Sources())
+    report.warnings += check_resources(cfg)
     check_trace(cfg)
     plan = check_data_and_plan(cfg, report)
     facts = check_model(cfg, len(plan.label_names))
