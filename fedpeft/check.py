@@ -116,9 +116,8 @@ INACTIVE_RULES: tuple[Rule, ...] = (
 
 
 def _is_file_or_embedded(cfg: ExperimentConfig) -> bool:
-    from fedpeft.data import LOCAL_SUFFIXES
-
-    return cfg.data.dataset == "embedded" or Path(cfg.data.dataset).suffix in LOCAL_SUFFIXES
+    local_suffixes = (".csv", ".json", ".jsonl", ".parquet", ".tsv")  # fedpeft.data.LOCAL_SUFFIXES, without torch
+    return cfg.data.dataset == "embedded" or Path(cfg.data.dataset).suffix in local_suffixes
 
 
 def check_resources(cfg: ExperimentConfig) -> list[str]:
@@ -347,16 +346,18 @@ def check_experiment(cfg: ExperimentConfig, sources: Sources | None = None) -> C
     ConfigError, ValueError, FileNotFoundError
         With a message naming the key or file and the fix.
     """
-    from fedpeft.check_plan import check_data_and_plan
+    from fedpeft.check_plan import check_plan, load_checked_splits
 
     t0 = time.monotonic()
     report = CheckReport()
     report.warnings += check_settings(cfg, sources or Sources())
-    report.warnings += check_resources(cfg)
     check_trace(cfg)
-    plan = check_data_and_plan(cfg, report)
-    facts = check_model(cfg, len(plan.label_names))
-    check_prompts(cfg, plan.label_names)
+    splits = load_checked_splits(cfg, report)
+    report.warnings += check_resources(cfg)
+    names = splits.train.label_names
+    facts = check_model(cfg, len(names))  # before partitioning: a module-name typo fails a few seconds sooner
+    check_prompts(cfg, names)
+    check_plan(cfg, splits, report)
     method = f"{cfg.peft.method}" + (
         f" r={cfg.peft.lora_rank} on {cfg.peft.target_modules}" if cfg.peft.method == "lora" else ""
     )

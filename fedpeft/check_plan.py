@@ -9,24 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 
 from fedpeft.config import ConfigError, ExperimentConfig
 
 
-@dataclass(frozen=True)
-class Plan:
-    """The data facts the model check needs."""
-
-    label_names: tuple[str, ...]
-    sizes: tuple[int, ...]
-
-
-def check_data_and_plan(cfg: ExperimentConfig, report) -> Plan:
-    """Load the data, partition it, plan participation and privacy; add summary lines to ``report``."""
-    from fedpeft import data, partition
+def load_checked_splits(cfg: ExperimentConfig, report):
+    """The run's train pool and test set (the same ``load_splits`` the clients call); summary lines."""
+    from fedpeft import data
 
     try:
         with _quiet_datasets():
@@ -38,30 +29,36 @@ def check_data_and_plan(cfg: ExperimentConfig, report) -> Plan:
             f"data.dataset={cfg.data.dataset!r} could not be loaded ({type(err).__name__}: {err}); "
             "check the name, or pass a local CSV / JSON / Parquet file"
         ) from None
-    names = splits.train.label_names
-    parts = partition.partition_indices(splits.train.labels, cfg.partition, cfg.seed)
-    sizes = tuple(len(p) for p in parts)
     report.summary.append(
         f"run: {cfg.name}, seed {cfg.seed}, {cfg.num_rounds} rounds, strategy {cfg.strategy.name}, "
         f"participation {cfg.participation.model}"
     )
     report.summary.append(
         f"data: {cfg.data.dataset}: {len(splits.train)} training rows, {len(splits.test)} test rows, "
-        f"labels {', '.join(names)}"
+        f"labels {', '.join(splits.train.label_names)}"
     )
+    return splits
+
+
+def check_plan(cfg: ExperimentConfig, splits, report) -> tuple[int, ...]:
+    """Partition the pool, plan participation and privacy; add summary lines; return the partition sizes."""
+    from fedpeft import partition
+
+    parts = partition.partition_indices(splits.train.labels, cfg.partition, cfg.seed)
+    sizes = tuple(len(p) for p in parts)
     report.summary.append(
         f"clients: {len(sizes)} ({cfg.partition.scheme}); examples per partition min/median/max "
         f"{min(sizes)}/{int(np.median(sizes))}/{max(sizes)}"
     )
     check_batch_size(cfg, sizes, report)
-    hist = partition.label_histograms(splits.train.labels, parts, len(names))
+    hist = partition.label_histograms(splits.train.labels, parts, len(splits.train.label_names))
     online = check_participation(cfg, hist)
     report.summary.append(
         f"participation: {online.sum(axis=1).mean():.1f} of {len(sizes)} clients online per round on average, "
         f"{int((online.sum(axis=1) == 0).sum())} empty rounds"
     )
     report.summary.append(f"privacy: {plan_privacy(cfg, sizes, online)}")
-    return Plan(names, sizes)
+    return sizes
 
 
 @contextmanager
