@@ -20,7 +20,6 @@ from pathlib import Path
 
 from fedpeft.check import CheckReport, check_experiment, config_sources
 from fedpeft.config import ConfigError, ExperimentConfig, load_config, parse_override
-from fedpeft.plot import plot_runs, target_table
 from fedpeft.results import default_run_dir, load_results
 from fedpeft.rundir import check_run_dir, prepare_run_dir
 
@@ -80,6 +79,8 @@ def simulate(
         raise RuntimeError(f"the simulation did not complete; see the log above (run folder {run_dir})")
     log.info("simulation finished in %.1f s: %s", time.monotonic() - t0, results_path)
     if plot:
+        from fedpeft.plot import plot_runs
+
         fig = plot_runs([results_path], run_dir / "accuracy.png", title=cfg.name)
         log.info("plot: %s", fig)
     return results_path
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("flwr").propagate = False  # Flower prints through its own handler already
     try:
         if args.command == "plot":
+            from fedpeft.plot import plot_runs, target_table  # matplotlib: only when plotting
+
             _check_plot_args(args)
             print(plot_runs(args.runs, args.out, title=args.title, total_bytes=args.total_bytes, target=args.target))
             if args.target is not None:
