@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fedpeft.backbone import head_module
-from fedpeft.config import ModelConfig, PeftConfig
+from fedpeft.config import ConfigError, ModelConfig, PeftConfig
 from fedpeft.rng import derive_seed
 from fedpeft.state import DeltaError, State, apply_delta, check_state, compute_delta  # noqa: F401 (re-exported)
 
@@ -34,6 +34,9 @@ def inject_adapters(model: nn.Module, cfg: PeftConfig, seed: int = 0) -> nn.Modu
     """Wrap ``model`` with the PEFT method in ``cfg``; only its parameters train."""
     head_name, _ = head_module(model)
     head_root = head_name.split(".")[0]
+    if cfg.method == "lora":
+        modules = dict(model.named_modules())
+        check_lora_targets(cfg, list(modules), [n for n, m in modules.items() if isinstance(m, nn.Linear)])
     if cfg.method in PEFT_LIBRARY_METHODS:
         from peft import get_peft_model
 
@@ -53,6 +56,36 @@ def inject_adapters(model: nn.Module, cfg: PeftConfig, seed: int = 0) -> nn.Modu
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"peft.method={cfg.method!r} left no trainable parameter in this model")
     return model
+
+
+def check_lora_targets(cfg: PeftConfig, module_names: list[str], linear_names: list[str]) -> None:
+    """Raise :class:`ConfigError` for a ``peft.target-modules`` entry or ``peft.layers`` index that matches nothing.
+
+    peft drops an entry that matches no module as long as another one matches, so a typo
+    (``querry,value``) would silently train fewer parameters. Matching follows peft's rule
+    for a list: a module matches an entry equal to its name or to a dotted suffix of it.
+    """
+    targets = [t.strip() for t in cfg.target_modules.split(",") if t.strip()]
+    if not targets:
+        raise ConfigError('peft.target-modules is empty; name the linear modules to adapt, e.g. "query,value"')
+    candidates = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in module_names)]
+    if unmatched:
+        raise ConfigError(
+            f"peft.target-modules entries {unmatched} match no module of this model; "
+            f"its linear modules are named {', '.join(candidates)}; fix the spelling in peft.target-modules"
+        )
+    layers = parse_layers(cfg.layers) or []
+    indices = {int(m.group(1)) for n in module_names if (m := _LAYER_INDEX.search(n))}
+    missing = [i for i in layers if i not in indices]
+    if missing:
+        raise ConfigError(
+            f"peft.layers {missing} are not layers of this model; it has layers "
+            f"{min(indices, default=0)}..{max(indices, default=-1)}"
+        )
+
+
+_LAYER_INDEX = re.compile(r"\.layers?\.(\d+)(\.|$)")
 
 
 def parse_layers(text: str) -> list[int] | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -332,13 +333,22 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Read an experiment TOML file, apply ``overrides`` and validate."""
+    return ExperimentConfig.from_flat({**read_config_file(path), **(overrides or {})})
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The flat keys of an experiment TOML file, unvalidated; errors name the file and the fix."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} not found; see simulations/configs/ for examples")
-    with path.open("rb") as fh:
-        flat = flatten(tomllib.load(fh))
-    flat.update(overrides or {})
-    return ExperimentConfig.from_flat(flat)
+        what = "is a folder; pass one of its .toml files" if path.is_dir() else "not found"
+        raise ConfigError(f"config file {str(path)!r} {what}; see simulations/configs/ for examples")
+    try:
+        flat = flatten(tomllib.loads(path.read_bytes().decode("utf-8")))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, OSError) as err:
+        raise ConfigError(f"config file {str(path)!r} is not readable UTF-8 TOML ({err}); fix that line") from None
+    if not flat:
+        raise ConfigError(f'config file {str(path)!r} is empty; write at least name = "..." (the rest defaults)')
+    return flat
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -389,6 +399,7 @@ def _validate(cfg: ExperimentConfig) -> None:
     for key, value in cfg.to_flat().items():
         if key in CHOICES and value not in CHOICES[key]:
             raise ConfigError(f"config key {key!r} is {value!r}; valid choices: {', '.join(CHOICES[key])}")
+        _check(not isinstance(value, float) or math.isfinite(value), key, "a finite number", value)  # inf > 0
     _check(cfg.num_rounds >= 1, "num-rounds", ">= 1", cfg.num_rounds)
     _check(cfg.seed >= 0, "seed", ">= 0", cfg.seed)
     _validate_model(cfg)

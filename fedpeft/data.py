@@ -84,20 +84,81 @@ def load_table(cfg: DataConfig) -> tuple[list, list]:
     path = Path(cfg.dataset).expanduser()
     import datasets
 
-    if path.suffix in (".csv", ".json", ".jsonl", ".parquet", ".tsv"):
-        if not path.is_file():
-            raise FileNotFoundError(f"data.dataset={cfg.dataset!r} does not exist")
-        builder = {".jsonl": "json", ".tsv": "csv"}.get(path.suffix, path.suffix[1:])
-        extra = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
-        table = datasets.load_dataset(builder, data_files=str(path), split="train", **extra)
+    local = path.suffix in LOCAL_SUFFIXES
+    if local:
+        table = _load_local_table(path, cfg.dataset)
     else:
         table = datasets.load_dataset(cfg.dataset, split=cfg.split)
     for role, column in (("text", cfg.text_column), ("label", cfg.label_column)):
         if column not in table.column_names:
-            raise KeyError(
-                f"data.{role}-column={column!r} is not a column of {cfg.dataset!r}; columns are {table.column_names}"
+            raise ColumnError(
+                f"data.{role}-column={column!r} is not a column of {cfg.dataset!r}; columns are {table.column_names}; "
+                f"set data.{role}-column to one of them"
             )
-    return list(table[cfg.text_column]), list(table[cfg.label_column])
+    texts, labels = list(table[cfg.text_column]), list(table[cfg.label_column])
+    if not texts:
+        raise ValueError(f"data.dataset={cfg.dataset!r} has no data rows; give a file with a header and rows")
+    check_blank_cells(cfg.dataset, {cfg.text_column: texts, cfg.label_column: labels}, header_lines=int(local))
+    return texts, labels
+
+
+LOCAL_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet", ".tsv")
+
+
+class ColumnError(KeyError, ValueError):
+    """A configured column is missing (a ``KeyError`` for old callers, a ``ValueError`` for the CLI)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def _load_local_table(path: Path, name: str):
+    """A local file as a ``datasets.Dataset``; unreadable or non-UTF-8 files raise naming the file."""
+    import datasets
+
+    if not path.is_file():
+        raise FileNotFoundError(f"data.dataset={name!r} does not exist; give an existing file or an HF dataset name")
+    if path.suffix != ".parquet":
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"data.dataset={name!r} is not UTF-8 ({err.reason} at byte {err.start}); re-save it as UTF-8 "
+                "(e.g. iconv -f latin1 -t utf-8)"
+            ) from None
+        except OSError as err:
+            raise ValueError(f"data.dataset={name!r} cannot be read ({err.strerror}); check its permissions") from None
+        lines = [line for line in text.splitlines() if line.strip()]
+        if len(lines) <= int(path.suffix in (".csv", ".tsv")):
+            raise ValueError(f"data.dataset={name!r} has no data rows; give a file with a header and rows")
+    builder = {".jsonl": "json", ".tsv": "csv"}.get(path.suffix, path.suffix[1:])
+    extra = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train", **extra)
+    except Exception as err:  # datasets wraps parser errors in its own types
+        cause = err.__cause__ or err
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise ValueError(
+            f"data.dataset={name!r} could not be read as {path.suffix[1:]} ({type(cause).__name__}: {first}); "
+            "fix the file or its suffix"
+        ) from None
+
+
+def check_blank_cells(name: str, columns: dict[str, list], header_lines: int = 1) -> None:
+    """Raise naming the file, the row and the column of the first empty cell (None, NaN or blank text).
+
+    Rows count from 1 after the ``header_lines`` (a CSV's header); an empty cell would otherwise
+    become the label or the text ``'None'``.
+    """
+    for column, values in columns.items():
+        for i, value in enumerate(values):
+            if value is None or (isinstance(value, float) and value != value) or not str(value).strip():
+                count = sum(v is None or (isinstance(v, float) and v != v) or not str(v).strip() for v in values[i:])
+                raise ValueError(
+                    f"{name}: column {column!r} is empty in data row {i + 1}"
+                    + (f" (line {i + 1 + header_lines})" if header_lines else "")
+                    + f" and {count - 1} later rows; fill or delete those rows"
+                )
 
 
 def load_node_data(path: str | Path, cfg: DataConfig, label_names: tuple[str, ...]) -> TextData:
@@ -122,17 +183,38 @@ def load_splits(cfg: DataConfig) -> Splits:
     texts, raw = load_table(cfg)
     names = tuple(str(v) for v in sorted(set(raw), key=str))
     if len(names) < 2:
-        raise ValueError(f"data.label-column={cfg.label_column!r} has fewer than 2 distinct labels")
+        raise ValueError(
+            f"data.label-column={cfg.label_column!r} of {cfg.dataset!r} has fewer than 2 distinct labels {list(names)}; "
+            "point it at the column that holds the classes"
+        )
     index = {v: i for i, v in enumerate(sorted(set(raw), key=str))}
     labels = np.array([index[v] for v in raw], dtype=np.int64)
     order = numpy_rng(TEST_SPLIT_SEED, "data-split").permutation(len(texts))
-    n_test = min(cfg.num_test_examples, len(texts) // 5)
+    n_test = _fit_size(cfg, "num_test_examples", len(texts) // 5, f"a fifth of the {len(texts)} rows")
     test_idx, pool_idx = order[:n_test], order[n_test:]
     if cfg.num_train_examples:
-        pool_idx = pool_idx[: cfg.num_train_examples]
+        n_train = _fit_size(cfg, "num_train_examples", len(pool_idx), f"the rows left after the {n_test} test rows")
+        pool_idx = pool_idx[:n_train]
     data = TextData(tuple(str(t) for t in texts), labels, names)
     log.info("data %s: %d train pool, %d test, labels %s", cfg.dataset, len(pool_idx), n_test, names)
     return Splits(train=data.subset(pool_idx), test=data.subset(test_idx))
+
+
+def _fit_size(cfg: DataConfig, attr: str, maximum: int, what: str) -> int:
+    """``cfg.attr`` if the data holds that many rows; a default that does not fit shrinks with a warning."""
+    asked = getattr(cfg, attr)
+    key = f"data.{attr.replace('_', '-')}"
+    if asked <= maximum:
+        return asked
+    if asked != DataConfig.__dataclass_fields__[attr].default:
+        raise ValueError(
+            f"{key}={asked} is more than {cfg.dataset!r} holds: the maximum is {maximum} ({what}); "
+            f"set {key} <= {maximum}"
+        )
+    log.warning(
+        "%s: the default %s=%d is more than the data holds; using %d (%s)", cfg.dataset, key, asked, maximum, what
+    )
+    return maximum
 
 
 def build_loader(

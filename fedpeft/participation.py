@@ -22,6 +22,7 @@ read them; the adaptive strategies see nothing but who replied.
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -57,6 +58,13 @@ class Uniform:
     fraction: float
     min_clients: int
     seed: int
+
+    def __post_init__(self) -> None:
+        if self.min_clients > self.num_clients:  # no silent clamp: the run could never pick that many
+            raise ValueError(
+                f"participation.min-clients={self.min_clients} is more than the {self.num_clients} clients; "
+                f"set participation.min-clients <= partition.num-partitions={self.num_clients}"
+            )
 
     @property
     def size(self) -> int:
@@ -240,14 +248,37 @@ def load_trace(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"participation trace {str(path)!r} not found")
+        raise FileNotFoundError(
+            f"participation.trace-file={str(path)!r} not found; give a .npz / .npy trace or an earlier run's results.json"
+        )
+    try:
+        matrix, probs = _read_trace(path)
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(
+            f"participation.trace-file={str(path)!r} is not a participation trace ({type(err).__name__}: {err}); "
+            "write one with fedpeft.participation.save_trace (.npz) or pass a results.json of an earlier run"
+        ) from None
+    if matrix.ndim != 2 or 0 in matrix.shape or not np.isin(matrix, (0, 1)).all():
+        raise ValueError(
+            f"participation.trace-file={str(path)!r} must hold a (rounds, clients) matrix of 0/1, "
+            f"got shape {matrix.shape}" + ("" if np.isin(matrix, (0, 1)).all() else " with values other than 0/1")
+        )
+    if probs is not None and (probs.shape != (matrix.shape[1],) or not np.all((probs > 0) & (probs <= 1))):
+        raise ValueError(
+            f"participation.trace-file={str(path)!r}: its probabilities must be {matrix.shape[1]} values in (0, 1], "
+            f"one per client column"
+        )
+    return matrix.astype(bool), probs
+
+
+def _read_trace(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     if path.suffix == ".json":
         data = json.loads(path.read_text())
         probs = data.get("participation_probabilities")
-        matrix = np.asarray(data["participation_trace"], dtype=bool)
+        matrix = np.asarray(data["participation_trace"])
         return matrix, None if probs is None else np.asarray(probs, dtype=np.float64)
     if path.suffix == ".npy":
-        return np.load(path).astype(bool), None
-    with np.load(path) as data:
+        return np.load(path, allow_pickle=False), None
+    with np.load(path, allow_pickle=False) as data:
         probs = data["probabilities"] if "probabilities" in data.files else None
-        return data["participation"].astype(bool), probs
+        return data["participation"], probs

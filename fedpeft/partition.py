@@ -33,14 +33,22 @@ def partition_indices(
 
     n = cfg.num_partitions
     if len(labels) < n:
-        raise ValueError(f"{len(labels)} examples cannot fill partition.num-partitions={n}")
+        raise ValueError(
+            f"{len(labels)} examples cannot fill partition.num-partitions={n}; "
+            f"set partition.num-partitions <= {len(labels)} or raise data.num-train-examples"
+        )
     table = datasets.Dataset.from_dict({"row": np.arange(len(labels)), "label": np.asarray(labels)})
     part_seed = derive_seed(seed, "partition") % (2**32)
     if cfg.scheme == "iid":
         partitioner = IidPartitioner(num_partitions=n)
         table = table.shuffle(seed=part_seed)
     else:
-        min_size = min(cfg.min_partition_size, len(labels) // n)
+        min_size = cfg.min_partition_size
+        if min_size * n > len(labels):
+            raise ValueError(
+                f"partition.min-partition-size={min_size} x partition.num-partitions={n} needs {min_size * n} examples "
+                f"but the pool has {len(labels)}: the maximum is {len(labels) // n}; lower one of them or use more data"
+            )
         partitioner = DirichletPartitioner(
             num_partitions=n,
             partition_by="label",

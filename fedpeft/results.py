@@ -7,8 +7,10 @@ interrupted run still leaves what it measured (``status`` says how it ended).
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
+import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -52,12 +54,25 @@ def git_revision(path: str | Path = ".") -> str:
 
 
 def write_results(run_dir: str | Path, results: dict[str, Any]) -> Path:
-    """Write ``results.json`` atomically (write then rename)."""
+    """Write ``results.json`` atomically: a temporary file in the same folder, flushed, then renamed.
+
+    A reader (or a crash) sees the previous complete file or the new one, never a partial one;
+    a failure to serialise leaves the previous file untouched and no temporary file behind.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (RESULTS_FILE + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=False))
-    tmp.replace(run_dir / RESULTS_FILE)
+    text = json.dumps(results, indent=2, sort_keys=False, allow_nan=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{RESULTS_FILE}.", suffix=".tmp", dir=run_dir)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            os.fchmod(fh.fileno(), 0o644)  # mkstemp's 0600 would make results private to this user
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, run_dir / RESULTS_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return run_dir / RESULTS_FILE
 
 
@@ -68,9 +83,17 @@ def load_results(path: str | Path) -> dict[str, Any]:
         path = path / RESULTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; pass a run folder or its results.json")
-    results = json.loads(path.read_text())
-    if "rounds" not in results or "config" not in results:
-        raise ValueError(f"{path} is not a fedpeft results file (no 'rounds' / 'config')")
+    try:
+        results = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a fedpeft results file (not JSON: {err}); pass a run's results.json") from None
+    except OSError as err:
+        raise ValueError(f"{path} cannot be read ({err.strerror}); check its permissions") from None
+    rounds = results.get("rounds") if isinstance(results, dict) else None
+    if not isinstance(rounds, list) or not isinstance(results.get("config"), dict):
+        raise ValueError(f"{path} is not a fedpeft results file (no 'rounds' / 'config'); pass a run's results.json")
+    if not all(isinstance(r, dict) and "round" in r for r in rounds):
+        raise ValueError(f"{path} is a damaged fedpeft results file (a round row has no 'round'); rerun that run")
     return results
 
 

@@ -1,4 +1,4 @@
-"""The one launcher: ``fedpeft simulate`` / ``plot`` / ``sweep`` / ``report`` (also ``python -m simulations.run``).
+"""The one launcher: ``fedpeft check`` / ``simulate`` / ``plot`` / ``sweep`` / ``report`` (or ``python -m simulations.run``).
 
 This is the only file that knows how Flower is started. Local runs use Flower's
 simulation engine (Ray backend) through ``flwr.simulation.run_simulation``; the same
@@ -18,11 +18,11 @@ import time
 import warnings
 from pathlib import Path
 
+from fedpeft.check import CheckReport, check_experiment, config_sources
 from fedpeft.config import ConfigError, ExperimentConfig, load_config, parse_override
-from fedpeft.plot import plot_runs, target_table
 from fedpeft.report import add_parser as add_report_parser
-from fedpeft.report import write_report
 from fedpeft.results import default_run_dir, load_results
+from fedpeft.rundir import check_run_dir, prepare_run_dir
 from simulations.experiments import sweep
 from simulations.inprocess import num_nodes
 from simulations.interrupt import RunInterrupted, stop_on_sigint
@@ -46,23 +46,32 @@ def simulate(
     client_mods: list | None = None,
     resume: bool = False,
     in_process: bool = False,
+    overwrite: bool = False,
+    checked: CheckReport | None = None,
 ) -> Path:
-    """Run ``cfg`` on Flower's simulation engine; return the results file.
+    """Check ``cfg`` and its run folder, then run it on Flower's simulation engine; return the results file.
 
     ``client_mods`` are Flower ClientApp mods (tests use one to make a client fail);
     ``resume`` continues the run in ``run_dir`` after its last checkpoint;
-    ``in_process`` runs the same apps without Ray (simulations/inprocess.py).
+    ``in_process`` runs the same apps without Ray (simulations/inprocess.py);
+    ``overwrite`` lets a folder holding an earlier run be cleared, once the check has passed;
+    ``checked`` is the report of a check already run on ``cfg`` (the CLI's, with key sources).
     """
+    flag = _flag(run_dir)
+    run_dir = Path(run_dir) if run_dir else _default_run_dir(cfg)
+    if not resume:
+        check_run_dir(run_dir, overwrite=overwrite, flag=flag)
+    report = checked or check_experiment(cfg)
+    for warning in report.warnings if checked is None else []:
+        log.warning("%s", warning)
+    if not resume:
+        run_dir = prepare_run_dir(run_dir, overwrite=overwrite, flag=flag)
+
     from flwr.simulation import run_simulation
 
     from simulations.client_app import build_client_app
     from simulations.server_app import build_server_app
 
-    run_dir = Path(run_dir) if run_dir else default_run_dir(cfg.name, cfg.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    stale = run_dir / "results.json"
-    if stale.exists() and not resume:
-        stale.unlink()
     flat = cfg.to_flat()
     # Users do not set HF_HUB_OFFLINE for the embedded default; nothing there needs the hub.
     if cfg.model.name == "embedded" and cfg.data.dataset == "embedded":
@@ -90,9 +99,19 @@ def _finish(cfg: ExperimentConfig, results_path: Path, plot: bool, t0: float) ->
     check_finished(results_path)
     log.info("simulation finished in %.1f s: %s", time.monotonic() - t0, results_path)
     if plot:
+        from fedpeft.plot import plot_runs  # matplotlib: only when plotting
+
         fig = plot_runs([results_path], results_path.parent / "accuracy.png", title=cfg.name)
         log.info("plot: %s", fig)
     return results_path
+
+
+def _default_run_dir(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.out_dir) if cfg.out_dir else default_run_dir(cfg.name, cfg.seed)
+
+
+def _flag(run_dir: str | Path | None) -> str:
+    return "--out" if run_dir else "the default run folder (set --out to choose another)"
 
 
 class RunFailed(RuntimeError):
@@ -133,11 +152,19 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
-    sim.add_argument("--out", help="run folder (default runs/<name>/seed-<seed>)")
+    sim.add_argument("--out", help="run folder (default runs/<name>/seed-<seed>); must be new, empty or --overwrite")
     sim.add_argument("--no-plot", action="store_true", help="skip the accuracy plot")
+    sim.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier run in the run folder (cleared after the check)"
+    )
     sim.add_argument("--verbose", action="store_true", help="show every library log line and warning")
     sim.add_argument("--resume", metavar="RUN_DIR", help="continue a killed or interrupted run from its last round")
     sim.add_argument("--in-process", action="store_true", help="run the same apps in this process, without Ray")
+    chk = sub.add_parser("check", help="validate a config, its data, model folder, trace and privacy plan; no Ray")
+    chk.add_argument("config", help="experiment TOML, e.g. simulations/configs/quickstart.toml")
+    chk.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
     plot = sub.add_parser("plot", help="plot one or more runs from their results files")
     plot.add_argument("runs", nargs="+", help="run folders or results.json files")
     plot.add_argument("--out", required=True, help="PNG to write")
@@ -162,13 +189,19 @@ def main(argv: list[str] | None = None) -> int:
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return deploy_main(argv[1:])
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as done:  # argparse has printed its usage error (exit 2) or --help (exit 0)
+        return int(done.code or 0)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedpeft").setLevel(logging.INFO)
     logging.getLogger("flwr").propagate = False  # Flower prints through its own handler already
     quiet_run_logs(verbose=getattr(args, "verbose", False))
     try:
         if args.command == "plot":
+            from fedpeft.plot import plot_runs, target_table  # matplotlib: only when plotting
+
+            _check_plot_args(args)
             print(plot_runs(args.runs, args.out, title=args.title, total_bytes=args.total_bytes, target=args.target))
             if args.target is not None:
                 print(target_table(args.runs, args.target))
@@ -176,10 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             return sweep.main(args, argv)
         if args.command == "report":
+            from fedpeft.report import write_report
+
             summary = write_report(args.dir, args.out, target=args.target)
             print(f"{len(summary['groups'])} groups: {Path(args.out) / 'report.md'}")
             return 0
-        if args.resume:
+        if args.command == "simulate" and args.resume:
             if args.config or args.overrides or args.out:
                 raise ConfigError(
                     "--resume RUN_DIR takes the run's own config and folder; drop CONFIG, --set and --out"
@@ -189,9 +224,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.config:
             raise ConfigError("fedpeft simulate needs CONFIG.toml (or --resume RUN_DIR)")
-        overrides = dict(parse_override(o) for o in args.overrides)
+        overrides = _parse_overrides(args.overrides)
         cfg = load_config(args.config, overrides)
-        print(simulate(cfg, args.out, plot=not args.no_plot, in_process=args.in_process))
+        if args.command == "simulate":  # the cheapest check first: never start what cannot be saved
+            check_run_dir(args.out or _default_run_dir(cfg), overwrite=args.overwrite, flag=_flag(args.out))
+        report = check_experiment(cfg, config_sources(args.config, list(overrides)))
+        print(report.text(), flush=True)
+        if args.command == "check":
+            return 0
+        path = simulate(
+            cfg, args.out, plot=not args.no_plot, in_process=args.in_process, overwrite=args.overwrite, checked=report
+        )
+        print(path)
         return 0
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"fedpeft: error: {err}", file=sys.stderr)
@@ -202,6 +246,32 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as err:
         print(f"fedpeft: error: {err}", file=sys.stderr)
         return 1
+
+
+def _parse_overrides(texts: list[str]) -> dict:
+    overrides: dict = {}
+    for text in texts:
+        key, value = parse_override(text)
+        if key in overrides:
+            raise ConfigError(f"--set {key} is given twice ({overrides[key]!r} and {value!r}); keep one")
+        overrides[key] = value
+    return overrides
+
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def _check_plot_args(args: argparse.Namespace) -> None:
+    """``fedpeft plot``'s output and target, before any results file is read."""
+    out = Path(args.out)
+    if out.suffix.lower() not in PLOT_SUFFIXES:
+        raise ConfigError(f"plot --out {args.out!r} must end in {' / '.join(PLOT_SUFFIXES)} (the figure's format)")
+    if out.is_dir():
+        raise ConfigError(f"plot --out {args.out!r} is a folder; pass a file name such as {out / 'accuracy.png'}")
+    if not out.parent.is_dir():
+        raise ConfigError(f"plot --out {args.out!r}: the folder {str(out.parent)!r} does not exist; create it first")
+    if args.target is not None and not 0 < args.target <= 1:
+        raise ConfigError(f"plot --target {args.target} is not an accuracy; pass a value in (0, 1]")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,8 @@ def run_one(cfg: ExperimentConfig, run_dir: str | Path, engine: str = "inprocess
         raise ConfigError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
     from simulations.run import simulate
 
-    return simulate(cfg, run_dir, plot=False, resume=resume, in_process=engine == "inprocess")
+    # a fresh start of a planned run clears an earlier failed attempt's files (after the check passed)
+    return simulate(cfg, run_dir, plot=False, resume=resume, in_process=engine == "inprocess", overwrite=not resume)
 
 
 def record_failure(run_dir: Path, flat: dict[str, Any], error: str, trace: str = "") -> None:
@@ -160,10 +161,6 @@ def run_sweep(
     manifest = _Manifest(out, entries, command or [], engine, jobs)
     manifest.write()
     resume = {r.run_dir for r in todo if resumable(r, entries[str(r.run_dir)]["status"])}
-    for run in todo:  # a fresh start must not inherit an earlier attempt's files
-        if run.run_dir not in resume:
-            for name in ("results.json", "checkpoint.json", "checkpoint.npz"):
-                (run.run_dir / name).unlink(missing_ok=True)
     if jobs == 1 or len(todo) <= 1 and not ray_address:
         for run in todo:
             manifest.start(run)

@@ -1,0 +1,373 @@
+"""``fedpeft check``: validate a run's inputs before anything expensive starts.
+
+Config, data files and columns, model folder (its ``config.json`` only: the module tree is
+built on PyTorch's meta device, so no weight is read), participation trace, label prompts,
+partition feasibility and the privacy plan, in order of cost, so a typo fails in about a
+second. Nothing here imports Flower's simulation engine or starts Ray; ``fedpeft simulate``
+runs the same check first.
+
+Settings of a feature that is off are errors (``dp.clip-norm`` with ``dp.mode = "none"``),
+except where a config file carries them and the switch was turned off on the command line
+(``--set dp.mode=none`` on dp_sample.toml): that is a warning naming the switch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedpeft.config import ConfigError, ExperimentConfig, parse_label_prompts, read_config_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where each flat key came from; ``known=False`` when the config was built in code."""
+
+    file_keys: frozenset[str] = frozenset()
+    override_keys: frozenset[str] = frozenset()
+    known: bool = False
+
+
+def config_sources(path: str | Path, override_keys: list[str]) -> Sources:
+    """The keys set by the file at ``path`` and by ``--set``."""
+    return Sources(frozenset(read_config_file(path)), frozenset(override_keys), known=True)
+
+
+@dataclass
+class CheckReport:
+    """What the check found: summary lines for ``config OK``, and warnings."""
+
+    summary: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def text(self) -> str:
+        """``config OK`` and the summary, one item per line."""
+        lines = [f"config OK ({self.seconds:.1f} s)", *(f"  {s}" for s in self.summary)]
+        return "\n".join(lines + [f"  warning: {w}" for w in self.warnings])
+
+
+def _keys(section: str, names: str) -> tuple[str, ...]:
+    return tuple(f"{section}.{n}" for n in names.split())
+
+
+# (switch key, "why it is off" or None when on, keys that only matter when it is on)
+Rule = tuple[str, Callable[[ExperimentConfig], str | None], tuple[str, ...]]
+INACTIVE_RULES: tuple[Rule, ...] = (
+    ("dp.mode", lambda c: "privacy is off" if c.dp.mode == "none" else None,
+     _keys("dp", "noise-multiplier clip-norm target-epsilon delta grad-sample-mode max-weight")),
+    ("dp.mode", lambda c: "the weight cap is for dp.mode='client'" if c.dp.mode == "sample" else None,
+     ("dp.max-weight",)),
+    ("dp.mode", lambda c: "per-sample gradients are for dp.mode='sample'" if c.dp.mode == "client" else None,
+     ("dp.grad-sample-mode",)),
+    ("dp.target-epsilon", lambda c: "a target epsilon picks the noise multiplier" if c.dp.target_epsilon else None,
+     ("dp.noise-multiplier",)),
+    ("participation.model", lambda c: None if c.participation.model == "trace" else "no trace is replayed",
+     ("participation.trace-file",)),
+    ("participation.model", lambda c: None if c.participation.model == "uniform" else "only 'uniform' samples",
+     _keys("participation", "fraction min-clients")),
+    ("participation.model",
+     lambda c: None if c.participation.model in ("bernoulli", "markov", "cyclic") else "no per-client p_n is drawn",
+     _keys("participation", "p-source p-mean p-floor p-list label-alpha")),
+    ("participation.model", lambda c: None if c.participation.model == "markov" else "no Markov chain runs",
+     ("participation.markov-rate",)),
+    ("participation.model", lambda c: None if c.participation.model == "cyclic" else "no cycles run",
+     ("participation.cycle-length",)),
+    ("participation.p-source", lambda c: None if c.participation.p_source == "list" else "p_n are not listed",
+     ("participation.p-list",)),
+    ("participation.p-source", lambda c: "p_n are listed" if c.participation.p_source == "list" else None,
+     ("participation.p-mean",)),
+    ("participation.p-source",
+     lambda c: None if c.participation.p_source in ("uniform", "label-correlated") else "p_n have no floor",
+     ("participation.p-floor",)),
+    ("participation.p-source",
+     lambda c: None if c.participation.p_source == "label-correlated" else "p_n ignore labels",
+     ("participation.label-alpha",)),
+    ("partition.scheme", lambda c: "an IID split has no label skew" if c.partition.scheme == "iid" else None,
+     _keys("partition", "alpha min-partition-size")),
+    ("peft.method", lambda c: None if c.peft.method == "lora" else "no LoRA is injected",
+     _keys("peft", "lora-rank lora-alpha lora-dropout target-modules layers")),
+    ("peft.method", lambda c: None if c.peft.method == "prompt" else "no prompt is tuned",
+     ("peft.num-virtual-tokens",)),
+    ("peft.method", lambda c: "head-only always trains the head" if c.peft.method == "head" else None,
+     ("peft.train-head",)),
+    ("strategy.name", lambda c: None if c.strategy.name == "spsa" else "SPSA is off",
+     _keys("spsa", "local-steps eps lr lr-schedule codec scale-rule scale-multiplier initial-scale batch-size "
+                   "distribution")),
+    ("strategy.name", lambda c: "SPSA clients use the spsa.* settings" if c.strategy.name == "spsa" else None,
+     _keys("train", "optimizer lr local-epochs local-steps batch-size weight-decay")),
+    ("strategy.name", lambda c: None if c.strategy.name == "fedau" else "only FedAU cuts intervals",
+     ("strategy.k-cap",)),
+    ("model.head-init", lambda c: None if c.model.head_init == "prompts" else "the head is not built from prompts",
+     _keys("model", "label-prompts head-scale")),
+    ("train.local-steps", lambda c: "a step count replaces epochs" if c.train.local_steps > 0 else None,
+     ("train.local-epochs",)),
+    ("data.dataset", lambda c: "a split is chosen on HF datasets only" if _is_file_or_embedded(c) else None,
+     ("data.split",)),
+    ("model.device", lambda c: "clients run on the CPU" if c.model.device == "cpu" else None,
+     ("simulation.num-gpus-per-client",)),
+)  # fmt: skip
+
+
+def _is_file_or_embedded(cfg: ExperimentConfig) -> bool:
+    local_suffixes = (".csv", ".json", ".jsonl", ".parquet", ".tsv")  # fedpeft.data.LOCAL_SUFFIXES, without torch
+    return cfg.data.dataset == "embedded" or Path(cfg.data.dataset).suffix in local_suffixes
+
+
+def check_resources(cfg: ExperimentConfig) -> list[str]:
+    """Ray never places a client that asks for more CPUs / GPUs than exist: the run would wait forever.
+
+    With a Ray cluster running (``ray start``), its other machines may have them: a warning.
+    """
+    import os
+
+    import torch
+
+    sim = cfg.simulation
+    problems = []
+    if sim.num_cpus_per_client > (os.cpu_count() or 1):
+        problems.append(
+            f"simulation.num-cpus-per-client={sim.num_cpus_per_client:g} is more than this machine's "
+            f"{os.cpu_count()} CPUs, so no client could start; set it <= {os.cpu_count()}"
+        )
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if sim.num_gpus_per_client > 0 and gpus == 0:
+        problems.append(
+            f"simulation.num-gpus-per-client={sim.num_gpus_per_client:g} but this machine has no CUDA GPU, "
+            "so no client could start; set it to 0"
+        )
+    if not problems:
+        return []
+    if Path(RAY_CLUSTER_FILE).is_file():
+        return [p + " (a Ray cluster is running: fine if its other machines have them)" for p in problems]
+    raise ConfigError("\n  ".join(problems))
+
+
+#: written by ``ray start``; Ray attaches to that cluster instead of starting a local one
+RAY_CLUSTER_FILE = "/tmp/ray/ray_current_cluster"
+
+
+def inactive_settings(cfg: ExperimentConfig) -> list[tuple[str, str, str]]:
+    """``(key, switch, why)`` for every non-default setting of a feature that ``cfg`` turns off."""
+    flat, default = cfg.to_flat(), ExperimentConfig().to_flat()
+    found = []
+    for switch, why_off, keys in INACTIVE_RULES:
+        why = why_off(cfg)
+        if why is None:
+            continue
+        found += [(key, switch, why) for key in keys if flat[key] != default[key] and key != switch]
+    return found
+
+
+def check_settings(cfg: ExperimentConfig, sources: Sources) -> list[str]:
+    """Raise :class:`ConfigError` for settings a switch turns off; return the warnings."""
+    flat = cfg.to_flat()
+    errors, warnings = [], []
+    for key, switch, why in inactive_settings(cfg):
+        text = (
+            f"{key}={flat[key]!r} has no effect because {switch}={flat[switch]!r} ({why}); "
+            f"remove {key} or change {switch}"
+        )
+        from_file_switch_overridden = key in sources.file_keys and switch in sources.override_keys
+        if not sources.known or (from_file_switch_overridden and key not in sources.override_keys):
+            warnings.append(text)
+        else:
+            errors.append(text)
+    if cfg.dp.mode == "client" and cfg.strategy.name == "spsa":
+        errors.append(
+            "dp.mode='client' clips array deltas, but SPSA clients send one-byte codes; "
+            "use dp.mode='sample' with strategy.name='spsa' (DPZero)"
+        )
+    if errors:
+        raise ConfigError("\n  ".join(errors))
+    return warnings
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the model folder says, without its weights."""
+
+    path: str
+    model_type: str
+    num_layers: int
+    max_positions: int | None
+    trainable: int | None
+
+
+def check_model(cfg: ExperimentConfig, num_labels: int) -> ModelFacts:
+    """The model folder, its module names (meta device: no weights read) and the PEFT targets."""
+    import torch
+
+    from fedpeft import backbone
+
+    try:
+        backbone.resolve_device(cfg.model.device)
+    except RuntimeError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.model.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f"model.quantization={cfg.model.quantization!r} needs bitsandbytes: pip install bitsandbytes, "
+            "or set model.quantization='none'"
+        )
+    path = backbone.resolve_model_path(cfg.model.name)
+    local = Path(path)
+    if local.exists():
+        if not local.is_dir() or not (local / "config.json").is_file():
+            raise ConfigError(
+                f"model.name={cfg.model.name!r}: {path} is not a model folder (no config.json); "
+                "pass a folder written by save_pretrained, an HF model id, or 'embedded'"
+            )
+        weights = [p.name for p in local.iterdir() if p.suffix in (".safetensors", ".bin")]
+        if not weights:
+            raise ConfigError(
+                f"model.name={cfg.model.name!r}: {path} has config.json but no weights (*.safetensors / *.bin); "
+                "copy the whole folder written by save_pretrained"
+            )
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    try:
+        config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"model.name={cfg.model.name!r}: its config cannot be read ({first}); pass a local model folder, "
+            "an HF model id that is cached (offline) or reachable, or 'embedded'"
+        ) from None
+    max_positions = getattr(config, "max_position_embeddings", None)
+    extra = cfg.peft.num_virtual_tokens if cfg.peft.method == "prompt" else 0
+    if max_positions and cfg.data.max_seq_len + extra > max_positions:
+        raise ConfigError(
+            f"data.max-seq-len={cfg.data.max_seq_len}"
+            + (f" + peft.num-virtual-tokens={extra}" if extra else "")
+            + f" is more than the {max_positions} positions of {cfg.model.name!r}; set data.max-seq-len <= "
+            f"{max_positions - extra}"
+        )
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    backbone.head_module(model)
+    if cfg.model.pooling == "mean":
+        backbone.use_mean_pooling(model)
+    trainable = _count_trainable(model, cfg)
+    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    return ModelFacts(path, config.model_type, layers, max_positions, trainable)
+
+
+def _count_trainable(model, cfg: ExperimentConfig) -> int | None:
+    """Trainable scalars of ``cfg.peft`` on ``model``, counted from shapes (peft itself is not imported).
+
+    LoRA adds r (in + out) per adapted linear module; prompt tuning one embedding row per
+    virtual token; the head (``modules_to_save``) trains in full with ``peft.train-head``;
+    BitFit trains every bias. ``ia3``: None
+    (IA3's modules come from peft's per-architecture tables; the run prints the count).
+    """
+    from fedpeft import adapters, backbone
+
+    head_name, _ = backbone.head_module(model)
+    head_root = head_name.split(".")[0]
+    head = getattr(model, head_root)
+    head_count = sum(p.numel() for p in head.parameters()) if cfg.peft.train_head else 0
+    if cfg.peft.method == "head":
+        return sum(p.numel() for p in head.parameters())
+    if cfg.peft.method == "bitfit":
+        biases = sum(
+            p.numel() for n, p in model.named_parameters() if n.endswith(".bias") and not n.startswith(head_root)
+        )
+        head_bias = (
+            0 if cfg.peft.train_head else sum(p.numel() for n, p in head.named_parameters() if n.endswith("bias"))
+        )
+        return biases + head_count + head_bias
+    if cfg.peft.method == "prompt":  # peft's PromptEmbedding: one token-embedding row per virtual token
+        return cfg.peft.num_virtual_tokens * model.get_input_embeddings().embedding_dim + head_count
+    if cfg.peft.method != "lora":
+        return None
+    modules = dict(model.named_modules())
+    linear = {n: m for n, m in modules.items() if _is_linear(m) and not n.startswith(head_root)}
+    adapters.check_lora_targets(cfg.peft, list(modules), list(linear))
+    targets = [t.strip() for t in cfg.peft.target_modules.split(",") if t.strip()]
+    layers = adapters.parse_layers(cfg.peft.layers)
+    count = 0
+    for name, module in linear.items():
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        match = adapters._LAYER_INDEX.search(name)
+        if layers is not None and (match is None or int(match.group(1)) not in layers):
+            continue
+        count += cfg.peft.lora_rank * (module.in_features + module.out_features)
+    return count + head_count
+
+
+def _is_linear(module) -> bool:
+    from torch import nn
+
+    return isinstance(module, nn.Linear)
+
+
+def check_prompts(cfg: ExperimentConfig, label_names: tuple[str, ...]) -> None:
+    """``model.label-prompts`` must name exactly the data's labels."""
+    if cfg.model.head_init != "prompts":
+        return
+    prompts = parse_label_prompts(cfg.model.label_prompts)
+    missing = [n for n in label_names if n not in prompts]
+    unknown = [n for n in prompts if n not in label_names]
+    if missing or unknown:
+        raise ConfigError(
+            f"model.label-prompts must give one text per label of {cfg.data.dataset!r} {list(label_names)}; "
+            f"missing {missing}, unknown {unknown}"
+        )
+
+
+def check_trace(cfg: ExperimentConfig) -> None:
+    """A replayed trace must parse and cover every partition (columns) and round (rows)."""
+    if cfg.participation.model != "trace":
+        return
+    from fedpeft.participation import load_trace
+
+    matrix, _ = load_trace(cfg.participation.trace_file)
+    rounds, clients = matrix.shape
+    if clients != cfg.partition.num_partitions or rounds < cfg.num_rounds:
+        raise ConfigError(
+            f"participation.trace-file={cfg.participation.trace_file!r} has {rounds} rounds x {clients} clients; "
+            f"the run needs at least num-rounds={cfg.num_rounds} rounds x partition.num-partitions="
+            f"{cfg.partition.num_partitions} clients; fix num-rounds / partition.num-partitions or the trace"
+        )
+
+
+def check_experiment(cfg: ExperimentConfig, sources: Sources | None = None) -> CheckReport:
+    """Validate everything ``cfg`` needs, cheapest first; raise on the first problem.
+
+    Raises
+    ------
+    ConfigError, ValueError, FileNotFoundError
+        With a message naming the key or file and the fix.
+    """
+    from fedpeft.check_plan import check_plan, load_checked_splits
+
+    t0 = time.monotonic()
+    report = CheckReport()
+    report.warnings += check_settings(cfg, sources or Sources())
+    check_trace(cfg)
+    splits = load_checked_splits(cfg, report)
+    report.warnings += check_resources(cfg)
+    names = splits.train.label_names
+    facts = check_model(cfg, len(names))  # before partitioning: a module-name typo fails a few seconds sooner
+    check_prompts(cfg, names)
+    check_plan(cfg, splits, report)
+    method = f"{cfg.peft.method}" + (
+        f" r={cfg.peft.lora_rank} on {cfg.peft.target_modules}" if cfg.peft.method == "lora" else ""
+    )
+    count = f"{facts.trainable:,} trainable parameters" if facts.trainable is not None else "trainable count unknown"
+    report.summary.insert(
+        2,
+        f"model: {cfg.model.name} ({facts.model_type}, {facts.num_layers} layers), {method}: {count}; "
+        f"quantization {cfg.model.quantization}, train-head {'on' if cfg.peft.train_head else 'off'}, "
+        f"mean pooling {'on' if cfg.model.pooling == 'mean' else 'off'}, "
+        f"prompt head {'on' if cfg.model.head_init == 'prompts' else 'off'}",
+    )
+    report.seconds = time.monotonic() - t0
+    return report
