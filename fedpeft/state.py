@@ -60,13 +60,21 @@ def apply_delta(state: State, delta: State, scale: float = 1.0) -> State:
     return {k: (state[k] + np.float32(scale) * delta[k]).astype(np.float32) for k in state}
 
 
-def linear_combination(deltas: list[State], coefficients: list[float]) -> State:
-    """``sum_i c_i d_i`` per tensor, accumulated in float64 in the given order, then cast to fp32."""
+def linear_combination(
+    deltas: list[State], coefficients: list[float], *, scale: float = 1.0, divisor: float = 1.0
+) -> State:
+    """``(sum_i c_i d_i) * scale / divisor`` per tensor, in float64 in the given order, then cast to fp32.
+
+    ``scale`` and ``divisor`` let a weighted mean divide by the weight sum (not multiply by
+    its rounded inverse), so results keep their exact bits across refactorings.
+    """
     if not deltas or len(deltas) != len(coefficients):
         raise ValueError("need one coefficient per delta and at least one delta")
     return {
-        k: sum(np.float64(c) * d[k].astype(np.float64) for d, c in zip(deltas, coefficients, strict=True)).astype(
-            np.float32
-        )
+        k: (
+            sum(np.float64(c) * d[k].astype(np.float64) for d, c in zip(deltas, coefficients, strict=True))
+            * np.float64(scale)
+            / np.float64(divisor)
+        ).astype(np.float32)
         for k in deltas[0]
     }

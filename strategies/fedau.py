@@ -171,15 +171,13 @@ class FedAU(FedAvgPEFT):
         """FedAU's omega for each accepted reply (failed and rejected replies never get here)."""
         return self.estimator.weights(server_round, [pid for pid, _, _ in accepted])
 
-    def normalise(self, weights: np.ndarray) -> np.ndarray:
-        """``omega_n / N``: FedAU's update is not a weighted mean (the paper's Alg. 1)."""
-        return weights / self.num_clients
+    def normalisation(self, weights: np.ndarray) -> tuple[float, float]:
+        """``omega_n * (1/N)``: FedAU's update is not a weighted mean (the paper's Alg. 1)."""
+        return 1.0 / self.num_clients, 1.0
 
-    def round_extras(self, accepted: list[tuple[int, State, dict]], coefficients: list[float]) -> dict:
-        """The omega each participant received (``c_i * N``, after any ``max_weight`` cap)."""
-        return {
-            "omega": {str(pid): c * self.num_clients for (pid, _, _), c in zip(accepted, coefficients, strict=True)}
-        }
+    def round_extras(self, accepted: list[tuple[int, State, dict]], weights: list[float]) -> dict:
+        """The omega each participant received (after any ``max_weight`` cap)."""
+        return {"omega": {str(pid): w for (pid, _, _), w in zip(accepted, weights, strict=True)}}
 
     def state_for_results(self) -> dict:
         """The interval state, saved in results.json as ``strategy_state``."""

@@ -47,7 +47,7 @@ def weighted_average(deltas: list[State], weights: list[float]) -> State:
     total = float(np.sum(weights))
     if total <= 0:
         raise ValueError(f"aggregation weights sum to {total}; they must be positive")
-    return linear_combination(deltas, [float(w) / total for w in weights])
+    return linear_combination(deltas, list(weights), divisor=total)
 
 
 class FedAvgPEFT(FedAvg):
@@ -154,11 +154,13 @@ class FedAvgPEFT(FedAvg):
         if not accepted:
             self.finish_round(server_round, [])
             return None, None
-        coefficients = self.coefficients(server_round, accepted)
-        update = linear_combination([d for _, d, _ in accepted], coefficients)
+        weights = self.capped_weights(server_round, accepted)
+        scale, divisor = self.normalisation(weights)
+        coefficients = [float(c) for c in weights * scale / divisor]
+        update = linear_combination([d for _, d, _ in accepted], list(weights), scale=scale, divisor=divisor)
         new_state = apply_delta(self.current, update, self.server_lr)
         metrics = self.summarise_metrics(accepted, coefficients)
-        extras = self.round_extras(accepted, coefficients)
+        extras = self.round_extras(accepted, [float(w) for w in weights])
         self.finish_round(server_round, accepted, train_metrics=dict(metrics), **extras)
         return state_to_record(new_state), metrics
 
@@ -168,25 +170,32 @@ class FedAvgPEFT(FedAvg):
             return [1.0] * len(accepted)
         return [float(metrics["num-examples"]) for _, _, metrics in accepted]
 
+    def capped_weights(self, server_round: int, accepted: Accepted) -> np.ndarray:
+        """The weights after the ``max_weight`` cap (call once per round: FedAU's intervals advance)."""
+        weights = np.asarray(self.aggregation_weights(server_round, accepted), dtype=np.float64)
+        return np.minimum(weights, self.max_weight) if self.max_weight else weights
+
     def coefficients(self, server_round: int, accepted: Accepted) -> list[float]:
         """``c_i`` in ``update = sum_i c_i delta_i``: the (capped) weights, normalised.
 
         Call once per round: stateful weights (FedAU's intervals) advance when called.
         """
-        weights = np.asarray(self.aggregation_weights(server_round, accepted), dtype=np.float64)
-        if self.max_weight:
-            weights = np.minimum(weights, self.max_weight)
-        return [float(c) for c in self.normalise(weights)]
+        return [float(c) for c in self.normalise(self.capped_weights(server_round, accepted))]
 
-    def normalise(self, weights: np.ndarray) -> np.ndarray:
-        """``w_i / sum_j w_j`` (a weighted mean)."""
+    def normalisation(self, weights: np.ndarray) -> tuple[float, float]:
+        """``(scale, divisor)`` with ``c_i = w_i * scale / divisor``: FedAvg divides by the weight sum."""
         total = float(weights.sum())
         if total <= 0:
             raise ValueError(f"aggregation weights sum to {total}; they must be positive")
-        return weights / total
+        return 1.0, total
 
-    def round_extras(self, accepted: Accepted, coefficients: list[float]) -> dict:
-        """Strategy-specific fields for the round report (none for FedAvg)."""
+    def normalise(self, weights: np.ndarray) -> np.ndarray:
+        """The coefficients ``c_i`` of these weights (:meth:`normalisation` applied)."""
+        scale, divisor = self.normalisation(np.asarray(weights, dtype=np.float64))
+        return np.asarray(weights, dtype=np.float64) * scale / divisor
+
+    def round_extras(self, accepted: Accepted, weights: list[float]) -> dict:
+        """Strategy-specific fields for the round report, given the (capped) weights (none for FedAvg)."""
         return {}
 
     # --- checkpoints (simulations/resume.py) ---------------------------------------------

@@ -27,9 +27,8 @@ from strategies.lora_hetero import flex_average
 class FlexLoRA(HetLoRA):
     """Unequal-rank LoRA aggregated through the averaged full update and its truncated SVD."""
 
-    def aggregate_factors(self, server_round: int, accepted: Accepted) -> tuple[State, dict[str, float]]:
+    def aggregate_factors(self, accepted: Accepted, weights: list[float], rule) -> tuple[State, dict[str, float]]:
         """Rank-R truncated SVD of the averaged products; the head averaged as in FedAvg."""
-        weights, rule = self.slice_weights(server_round, accepted)
         return flex_average(
             self.current,
             [d for _, d, _ in accepted],

@@ -109,10 +109,11 @@ class HetLoRA(FedAvgPEFT):
         if not accepted:
             self.finish_round(server_round, [])
             return None, None
-        coefficients = self.coefficients(server_round, accepted)
-        new_state, stats = self.aggregate_factors(server_round, accepted)
+        weights, rule = self.slice_weights(server_round, accepted)
+        coefficients = rule(weights)
+        new_state, stats = self.aggregate_factors(accepted, weights, rule)
         extras = {"client-ranks": list(self.ranks), **stats}
-        self.finish_round(server_round, accepted, **self.round_extras(accepted, coefficients), **extras)
+        self.finish_round(server_round, accepted, **self.round_extras(accepted, weights), **extras)
         metrics = self.summarise_metrics(accepted, coefficients)
         for key, value in stats.items():
             metrics[key] = float(value)
@@ -120,15 +121,12 @@ class HetLoRA(FedAvgPEFT):
 
     def slice_weights(self, server_round: int, accepted: Accepted) -> tuple[list[float], object]:
         """The weights ``w_k`` and the rule turning a subset of them into coefficients."""
-        weights = list(self.aggregation_weights(server_round, accepted))
-        if self.max_weight:
-            weights = [min(w, self.max_weight) for w in weights]
+        weights = [float(w) for w in self.capped_weights(server_round, accepted)]
         return weights, lambda ws: [float(c) for c in self.normalise(np.asarray(ws, dtype=np.float64))]
 
-    def aggregate_factors(self, server_round: int, accepted: Accepted) -> tuple[State, dict[str, float]]:
+    def aggregate_factors(self, accepted: Accepted, weights: list[float], rule) -> tuple[State, dict[str, float]]:
         """Zero-padded, per-slice weighted average of the deltas, applied with ``server_lr``."""
         deltas = [d for _, d, _ in accepted]
-        weights, rule = self.slice_weights(server_round, accepted)
         update = zero_pad_average(deltas, weights, self.max_rank, coefficients=rule)
         table = slice_coefficients([state_rank(d) for d in deltas], weights, self.max_rank, rule)
         return apply_delta(self.current, update, self.server_lr), {"max-slice-coefficient": float(table.max())}
