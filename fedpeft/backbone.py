@@ -174,17 +174,10 @@ def init_head_from_prompts(model: nn.Module, path: str, cfg: ModelConfig, label_
     the prompts: a zero-shot classifier before any training, the start point that
     zeroth-order methods need (MeZO: without a prompt, SPSA stays at chance).
     """
-    from fedpeft.config import ConfigError, parse_label_prompts
+    from fedpeft.config import prompts_for_labels
     from fedpeft.data import load_tokenizer
 
-    prompts = parse_label_prompts(cfg.label_prompts)
-    missing = [n for n in label_names if n not in prompts]
-    unknown = [n for n in prompts if n not in label_names]
-    if missing or unknown:
-        raise ConfigError(
-            f"model.label-prompts must give one text per label {list(label_names)}; "
-            f"missing {missing}, unknown {unknown}"
-        )
+    prompts = prompts_for_labels(cfg.label_prompts, label_names)
     tokenizer = load_tokenizer(path)
     batch = tokenizer([prompts[n] for n in label_names], padding=True, return_tensors="pt")
     batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedpeft.config import ConfigError, ExperimentConfig, parse_label_prompts, read_config_file
+from fedpeft.config import ConfigError, ExperimentConfig, prompts_for_labels, read_config_file
 
 log = logging.getLogger(__name__)
 
@@ -312,14 +312,7 @@ def check_prompts(cfg: ExperimentConfig, label_names: tuple[str, ...]) -> None:
     """``model.label-prompts`` must name exactly the data's labels."""
     if cfg.model.head_init != "prompts":
         return
-    prompts = parse_label_prompts(cfg.model.label_prompts)
-    missing = [n for n in label_names if n not in prompts]
-    unknown = [n for n in prompts if n not in label_names]
-    if missing or unknown:
-        raise ConfigError(
-            f"model.label-prompts must give one text per label of {cfg.data.dataset!r} {list(label_names)}; "
-            f"missing {missing}, unknown {unknown}"
-        )
+    prompts_for_labels(cfg.model.label_prompts, label_names, cfg.data.dataset)
 
 
 def check_trace(cfg: ExperimentConfig) -> None:

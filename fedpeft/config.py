@@ -502,6 +502,20 @@ def parse_label_prompts(text: str) -> dict[str, str]:
     return prompts
 
 
+def prompts_for_labels(text: str, label_names: tuple[str, ...] | list[str], dataset: str = "") -> dict[str, str]:
+    """The label prompts of ``text``, which must give exactly one text per label of the data."""
+    prompts = parse_label_prompts(text)
+    missing = [n for n in label_names if n not in prompts]
+    unknown = [n for n in prompts if n not in label_names]
+    if missing or unknown:
+        of = f"of {dataset!r} " if dataset else ""
+        raise ConfigError(
+            f"model.label-prompts must give one text per label {of}{list(label_names)}; "
+            f"missing {missing}, unknown {unknown}"
+        )
+    return prompts
+
+
 def _validate_model(cfg: ExperimentConfig) -> None:
     model = cfg.model
     _check(model.head_scale > 0, "model.head-scale", "> 0", model.head_scale)

@@ -28,6 +28,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Message
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+from simulations.grids import DelegatingGrid
+
 log = logging.getLogger(__name__)
 
 COHORT_KEY = "cohort"
@@ -126,7 +128,7 @@ def save_client_state(context: Context, pid: int, client: Context) -> None:
 # --- server side ---------------------------------------------------------------------------
 
 
-class CohortGrid(Grid):
+class CohortGrid(DelegatingGrid):
     """Shows one virtual node per partition; packs each worker's messages into one (module docstring).
 
     Parameters
@@ -138,7 +140,7 @@ class CohortGrid(Grid):
     """
 
     def __init__(self, grid: Grid, num_partitions: int, cohort_size: int) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.num_partitions, self.cohort_size = num_partitions, cohort_size
         self.worker_of: dict[int, int] = {}  # partition id -> worker node id
         self._waiting: dict[str, list[Message]] = {}  # packed message id -> the clients' messages
@@ -165,19 +167,6 @@ class CohortGrid(Grid):
         if not self.worker_of:
             raise RuntimeError("no worker node answered the cohort query")
         return dict(self.worker_of)
-
-    def set_run(self, run_id: int) -> None:
-        """Delegated."""
-        self.grid.set_run(run_id)
-
-    @property
-    def run(self):
-        """Delegated."""
-        return self.grid.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        """A message to a virtual node, as Flower's grids create it."""
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         """One virtual node per partition a worker holds."""

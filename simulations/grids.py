@@ -34,13 +34,37 @@ from simulations.interrupt import check_stop
 log = logging.getLogger(__name__)
 
 
+class DelegatingGrid(Grid):
+    """A Grid around another one: run bookkeeping and node listing go to ``self.grid``."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+
+    def set_run(self, run_id: int) -> None:
+        """Delegated."""
+        self.grid.set_run(run_id)
+
+    @property
+    def run(self):
+        """Delegated."""
+        return self.grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        """A message as Flower's grids create it."""
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Delegated."""
+        return self.grid.get_node_ids()
+
+
 def message_round(msg: Message) -> int:
     """The server round a message belongs to (its config's ``server-round``; 0 = set-up)."""
     config = msg.content.config_records.get("config") if not msg.has_error() else None
     return int(config.get("server-round", 0)) if config is not None else 0
 
 
-class MeteringGrid(Grid):
+class MeteringGrid(DelegatingGrid):
     """Records every message sent and every reply received in ``ledger`` (see the module docstring).
 
     Parameters
@@ -54,27 +78,10 @@ class MeteringGrid(Grid):
     """
 
     def __init__(self, grid: Grid, ledger: Ledger, partition_of: Callable[[int], int]) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.ledger = ledger
         self.partition_of = partition_of
         self.poll_interval_s = 0.1
-
-    def set_run(self, run_id: int) -> None:
-        """Delegated."""
-        self.grid.set_run(run_id)
-
-    @property
-    def run(self):
-        """Delegated."""
-        return self.grid.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        """Delegated."""
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Delegated."""
-        return self.grid.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Record each message as downlink, then push it."""
