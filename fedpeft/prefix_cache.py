@@ -15,7 +15,8 @@ test set, node data files and Opacus' Poisson re-sampling, with no index to thre
 the loaders. Hidden states are stored unpadded (fp32, on the model's device); batches must
 be right-padded (BERT-family tokenizers are), because BERT's absolute positions would
 shift under left padding. Storage stops growing at ``max_bytes``; later misses are
-computed and not kept, so results never depend on the bound.
+computed and not kept, so results never depend on the bound. A miss is computed alone and
+unpadded, so its stored state does not depend on the batch it arrived in.
 
 Only the BERT-family layout is supported (``embeddings``, ``encoder.layer``, ``pooler``,
 a sequence classifier with ``dropout`` + ``classifier``); :func:`build_prefix_cache` returns
@@ -153,7 +154,7 @@ class PrefixCache:
         lengths = mask.sum(1).tolist()
         keys = [_key(batch, i, n) for i, n in enumerate(lengths)]
         missing = [i for i, key in enumerate(keys) if key not in self._states]
-        fresh = self._compute(batch, missing, max((lengths[i] for i in missing), default=0))
+        fresh = self._compute(batch, missing, lengths)
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         rows = []
@@ -170,20 +171,23 @@ class PrefixCache:
         return nn.functional.pad(out, (0, 0, 0, width)) if width > 0 else out
 
     @torch.no_grad()
-    def _compute(self, batch: dict[str, torch.Tensor], rows: list[int], length: int) -> dict[int, torch.Tensor]:
-        if not rows:
-            return {}
+    def _compute(self, batch: dict[str, torch.Tensor], rows: list[int], lengths: list[int]) -> dict[int, torch.Tensor]:
+        # One example at a time, unpadded: the stored state is a pure function of the tokens,
+        # not of the batch an example first arrived in, so a run's numbers do not depend on
+        # which clients this process served before (determinism across Ray schedules).
         device = next(p for p in self.model.parameters()).device
-        idx = torch.tensor(rows)
-        inputs = {k: v[idx, :length].to(device) for k, v in batch.items() if k in ("input_ids", "token_type_ids")}
-        mask = batch["attention_mask"][idx, :length].to(device)
         frozen = [self.stack.encoder.embeddings, *self.stack.layers[: self.k]]
+        out = {}
         with _eval_mode(frozen):
-            hidden = self.stack.encoder.embeddings(**inputs)
-            extended = self._extended_mask(hidden, mask)
-            for layer in self.stack.layers[: self.k]:
-                hidden = _first(layer(hidden, extended))
-        return {i: hidden[j, : int(mask[j].sum())].clone() for j, i in enumerate(rows)}
+            for i in rows:
+                n = lengths[i]
+                inputs = {k: batch[k][i : i + 1, :n].to(device) for k in ("input_ids", "token_type_ids") if k in batch}
+                hidden = self.stack.encoder.embeddings(**inputs)
+                extended = self._extended_mask(hidden, torch.ones(1, n, dtype=torch.long, device=device))
+                for layer in self.stack.layers[: self.k]:
+                    hidden = _first(layer(hidden, extended))
+                out[i] = hidden[0]
+        return out
 
     def _extended_mask(self, hidden: torch.Tensor, mask: torch.Tensor):
         from transformers.masking_utils import create_bidirectional_mask

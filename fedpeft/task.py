@@ -132,7 +132,7 @@ class Task:
             return None
         return cache.logits
 
-    def evaluate(self, state: adapters.State, loader=None) -> dict[str, float]:
+    def evaluate(self, state: adapters.State, loader=None) -> dict:
         """Loss and accuracy of the model at ``state`` over ``loader`` (default: the test set)."""
         from fedpeft.train import evaluate
 

@@ -105,6 +105,19 @@ def test_a_full_cache_stops_storing_but_keeps_the_logits():
     assert len(bounded) == 0 and bounded.nbytes == 0
 
 
+def test_a_cached_state_does_not_depend_on_the_batch_it_first_arrived_in():
+    task = load_task(tiny_config(**{"peft.layers": "4,5"}))
+    rows = task.partition(2)
+    caches = []
+    for batch_size in (3, 16):
+        cache = prefix_cache.PrefixCache(task.model, 4)
+        for batch in data.build_loader(rows, task.tokenizer, max_seq_len=64, batch_size=batch_size, shuffle=True):
+            cache.hidden_states(batch)
+        caches.append(cache)
+    batch = next(iter(task.train_loader(rows, 1, 2)))
+    assert torch.equal(caches[0].hidden_states(batch), caches[1].hidden_states(batch))
+
+
 def test_local_training_through_the_cache_fills_it_once_per_example_and_lowers_the_loss():
     cfg = tiny_config(**{"peft.layers": "4,5", "train.local-steps": 6, "train.lr": 3e-3})
     task = load_task(cfg)
