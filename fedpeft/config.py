@@ -139,7 +139,8 @@ class TrainConfig:
     ``prefix_cache``: ``auto`` caches the output of the frozen embeddings and encoder layers
     below the first trainable one (LoRA with ``peft.layers = "4,5"``, head-only) and runs
     only the trainable top (fedpeft/prefix_cache.py); the frozen layers then run without
-    dropout. ``off`` always runs the full forward.
+    dropout. It serves first-order training (DP-SGD included) and ``Task.evaluate``; SPSA
+    clients run the full forward. ``off`` always runs the full forward.
     """
 
     optimizer: str = "adamw"
