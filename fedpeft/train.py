@@ -106,9 +106,7 @@ def _cycle(loader: torch.utils.data.DataLoader):
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, loader: torch.utils.data.DataLoader, logits_fn: LogitsFn | None = None
-) -> dict:
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, logits_fn: LogitsFn | None = None) -> dict:
     """Mean loss, accuracy, per-class accuracy (recall) and balanced accuracy over ``loader``.
 
     Balanced accuracy is the mean of the per-class accuracies of the classes present.

@@ -59,3 +59,14 @@ def test_full_refuses_a_quantized_model_passed_directly():
     model = backbone.load_backbone(ModelConfig(quantization="nf4"), 2)
     with pytest.raises(ValueError, match="model.quantization = 'none'"):
         adapters.inject_adapters(model, PeftConfig(method="full"))
+
+
+def test_the_check_counts_every_parameter_for_full_without_loading_weights():
+    from fedpeft.check import check_model
+
+    cfg = tiny_config(**{"peft.method": "full", "model.quantization": "none"})
+    assert check_model(cfg, num_labels=2).trainable == MINILM_PARAMS + HEAD_PARAMS
+    mean_no_head = tiny_config(
+        **{"peft.method": "full", "model.quantization": "none", "model.pooling": "mean", "peft.train-head": False}
+    )
+    assert check_model(mean_no_head, num_labels=2).trainable == MINILM_PARAMS - (384 * 384 + 384)
