@@ -1,9 +1,10 @@
 """PEFT methods on a frozen backbone, and the adapter state that travels.
 
 ``lora``, ``ia3`` and ``prompt`` go through peft (the head rides along as a peft
-``modules_to_save``, so ``save_pretrained`` exports it too). peft has no BitFit and
-no "head only" tuner, so those two set ``requires_grad`` by hand and export a
-safetensors file of the trainable tensors.
+``modules_to_save``, so ``save_pretrained`` exports it too). peft has no BitFit, no
+"head only" and no full fine-tuning tuner, so those three set ``requires_grad`` by hand
+and export a safetensors file of the trainable tensors (``full``: every parameter of the
+unquantized model, the baseline that PEFT methods are measured against).
 
 The adapter state is an ordered ``{name: fp32 ndarray}`` of the trainable parameters
 only; the backbone never travels.
@@ -48,10 +49,17 @@ def inject_adapters(model: nn.Module, cfg: PeftConfig, seed: int = 0) -> nn.Modu
         model.fedpeft_peft = (cfg, seed, head_root)
         _freeze(model, cfg, head_root)
         return model
+    if cfg.method == "full" and any(not p.dtype.is_floating_point for p in model.parameters()):
+        raise ValueError("peft.method='full' trains every weight and needs model.quantization = 'none'")
     for name, p in model.named_parameters():
         is_head = name.startswith(f"{head_root}.")
         is_bias = name.endswith(".bias") and p.dtype.is_floating_point
-        wanted = is_head if cfg.method == "head" else (is_bias or (is_head and cfg.train_head))
+        if cfg.method == "head":
+            wanted = is_head
+        elif cfg.method == "full":
+            wanted = cfg.train_head or not is_head
+        else:
+            wanted = is_bias or (is_head and cfg.train_head)
         p.requires_grad_(wanted)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"peft.method={cfg.method!r} left no trainable parameter in this model")
@@ -213,7 +221,7 @@ def export_adapter(
 ) -> Path:
     """Write the adapter in peft's own format (``PeftModel.from_pretrained`` loads it).
 
-    BitFit and head-only have no peft format; they write ``trainable_state.safetensors``
+    BitFit, head-only and full fine-tuning have no peft format; they write ``trainable_state.safetensors``
     plus ``fedpeft_adapter.json``, read back by :func:`load_exported_state`. With
     ``model_cfg``, ``fedpeft_model.json`` records the backbone settings the adapter was
     trained on (pooling included, which peft's own config cannot hold), for
@@ -270,7 +278,7 @@ def load_exported_model(out_dir: str | Path, num_labels: int, device: str | None
 
 
 def load_exported_state(out_dir: str | Path) -> State:
-    """Read a BitFit / head-only export written by :func:`export_adapter`."""
+    """Read a BitFit / head-only / full export written by :func:`export_adapter`."""
     from safetensors.numpy import load_file
 
     path = Path(out_dir) / "trainable_state.safetensors"

@@ -263,7 +263,7 @@ def _count_trainable(model, cfg: ExperimentConfig) -> int | None:
 
     LoRA adds r (in + out) per adapted linear module; prompt tuning one embedding row per
     virtual token; the head (``modules_to_save``) trains in full with ``peft.train-head``;
-    BitFit trains every bias. ``ia3``: None
+    BitFit trains every bias; full every parameter. ``ia3``: None
     (IA3's modules come from peft's per-architecture tables; the run prints the count).
     """
     from fedpeft import adapters, backbone
@@ -282,6 +282,8 @@ def _count_trainable(model, cfg: ExperimentConfig) -> int | None:
             0 if cfg.peft.train_head else sum(p.numel() for n, p in head.named_parameters() if n.endswith("bias"))
         )
         return biases + head_count + head_bias
+    if cfg.peft.method == "full":  # every weight, the head with peft.train-head
+        return sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in head.parameters()) + head_count
     if cfg.peft.method == "prompt":  # peft's PromptEmbedding: one token-embedding row per virtual token
         return cfg.peft.num_virtual_tokens * model.get_input_embeddings().embedding_dim + head_count
     if cfg.peft.method != "lora":

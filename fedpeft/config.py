@@ -35,12 +35,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.device": ("auto", "cpu", "cuda"),
     "model.pooling": ("head", "mean"),
     "model.head-init": ("random", "prompts"),
-    "peft.method": ("lora", "ia3", "prompt", "bitfit", "head"),
+    "peft.method": ("lora", "ia3", "prompt", "bitfit", "head", "full"),
     "peft.lora-variant": ("lora", "ffa"),
     "partition.scheme": ("iid", "dirichlet"),
     "participation.model": ("always", "uniform", "bernoulli", "markov", "cyclic", "trace"),
     "participation.p-source": ("constant", "list", "uniform", "label-correlated"),
     "train.optimizer": ("adamw", "sgd"),
+    "train.prefix-cache": ("auto", "off"),
     "strategy.name": ("fedavg", "fedau", "known_p_oracle", "spsa", "hetlora", "flexlora"),
     "strategy.weighting": ("examples", "uniform"),
     "dp.mode": ("none", "sample", "client"),
@@ -76,7 +77,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PeftConfig:
-    """Which parameters train; everything else is frozen."""
+    """Which parameters train; everything else is frozen (``full``: every weight trains, unquantized)."""
 
     method: str = "lora"
     lora_rank: int = 8
@@ -133,7 +134,14 @@ class ParticipationConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Local first-order training on each client."""
+    """Local first-order training on each client.
+
+    ``prefix_cache``: ``auto`` caches the output of the frozen embeddings and encoder layers
+    below the first trainable one (LoRA with ``peft.layers = "4,5"``, head-only) and runs
+    only the trainable top (fedpeft/prefix_cache.py); the frozen layers then run without
+    dropout. It serves first-order training (DP-SGD included) and ``Task.evaluate``; SPSA
+    clients run the full forward. ``off`` always runs the full forward.
+    """
 
     optimizer: str = "adamw"
     lr: float = 1e-3
@@ -143,6 +151,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     eval_batch_size: int = 128
     eval_every: int = 1
+    prefix_cache: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -518,6 +527,12 @@ def prompts_for_labels(text: str, label_names: tuple[str, ...] | list[str], data
 
 def _validate_model(cfg: ExperimentConfig) -> None:
     model = cfg.model
+    _check(
+        cfg.peft.method != "full" or model.quantization == "none",
+        "model.quantization",
+        "'none' when peft.method='full' (quantized weights cannot train; set model.quantization = \"none\")",
+        model.quantization,
+    )
     _check(model.head_scale > 0, "model.head-scale", "> 0", model.head_scale)
     if model.head_init == "prompts":
         _check(

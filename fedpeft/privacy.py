@@ -230,8 +230,11 @@ def history_from_lists(record) -> list[HistoryEntry]:
     ]
 
 
-def train_local_private(model: nn.Module, loader, cfg, *, partition_id: int, round_: int, history=None):
+def train_local_private(model: nn.Module, loader, cfg, *, partition_id: int, round_: int, history=None, logits_fn=None):
     """``train.train_local`` under DP-SGD with ``cfg.dp``; the result's ``privacy`` holds epsilon and history.
+
+    ``logits_fn`` (a prefix cache's forward) calls the same hooked modules, so Opacus'
+    per-sample gradients stay exact (tested).
 
     ``sigma`` is ``dp.noise-multiplier``, or planned from ``dp.target-epsilon`` for this
     client's partition size over ``num-rounds`` rounds (see :func:`client_noise_multiplier`).
@@ -265,6 +268,7 @@ def train_local_private(model: nn.Module, loader, cfg, *, partition_id: int, rou
             cfg.train,
             dropout_seed=derive_seed(cfg.seed, "dropout", round_, partition_id),
             optimizer=session.optimizer,
+            logits_fn=logits_fn,
         )
     privacy = {
         "epsilon": session.epsilon(cfg.dp.delta),

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedpeft import adapters, backbone, data, partition
+from fedpeft import adapters, backbone, data, partition, prefix_cache
 from fedpeft.config import ExperimentConfig
 from fedpeft.rng import torch_generator
 
@@ -83,7 +83,13 @@ class Task:
             from fedpeft.privacy import train_local_private
 
             result = train_local_private(
-                self.model, loader, self.cfg, partition_id=partition_id, round_=round_, history=dp_history
+                self.model,
+                loader,
+                self.cfg,
+                partition_id=partition_id,
+                round_=round_,
+                history=dp_history,
+                logits_fn=self.logits_fn(),
             )
         else:
             result = train_local(
@@ -91,6 +97,7 @@ class Task:
                 loader,
                 self.cfg.train,
                 dropout_seed=derive_seed(self.cfg.seed, "dropout", round_, partition_id),
+                logits_fn=self.logits_fn(),
             )
         delta = adapters.compute_delta(adapters.get_adapter_state(self.model), global_state)
         return delta, result
@@ -110,6 +117,27 @@ class Task:
         trainable = adapters.num_trainable(self.model)
         adapters.use_rank(self.model, active)
         return ranks.training_bytes(self.weight_bytes.total_bytes, trainable, self.cfg.train.optimizer)
+
+    def logits_fn(self):
+        """The frozen-prefix cache's forward when ``train.prefix-cache = "auto"`` can use one, else None.
+
+        None (the model's full forward) for ``off``, for methods that train the lowest layer
+        or the embeddings (``k = 0``: LoRA on every layer, IA3, prompt, BitFit, full), for
+        architectures outside the BERT family and for left-padding tokenizers.
+        """
+        cache = getattr(self.model, "fedpeft_prefix_cache", None)
+        if self.cfg.train.prefix_cache == "off" or cache is None:
+            return None
+        if getattr(self.tokenizer, "padding_side", "right") != "right":
+            return None
+        return cache.logits
+
+    def evaluate(self, state: adapters.State, loader=None) -> dict:
+        """Loss and accuracy of the model at ``state`` over ``loader`` (default: the test set)."""
+        from fedpeft.train import evaluate
+
+        adapters.set_adapter_state(self.model, state)
+        return evaluate(self.model, loader if loader is not None else self.test_loader(), self.logits_fn())
 
     def test_loader(self):
         """The fixed held-out set, in order."""
@@ -139,6 +167,8 @@ def load_task(cfg: ExperimentConfig) -> Task:
         model = adapters.inject_adapters(base, cfg.peft, seed=cfg.seed)
         model.fedpeft_weight_bytes = holder["bytes"]
         model.fedpeft_initial_state = adapters.get_adapter_state(model)
+        # Filled lazily; only ever used when train.prefix-cache allows it (Task.logits_fn).
+        model.fedpeft_prefix_cache = prefix_cache.build_prefix_cache(model)
         model.eval()
         return model
 

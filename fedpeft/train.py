@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,9 @@ from torch import nn
 from fedpeft.config import TrainConfig
 
 log = logging.getLogger(__name__)
+
+#: ``batch -> logits``; None means the model's full forward (:func:`forward_logits`).
+LogitsFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -43,9 +47,9 @@ def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     return model(**inputs).logits
 
 
-def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy of one batch."""
-    logits = forward_logits(model, batch)
+def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], logits_fn: LogitsFn | None = None) -> torch.Tensor:
+    """Mean cross-entropy of one batch (``logits_fn``: e.g. a prefix cache's forward)."""
+    logits = forward_logits(model, batch) if logits_fn is None else logits_fn(batch)
     return F.cross_entropy(logits.float(), batch["labels"].to(logits.device))
 
 
@@ -61,12 +65,14 @@ def train_local(
     *,
     dropout_seed: int,
     optimizer: torch.optim.Optimizer | None = None,
+    logits_fn: LogitsFn | None = None,
 ) -> TrainResult:
     """Run local steps; only parameters with ``requires_grad`` change.
 
     Dropout draws from torch's global generator (modules take no generator argument), so
     the steps run inside a forked global RNG seeded with ``dropout_seed``: the caller's RNG
-    state is untouched and the run is reproducible.
+    state is untouched and the run is reproducible. ``logits_fn`` replaces the model's full
+    forward (fedpeft/prefix_cache.py); None keeps it.
     """
     optimizer = optimizer or build_optimizer(model, cfg)
     steps = planned_steps(len(loader), cfg)
@@ -77,7 +83,7 @@ def train_local(
         torch.manual_seed(dropout_seed)
         for batch in itertools.islice(_cycle(loader), steps):
             optimizer.zero_grad(set_to_none=True)
-            loss = batch_loss(model, batch)
+            loss = batch_loss(model, batch, logits_fn)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"local loss became {loss.item()} at step {len(losses)}; lower train.lr")
             loss.backward()
@@ -100,16 +106,17 @@ def _cycle(loader: torch.utils.data.DataLoader):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader) -> dict:
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, logits_fn: LogitsFn | None = None) -> dict:
     """Mean loss, accuracy, per-class accuracy (recall) and balanced accuracy over ``loader``.
 
     Balanced accuracy is the mean of the per-class accuracies of the classes present.
+    ``logits_fn`` replaces the model's full forward as in :func:`train_local`.
     """
     model.eval()
     total_loss, n = 0.0, 0
     hits = counts = None
     for batch in loader:
-        logits = forward_logits(model, batch)
+        logits = forward_logits(model, batch) if logits_fn is None else logits_fn(batch)
         labels = batch["labels"].to(logits.device)
         total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
         if hits is None:
