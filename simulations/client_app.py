@@ -117,16 +117,13 @@ def query(content: RecordDict, context: Context, cfg: ExperimentConfig) -> Recor
 
 def evaluate(content: RecordDict, context: Context, cfg: ExperimentConfig) -> RecordDict:
     """Score the global adapter on this client's own training rows."""
-    from fedpeft.adapters import set_adapter_state
     from fedpeft.records import record_to_state
     from fedpeft.task import load_task
-    from fedpeft.train import evaluate as evaluate_model
 
     pid = partition_id(context, cfg)
     task = load_task(cfg)
-    set_adapter_state(task.model, record_to_state(content["arrays"]))
     loader = task.train_loader(task.client_rows(pid, node_data_path(context)), 0, pid)
-    scores = evaluate_model(task.model, loader)
+    scores = task.evaluate(record_to_state(content["arrays"]), loader)
     metrics = MetricRecord(
         {
             "num-examples": int(scores["num_examples"]),

@@ -16,13 +16,11 @@ from typing import Any
 
 from flwr.app import ArrayRecord, MetricRecord
 
-from fedpeft.adapters import set_adapter_state
 from fedpeft.comm import Ledger
 from fedpeft.config import ExperimentConfig
 from fedpeft.records import record_to_state
 from fedpeft.results import write_results
 from fedpeft.task import Task
-from fedpeft.train import evaluate
 from simulations.resume import write_checkpoint
 
 log = logging.getLogger("fedpeft")
@@ -54,8 +52,7 @@ class RunRecorder:
         every = self.cfg.train.eval_every
         if server_round not in (0, self.cfg.num_rounds) and server_round % every:
             return None
-        set_adapter_state(self.task.model, record_to_state(arrays))
-        return evaluate(self.task.model, self.task.test_loader())
+        return self.task.evaluate(record_to_state(arrays))  # through the frozen-prefix cache when it applies
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """``Strategy.start``'s ``evaluate_fn``: score, write the round's row, print progress."""
