@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedpeft.config import ConfigError
+from fedpeft.config import ConfigError, ExperimentConfig
 from fedpeft.results import load_results
 from simulations.inprocess import run_in_process
 from simulations.resume import resume_config
@@ -21,7 +21,13 @@ from tests.conftest import tiny_config
 ROOT = Path(__file__).resolve().parent.parent
 SETUPS = {
     "fedavg": {},
-    "spsa": {"strategy.name": "spsa", "spsa.local-steps": 4, "spsa.lr": 1e-3},
+    "spsa": {
+        "strategy.name": "spsa",
+        "spsa.local-steps": 4,
+        "spsa.lr": 1e-3,
+        "train.local-steps": 0,  # SPSA clients read spsa.*; the tiny config's train.* would be inactive
+        "train.batch-size": 32,
+    },
     "fedau-client-dp": {
         "strategy.name": "fedau",
         "participation.model": "bernoulli",
@@ -45,8 +51,11 @@ COMPARED = (
 
 
 def _write_config(path: Path, **overrides) -> Path:
+    """A TOML of the keys that differ from the defaults (a file that sets inactive keys is refused)."""
     flat = tiny_config(**{"num-rounds": 4, **overrides}).to_flat()
-    path.write_text("\n".join(f'"{k}" = {json.dumps(v)}' for k, v in flat.items()) + "\n")
+    defaults = ExperimentConfig().to_flat()
+    lines = [f'"{k}" = {json.dumps(v)}' for k, v in flat.items() if v != defaults[k]]
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 

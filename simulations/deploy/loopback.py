@@ -33,7 +33,7 @@ from simulations.deploy.certs import DeploymentCerts, make_deployment_certs
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # above simulations/deploy/
 CONNECTION = "loopback"
 STOP_WAIT_S = 10.0
 

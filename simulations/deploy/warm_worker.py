@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 NODE_CONFIG_KEY = "warm-worker"
 IDLE_EXIT_S = 3600.0
 START_TIMEOUT_S = 120.0
-APP_ROOT = Path(__file__).resolve().parent.parent  # the installed FAB (or the checkout)
+APP_ROOT = Path(__file__).resolve().parents[2]  # the installed FAB (or the checkout): above simulations/deploy/
 
 
 def worker_dir(setting: object) -> Path | None:
