@@ -17,6 +17,7 @@ from flwr.app import Array, ArrayRecord, Context, Message
 
 from fedpeft.config import FAULT_KINDS, ExperimentConfig
 from fedpeft.rng import numpy_rng
+from simulations.cohort import COHORT_KEY
 from simulations.node import experiment_config, partition_id
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,11 @@ def fault_mod(overrides: dict):
     """A ClientApp mod injecting :func:`planned_fault` into train messages."""
 
     def mod(msg: Message, context: Context, call_next) -> Message:
-        if not msg.metadata.message_type.startswith("train"):
-            return call_next(msg, context)
+        if not msg.metadata.message_type.startswith("train") or COHORT_KEY in msg.content.config_records:
+            return call_next(msg, context)  # faults are injected per one-client node (the config enforces it)
         cfg = experiment_config(context, overrides)
+        if cfg.faults.rate <= 0:
+            return call_next(msg, context)
         round_ = int(msg.content["config"].get("server-round", 0))
         pid = partition_id(context, cfg)
         kind = planned_fault(cfg, round_, pid)
