@@ -50,6 +50,7 @@ from typing import Any
 from fedpeft.config import ConfigError, ExperimentConfig
 from fedpeft.results import load_results, write_results
 from simulations.experiments.plan import PlannedRun, parse_grid, parse_seeds, plan_sweep
+from simulations.quiet import VERBOSE_ENV
 
 log = logging.getLogger("fedpeft.sweep")
 
@@ -88,7 +89,9 @@ def execute(flat: dict[str, Any], run_dir: str, engine: str, resume: bool = Fals
     (``RunInterrupted``, ``KeyboardInterrupt``) propagates and stops the sweep.
     """
     from simulations.interrupt import RunInterrupted
+    from simulations.quiet import quiet_run_logs
 
+    quiet_run_logs(verbose=os.environ.get(VERBOSE_ENV) == "1")  # also in Ray's worker processes
     t0 = time.monotonic()
     try:
         path = run_one(ExperimentConfig.from_flat(flat), run_dir, engine, resume=resume)
