@@ -219,6 +219,9 @@ class SimulationConfig:
     # Cohort nodes: each Flower node (a worker) trains this many simulated clients with one
     # backbone and num-cpus-per-client threads; 1 = one client per node (simulations/cohort.py).
     cohort_size: int = 1
+    # Train a worker's LoRA clients in one batched forward/backward (fedpeft/cohort.py); results equal
+    # training them one by one when the backbone's dropout is off, and in distribution otherwise.
+    cohort_batched: bool = True
 
 
 @dataclass(frozen=True)

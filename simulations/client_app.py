@@ -150,10 +150,17 @@ def worker_partitions(context: Context, cfg: ExperimentConfig) -> list[int]:
 def run_cohort(handler, packed: RecordDict, context: Context, cfg: ExperimentConfig) -> RecordDict:
     """Run ``handler`` for every client of a packed cohort, each with its own state; pack the replies.
 
+    First-order train messages without DP-SGD go to :func:`fedpeft.cohort.train_cohort`
+    (batched LoRA when ``simulation.cohort-batched``); anything else runs client by client.
     One client's failure is its own error reply; the others go on.
     """
+    contents = unpack(packed)
+    if handler is train and cfg.dp.mode != "sample" and not node_data_path(context):
+        modes = {c["config"].get("mode") for c in contents.values() if "config" in c.config_records}
+        if modes == {"first-order"} and all("arrays" in c.array_records for c in contents.values()):
+            return pack(train_together(contents, cfg))
     replies = {}
-    for pid, content in unpack(packed).items():
+    for pid, content in contents.items():
         client = client_context(context, pid, cfg.partition.num_partitions)
         try:
             replies[pid] = handler(content, client, cfg)
@@ -161,6 +168,22 @@ def run_cohort(handler, packed: RecordDict, context: Context, cfg: ExperimentCon
             replies[pid] = RecordDict({ERROR_KEY: error_record(err)})
         save_client_state(context, pid, client)
     return pack(replies)
+
+
+def train_together(contents: dict[int, RecordDict], cfg: ExperimentConfig) -> dict[int, RecordDict]:
+    """A first-order cohort in one call (fedpeft/cohort.py); a failure fails every client of it."""
+    from fedpeft.cohort import train_cohort
+    from fedpeft.records import record_to_state
+    from fedpeft.task import load_task
+
+    task = load_task(cfg)
+    jobs = [(record_to_state(c["arrays"]), pid, int(c["config"]["server-round"])) for pid, c in contents.items()]
+    try:
+        outcomes = train_cohort(task, jobs, batched=None if cfg.simulation.cohort_batched else False)
+    except Exception as err:  # reported as each client's failure, with the error's own message
+        log.exception("cohort training failed")
+        return {pid: RecordDict({ERROR_KEY: error_record(err)}) for pid in contents}
+    return {pid: delta_reply(task, pid, delta, result) for pid, (delta, result) in zip(contents, outcomes, strict=True)}
 
 
 def build_client_app(overrides: dict[str, Any] | None = None, mods: list | None = None) -> ClientApp:
