@@ -1,0 +1,311 @@
+"""Validation of an :class:`~fedpeft.config.ExperimentConfig`: every range, choice and combination.
+
+Split from config.py (which holds the dataclasses and the file/override parsing) to keep
+each file one concept; ``ExperimentConfig.__post_init__`` calls :func:`validate`. Errors
+are :class:`~fedpeft.config.ConfigError` naming the key, the rule and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from fedpeft.config import CHOICES, FAULT_KINDS, ConfigError
+
+if TYPE_CHECKING:
+    from fedpeft.config import ExperimentConfig
+
+
+def _check(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key!r} must be {rule}, got {value!r}")
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Raise :class:`ConfigError` at the first setting that breaks a rule."""
+    for key, value in cfg.to_flat().items():
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(f"config key {key!r} is {value!r}; valid choices: {', '.join(CHOICES[key])}")
+        _check(not isinstance(value, float) or math.isfinite(value), key, "a finite number", value)  # inf > 0
+    _check(cfg.num_rounds >= 1, "num-rounds", ">= 1", cfg.num_rounds)
+    _check(cfg.seed >= 0, "seed", ">= 0", cfg.seed)
+    _validate_model(cfg)
+    _check(cfg.peft.lora_rank > 0, "peft.lora-rank", "> 0", cfg.peft.lora_rank)
+    _check(cfg.peft.lora_alpha > 0, "peft.lora-alpha", "> 0", cfg.peft.lora_alpha)
+    _check(0 <= cfg.peft.lora_dropout < 1, "peft.lora-dropout", "in [0, 1)", cfg.peft.lora_dropout)
+    _check(cfg.peft.num_virtual_tokens > 0, "peft.num-virtual-tokens", "> 0", cfg.peft.num_virtual_tokens)
+    _check(
+        all(v.strip().isdigit() for v in cfg.peft.layers.split(",")) if cfg.peft.layers.strip() else True,
+        "peft.layers",
+        'comma-separated layer indices >= 0 such as "4,5", or "" for all layers',
+        cfg.peft.layers,
+    )
+    _check(cfg.data.num_train_examples >= 0, "data.num-train-examples", ">= 0 (0 = all)", cfg.data.num_train_examples)
+    _check(cfg.data.num_test_examples > 0, "data.num-test-examples", "> 0", cfg.data.num_test_examples)
+    _check(cfg.data.max_seq_len >= 8, "data.max-seq-len", ">= 8", cfg.data.max_seq_len)
+    _check(cfg.partition.num_partitions >= 1, "partition.num-partitions", ">= 1", cfg.partition.num_partitions)
+    _check(cfg.partition.alpha > 0, "partition.alpha", "> 0", cfg.partition.alpha)
+    _check(
+        cfg.partition.min_partition_size >= 1, "partition.min-partition-size", ">= 1", cfg.partition.min_partition_size
+    )
+    _check(0 < cfg.participation.fraction <= 1, "participation.fraction", "in (0, 1]", cfg.participation.fraction)
+    _check(cfg.participation.min_clients >= 0, "participation.min-clients", ">= 0", cfg.participation.min_clients)
+    _validate_participation(cfg)
+    _check(cfg.train.lr > 0, "train.lr", "> 0", cfg.train.lr)
+    _check(cfg.train.local_epochs >= 0, "train.local-epochs", ">= 0", cfg.train.local_epochs)
+    _check(cfg.train.local_steps >= 0, "train.local-steps", ">= 0", cfg.train.local_steps)
+    _check(
+        cfg.train.local_epochs > 0 or cfg.train.local_steps > 0,
+        "train.local-epochs",
+        "> 0 unless train.local-steps > 0",
+        cfg.train.local_epochs,
+    )
+    _check(cfg.train.batch_size >= 1, "train.batch-size", ">= 1", cfg.train.batch_size)
+    _check(cfg.train.eval_batch_size >= 1, "train.eval-batch-size", ">= 1", cfg.train.eval_batch_size)
+    _check(
+        cfg.train.eval_every >= 1,
+        "train.eval-every",
+        ">= 1 (the server also scores round 0 and the last)",
+        cfg.train.eval_every,
+    )
+    _check(cfg.train.weight_decay >= 0, "train.weight-decay", ">= 0", cfg.train.weight_decay)
+    _check(cfg.strategy.server_lr > 0, "strategy.server-lr", "> 0", cfg.strategy.server_lr)
+    _validate_dp(cfg)
+    _validate_spsa(cfg)
+    _validate_lora_ranks(cfg)
+    _check(
+        cfg.simulation.num_cpus_per_client > 0,
+        "simulation.num-cpus-per-client",
+        "> 0",
+        cfg.simulation.num_cpus_per_client,
+    )
+    _check(
+        cfg.simulation.num_gpus_per_client >= 0,
+        "simulation.num-gpus-per-client",
+        ">= 0",
+        cfg.simulation.num_gpus_per_client,
+    )
+    _check(cfg.simulation.torch_threads >= 1, "simulation.torch-threads", ">= 1", cfg.simulation.torch_threads)
+    _check(cfg.simulation.round_timeout_s > 0, "simulation.round-timeout-s", "> 0", cfg.simulation.round_timeout_s)
+    _check(cfg.simulation.node_wait_s > 0, "simulation.node-wait-s", "> 0", cfg.simulation.node_wait_s)
+    _check(0.0 <= cfg.faults.rate <= 1.0, "faults.rate", "in [0, 1] (0 = no injected faults)", cfg.faults.rate)
+    _check(cfg.faults.slow_s >= 0, "faults.slow-s", ">= 0", cfg.faults.slow_s)
+    unknown = [k for k in cfg.faults.kinds.split(",") if k.strip() not in FAULT_KINDS]
+    _check(
+        not unknown and cfg.faults.kinds.strip() != "",
+        "faults.kinds",
+        f"a comma list of {FAULT_KINDS}",
+        cfg.faults.kinds,
+    )
+    _check(
+        cfg.faults.rate == 0 or cfg.simulation.cohort_size == 1,
+        "faults.rate",
+        "0 when simulation.cohort-size > 1 (faults are injected per one-client node)",
+        cfg.faults.rate,
+    )
+    _check(
+        cfg.simulation.cohort_size >= 1,
+        "simulation.cohort-size",
+        ">= 1 (1 = one client per node)",
+        cfg.simulation.cohort_size,
+    )
+
+
+def parse_label_prompts(text: str) -> dict[str, str]:
+    """``"fresh=a good movie; rotten=a bad movie"`` -> ``{"fresh": "a good movie", ...}``."""
+    prompts: dict[str, str] = {}
+    for item in text.split(";"):
+        if not item.strip():
+            continue
+        label, sep, prompt = item.partition("=")
+        if not sep or not label.strip() or not prompt.strip():
+            raise ConfigError(
+                f"model.label-prompts item {item.strip()!r} is not 'label=text'; "
+                'write e.g. model.label-prompts = "fresh=a good movie; rotten=a bad movie"'
+            )
+        if label.strip() in prompts:
+            raise ConfigError(f"model.label-prompts names label {label.strip()!r} twice")
+        prompts[label.strip()] = prompt.strip()
+    return prompts
+
+
+def prompts_for_labels(text: str, label_names: tuple[str, ...] | list[str], dataset: str = "") -> dict[str, str]:
+    """The label prompts of ``text``, which must give exactly one text per label of the data."""
+    prompts = parse_label_prompts(text)
+    missing = [n for n in label_names if n not in prompts]
+    unknown = [n for n in prompts if n not in label_names]
+    if missing or unknown:
+        of = f"of {dataset!r} " if dataset else ""
+        raise ConfigError(
+            f"model.label-prompts must give one text per label {of}{list(label_names)}; "
+            f"missing {missing}, unknown {unknown}"
+        )
+    return prompts
+
+
+def _validate_model(cfg: ExperimentConfig) -> None:
+    model = cfg.model
+    _check(
+        cfg.peft.method != "full" or model.quantization == "none",
+        "model.quantization",
+        "'none' when peft.method='full' (quantized weights cannot train; set model.quantization = \"none\")",
+        model.quantization,
+    )
+    _check(model.head_scale > 0, "model.head-scale", "> 0", model.head_scale)
+    if model.head_init == "prompts":
+        _check(
+            model.pooling == "mean",
+            "model.pooling",
+            "'mean' when model.head-init='prompts' (prompt embeddings live in the mean-pooled space)",
+            model.pooling,
+        )
+        _check(
+            bool(parse_label_prompts(model.label_prompts)),
+            "model.label-prompts",
+            "one 'label=text' per label when model.head-init='prompts', e.g. \"fresh=a good movie; rotten=a bad movie\"",
+            model.label_prompts,
+        )
+
+
+def _validate_participation(cfg: ExperimentConfig) -> None:
+    part = cfg.participation
+    _check(0 < part.p_mean <= 1, "participation.p-mean", "in (0, 1]", part.p_mean)
+    _check(0 < part.p_floor <= 1, "participation.p-floor", "in (0, 1]", part.p_floor)
+    _check(part.label_alpha > 0, "participation.label-alpha", "> 0", part.label_alpha)
+    _check(0 < part.markov_rate <= 1, "participation.markov-rate", "in (0, 1]", part.markov_rate)
+    _check(part.cycle_length >= 2, "participation.cycle-length", ">= 2", part.cycle_length)
+    if part.model == "trace":
+        _check(bool(part.trace_file), "participation.trace-file", "a file path when participation.model='trace'", "")
+    if part.p_source == "list":
+        try:
+            values = [float(v) for v in part.p_list.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        _check(
+            len(values) == cfg.partition.num_partitions and all(0 < v <= 1 for v in values),
+            "participation.p-list",
+            f"{cfg.partition.num_partitions} comma-separated probabilities in (0, 1] (one per partition)",
+            part.p_list,
+        )
+    _check(cfg.strategy.k_cap >= 1, "strategy.k-cap", ">= 1", cfg.strategy.k_cap)
+
+
+def _validate_spsa(cfg: ExperimentConfig) -> None:
+    spsa = cfg.spsa
+    _check(spsa.local_steps >= 1, "spsa.local-steps", ">= 1", spsa.local_steps)
+    _check(spsa.local_steps < 0xFFFF, "spsa.local-steps", "< 65535 (the log's u16 count)", spsa.local_steps)
+    _check(spsa.eps > 0, "spsa.eps", "> 0", spsa.eps)
+    _check(spsa.lr > 0, "spsa.lr", "> 0", spsa.lr)
+    _check(spsa.scale_multiplier > 0, "spsa.scale-multiplier", "> 0", spsa.scale_multiplier)
+    _check(spsa.initial_scale > 0, "spsa.initial-scale", "> 0", spsa.initial_scale)
+    _check(spsa.batch_size >= 1, "spsa.batch-size", ">= 1", spsa.batch_size)
+
+
+def _validate_dp(cfg: ExperimentConfig) -> None:
+    dp = cfg.dp
+    _check(dp.noise_multiplier >= 0, "dp.noise-multiplier", ">= 0", dp.noise_multiplier)
+    _check(dp.clip_norm > 0, "dp.clip-norm", "> 0", dp.clip_norm)
+    _check(dp.target_epsilon >= 0, "dp.target-epsilon", ">= 0 (0 = use dp.noise-multiplier)", dp.target_epsilon)
+    _check(0 < dp.delta < 1, "dp.delta", "in (0, 1)", dp.delta)
+    _check(dp.max_weight >= 0, "dp.max-weight", ">= 0 (0 = no cap)", dp.max_weight)
+    if dp.mode == "client":
+        # Example counts are private and unbounded; the C/m sensitivity needs equal weights.
+        _check(
+            cfg.strategy.weighting == "uniform",
+            "strategy.weighting",
+            "'uniform' when dp.mode='client' (set strategy.weighting=uniform)",
+            cfg.strategy.weighting,
+        )
+
+
+def parse_rank_profile(text: str) -> tuple[str, list[float]]:
+    """``clients.rank-profile``: ``"2,4,8"`` -> ``("ranks", [2, 4, 8])``; ``"mem:60,80"`` ->
+    ``("mem", [60.0, 80.0])`` (MB budgets); ``""`` -> ``("", [])``."""
+    body = text.strip()
+    kind = "mem" if body.startswith("mem:") else "ranks"
+    body = body.removeprefix("mem:")
+    if not body and kind == "ranks":
+        return "", []
+    try:
+        values = [float(v) if kind == "mem" else int(v) for v in body.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f'clients.rank-profile {text!r} is not a list of ranks like "2,4,8" '
+            'or of memory budgets in MB like "mem:60,80,120"'
+        ) from None
+    return kind, values
+
+
+def _validate_lora_ranks(cfg: ExperimentConfig) -> None:
+    peft = cfg.peft
+    if peft.lora_variant == "ffa":
+        _check(
+            peft.method == "lora",
+            "peft.lora-variant",
+            f"'lora' with peft.method={peft.method!r}: FFA-LoRA freezes LoRA's A matrix, which only "
+            "peft.method='lora' has (set peft.method=lora, or peft.lora-variant=lora)",
+            peft.lora_variant,
+        )
+    hetero = ("hetlora", "flexlora")
+    if cfg.strategy.name in hetero:
+        name = cfg.strategy.name
+        _check(
+            peft.method == "lora",
+            "strategy.name",
+            f"'fedavg' with peft.method={peft.method!r}: {name} aggregates LoRA factors "
+            "(set peft.method=lora, or strategy.name=fedavg)",
+            name,
+        )
+        _check(
+            cfg.dp.mode != "client",
+            "dp.mode",
+            f"'none' or 'sample' with strategy.name={name!r}: its per-rank-slice weights have no "
+            "client-level DP calibration (use strategy.name=fedavg for dp.mode=client)",
+            cfg.dp.mode,
+        )
+    if cfg.strategy.name == "flexlora":
+        _check(
+            peft.lora_variant == "lora",
+            "peft.lora-variant",
+            "'lora' with strategy.name='flexlora' (FlexLoRA re-factors B A, so A must train and travel)",
+            peft.lora_variant,
+        )
+    kind, values = parse_rank_profile(cfg.clients.rank_profile)
+    if not kind:
+        return
+    key, num = "clients.rank-profile", cfg.partition.num_partitions
+    _check(
+        cfg.strategy.name in hetero,
+        "strategy.name",
+        "'hetlora' (zero padding) or 'flexlora' (SVD) when clients.rank-profile gives clients unequal ranks",
+        cfg.strategy.name,
+    )
+    _check(
+        peft.lora_variant == "lora",
+        key,
+        "'' with peft.lora-variant='ffa' (FFA-LoRA's frozen A must be the same on every client; "
+        "use one rank, peft.lora-rank)",
+        cfg.clients.rank_profile,
+    )
+    if kind == "ranks":
+        _check(all(r > 0 for r in values), key, "ranks > 0", cfg.clients.rank_profile)
+        _check(
+            max(values) <= peft.lora_rank,
+            key,
+            f"ranks <= peft.lora-rank={peft.lora_rank}, the server's rank (set peft.lora-rank={int(max(values))})",
+            cfg.clients.rank_profile,
+        )
+        _check(
+            len(values) <= num,
+            key,
+            f"at most partition.num-partitions={num} ranks (they are assigned round-robin)",
+            cfg.clients.rank_profile,
+        )
+    else:
+        _check(all(v > 0 for v in values), key, "memory budgets > 0 MB", cfg.clients.rank_profile)
+        _check(
+            len(values) == num,
+            key,
+            f"'mem:' followed by exactly partition.num-partitions={num} budgets in MB (one per partition)",
+            cfg.clients.rank_profile,
+        )
