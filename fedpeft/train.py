@@ -30,7 +30,11 @@ class TrainResult:
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW or SGD over the trainable parameters only."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    return build_param_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+
+
+def build_param_optimizer(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD over ``params`` (a batched cohort builds one per client)."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

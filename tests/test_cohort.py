@@ -1,0 +1,185 @@
+"""Batched cohorts: K clients trained together equal each client trained alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from torch import nn
+
+from fedpeft import adapters
+from fedpeft.cohort import batch_blocker, concat_batches, find_sites, train_batched, train_cohort
+from fedpeft.grouped import Segments, grouped_chain
+from fedpeft.rng import derive_seed
+from fedpeft.task import load_task
+from fedpeft.train import build_optimizer, forward_logits, train_local
+
+# 3 clients of 34 / 32 / 30 examples, batch 16, one epoch: 3 / 2 / 2 steps whose last
+# batches hold 2 / 16 / 14 rows, so segments are unequal and the last step has one client.
+UNEQUAL = {"train.local-steps": 0, "train.local-epochs": 1}
+ROUND = 2
+
+
+def test_segments_place_each_client_s_rows_in_its_own_padded_block():
+    seg = Segments.from_counts([2, 1, 3])
+
+    assert seg.width == 3
+    assert seg.client.tolist() == [0, 0, 1, 2, 2, 2]
+    assert seg.slot.tolist() == [0, 1, 3, 6, 7, 8]  # client k's rows start at k * width
+    assert Segments.from_counts([2, 2]).slot is None  # equal counts: a reshape, no padding
+
+
+def test_grouped_chain_applies_each_row_s_own_client_factors():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])  # rows of clients 0, 0, 1
+    a = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # (K=2, r=1, d=2): client 0 reads x0, client 1 reads x1
+    b = torch.tensor([[[2.0], [3.0]], [[10.0], [-1.0]]])  # (K=2, d_out=2, r=1)
+
+    out = grouped_chain(x, [a, b], Segments.from_counts([2, 1]))
+
+    # client 0: x0 * (2, 3); client 1: x1 * (10, -1)
+    assert out.tolist() == [[2.0, 3.0], [6.0, 9.0], [60.0, -6.0]]
+
+
+def test_concat_batches_right_pads_tokens_with_the_pad_id_and_masks_them():
+    short = {"input_ids": torch.tensor([[5, 6]]), "attention_mask": torch.tensor([[1, 1]]), "labels": torch.tensor([1])}
+    long = {
+        "input_ids": torch.tensor([[7, 8, 9]]),
+        "attention_mask": torch.tensor([[1, 1, 1]]),
+        "labels": torch.tensor([0]),
+    }
+
+    out = concat_batches([short, long], pad_id=3)
+
+    assert out["input_ids"].tolist() == [[5, 6, 3], [7, 8, 9]]
+    assert out["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert out["labels"].tolist() == [1, 0]
+
+
+@pytest.fixture(scope="module")
+def lora_task():
+    """The tiny LoRA task on NF4 with the backbone's dropout off (restored afterwards: the model is cached)."""
+    task = load_task(tiny_config(**UNEQUAL))
+    dropouts = [(m, m.p) for m in task.model.modules() if isinstance(m, nn.Dropout)]
+    for module, _ in dropouts:
+        module.p = 0.0
+    yield task
+    for module, p in dropouts:
+        module.p = p
+
+
+def _train_alone(task, state, pid):
+    """``Task.local_update``'s body, keeping the optimizer to read its state."""
+    model, cfg = task.model, task.cfg
+    adapters.set_adapter_state(model, state)
+    optimizer = build_optimizer(model, cfg.train)
+    loader = task.train_loader(task.partition(pid), ROUND, pid)
+    result = train_local(
+        model, loader, cfg.train, dropout_seed=derive_seed(cfg.seed, "dropout", ROUND, pid), optimizer=optimizer
+    )
+    delta = adapters.compute_delta(adapters.get_adapter_state(model), state)
+    params = dict(model.named_parameters())
+    moments = {n: {k: v.clone() for k, v in optimizer.state[params[n]].items()} for n in delta}
+    return delta, result, moments
+
+
+def _snapshot(task):
+    model = task.model
+    batch = next(iter(task.test_loader()))
+    with torch.no_grad():
+        logits = forward_logits(model, batch)
+    return {
+        "state": adapters.get_adapter_state(model),
+        "logits": logits,
+        "modules": [(n, id(m)) for n, m in model.named_modules()],
+        "requires_grad": [(n, p.requires_grad, p.grad is None) for n, p in model.named_parameters()],
+        "training": model.training,
+    }
+
+
+@pytest.fixture(scope="module")
+def alone_and_batched(lora_task):
+    """Each client trained alone, then the three batched, with the model snapshotted around the batched run."""
+    start = lora_task.initial_state
+    alone = [_train_alone(lora_task, start, pid) for pid in range(3)]
+    before = _snapshot(lora_task)
+    clients = train_batched(lora_task, [(start, pid, ROUND) for pid in range(3)])
+    return alone, clients, before, _snapshot(lora_task)
+
+
+def test_a_lora_cohort_trains_batched_and_covers_every_trainable_tensor(lora_task):
+    sites, reason = find_sites(lora_task.model)
+
+    assert batch_blocker(lora_task, 3) == "" and reason == ""
+    assert len(sites.lora) == 6 * 6 + 1  # q, k, v, attention-out, intermediate, output per layer + pooler
+    assert sites.head is not None
+
+
+def test_batched_cohort_gives_each_client_its_alone_delta_and_train_result(alone_and_batched):
+    alone, clients, _, _ = alone_and_batched
+
+    for (delta, result, _), client in zip(alone, clients, strict=True):
+        got_delta, got = client.result()
+        assert (got.num_steps, got.num_examples) == (result.num_steps, result.num_examples)
+        for name in delta:
+            np.testing.assert_allclose(got_delta[name], delta[name], atol=1e-5, rtol=0, err_msg=name)
+        np.testing.assert_allclose(
+            [got.mean_loss, got.first_loss, got.last_loss],
+            [result.mean_loss, result.first_loss, result.last_loss],
+            rtol=1e-5,
+        )
+    assert [c.result()[1].num_steps for c in clients] == [3, 2, 2]
+
+
+def test_batched_cohort_keeps_each_client_s_own_adamw_state(alone_and_batched):
+    alone, clients, _, _ = alone_and_batched
+
+    for (_, _, moments), client in zip(alone, clients, strict=True):
+        for name, want in moments.items():
+            got = client.optimizer.state[client.params[name]]
+            assert float(got["step"]) == float(want["step"])
+            for key in ("exp_avg", "exp_avg_sq"):
+                scale = float(want[key].abs().max()) or 1.0
+                np.testing.assert_allclose(got[key], want[key], rtol=0, atol=1e-3 * scale, err_msg=f"{name} {key}")
+
+
+def test_batched_cohort_leaves_the_cached_model_as_found(alone_and_batched):
+    _, _, before, after = alone_and_batched
+
+    assert after["modules"] == before["modules"]
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["training"] == before["training"]
+    for name, value in before["state"].items():
+        np.testing.assert_array_equal(after["state"][name], value)
+    torch.testing.assert_close(after["logits"], before["logits"], rtol=0, atol=0)
+
+
+def test_padding_a_batch_to_a_longer_one_leaves_its_logits_unchanged(lora_task):
+    first = next(iter(lora_task.test_loader()))
+    longer = {k: v[:4] for k, v in first.items()}
+    longer["input_ids"] = torch.cat([longer["input_ids"], longer["input_ids"]], dim=1)[:, :64]
+    longer["attention_mask"] = torch.ones_like(longer["input_ids"])
+    longer["token_type_ids"] = torch.zeros_like(longer["input_ids"])
+    assert longer["input_ids"].shape[1] > first["input_ids"].shape[1]
+
+    with torch.no_grad():
+        alone = forward_logits(lora_task.model, first)
+        padded = forward_logits(lora_task.model, concat_batches([first, longer], lora_task.tokenizer.pad_token_id))
+
+    torch.testing.assert_close(padded[: len(alone)], alone, rtol=0, atol=1e-5)
+
+
+def test_a_non_lora_cohort_trains_one_client_after_another_exactly_as_alone():
+    task = load_task(tiny_config(**{"peft.method": "ia3", "train.local-steps": 1}))
+    jobs = [(task.initial_state, pid, ROUND) for pid in (2, 0)]
+
+    got = train_cohort(task, jobs)
+    want = [task.local_update(state, pid, rnd) for state, pid, rnd in jobs]
+
+    assert "peft.method='ia3'" in batch_blocker(task, 2)
+    for (got_delta, got_result), (delta, result) in zip(got, want, strict=True):
+        assert got_result == result
+        for name in delta:
+            np.testing.assert_array_equal(got_delta[name], delta[name])
+    with pytest.raises(ValueError, match="peft.method='ia3'"):
+        train_cohort(task, jobs, batched=True)
