@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedpeft.backbone import compute_context
 from fedpeft.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     """Logits for a tokenized batch (labels are kept out of the model call)."""
     device = next(p for p in model.parameters()).device
     inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-    return model(**inputs).logits
+    with compute_context(model):
+        return model(**inputs).logits
 
 
 def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
