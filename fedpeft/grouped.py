@@ -133,9 +133,18 @@ class CohortLoraLinear(nn.Module):
         a = self.step.stack(self.lora_a)
         b = self.step.stack(self.lora_b)
         # As peft does outside autocast: the LoRA term in the adapter's dtype, added in the base's.
-        if not torch.is_autocast_enabled():
+        autocast = torch.is_autocast_enabled()
+        if not autocast:
             x = x.to(a.dtype)
-        delta = grouped_chain(x, [a, b], self.step.seg) * self.scaling
+        seg = self.step.seg
+        if seg.slot is None and not autocast and result.dtype == a.dtype:
+            # Equal segments: one fused result + scaling * (x A^T) B^T, no scaled temporary
+            # (not under autocast, where baddbmm would round the base result to the autocast dtype).
+            k = len(seg.counts)
+            h = torch.bmm(x.reshape(k, -1, x.shape[-1]), a.transpose(1, 2))
+            out = torch.baddbmm(result.reshape(k, -1, result.shape[-1]), h, b.transpose(1, 2), alpha=self.scaling)
+            return out.reshape(result.shape)
+        delta = grouped_chain(x, [a, b], seg) * self.scaling
         return result + delta.to(result.dtype)
 
 
