@@ -125,11 +125,14 @@ def find_sites(model: nn.Module) -> tuple[Sites, str]:
     covered: set[str] = set()
     lora, head = [], None
     for path, module in model.named_modules():
+        if not isinstance(module, LoraLayer | ModulesToSaveWrapper) or len(module.active_adapters) != 1:
+            continue  # several adapters at once stay uncovered, so no batching
+        name = module.active_adapters[0]
         if isinstance(module, LoraLayer):
-            (name,) = module.active_adapters
             a_name, b_name = f"{path}.lora_A.{name}.weight", f"{path}.lora_B.{name}.weight"
             plain = (
-                not module.merged
+                name in module.lora_A  # LoRA on embeddings keeps its factors elsewhere
+                and not module.merged
                 and name not in getattr(module, "lora_variant", {})
                 and isinstance(module.lora_dropout[name], nn.Identity)
                 and isinstance(module.lora_A[name], nn.Linear)
@@ -140,10 +143,9 @@ def find_sites(model: nn.Module) -> tuple[Sites, str]:
                 lora.append((path, a_name, b_name, float(module.scaling[name])))
                 covered.update((a_name, b_name))
         elif isinstance(module, ModulesToSaveWrapper):
-            (name,) = module.active_adapters
             inner = module.modules_to_save[name]
             w_name = f"{path}.modules_to_save.{name}.weight"
-            b_name = f"{path}.modules_to_save.{name}.bias" if inner.bias is not None else None
+            b_name = f"{path}.modules_to_save.{name}.bias" if getattr(inner, "bias", None) is not None else None
             if isinstance(inner, nn.Linear) and w_name in trainable:
                 head = (path, w_name, b_name)
                 covered.update(n for n in (w_name, b_name) if n)
