@@ -97,7 +97,22 @@ def train_cohort(
         if len(jobs) > 1:
             log.info("cohort of %d trains one client after another: %s", len(jobs), reason or "batched=False")
         return [task.local_update(state, pid, rnd) for state, pid, rnd in jobs]
-    return [client.result() for client in train_batched(task, jobs)]
+    return _train_halving_on_oom(task, jobs)
+
+
+def _train_halving_on_oom(task: Task, jobs: list[Job]) -> list[tuple[adapters.State, TrainResult]]:
+    # A cohort too large for the device trains as two halves (recursively); no client is lost,
+    # and each client's result does not depend on who shares its batches.
+    try:
+        return [client.result() for client in train_batched(task, jobs)]
+    except torch.OutOfMemoryError:
+        if len(jobs) == 1:
+            raise
+        half = len(jobs) // 2
+        log.warning("cohort of %d ran out of device memory; training it as %d + %d", len(jobs), half, len(jobs) - half)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return _train_halving_on_oom(task, jobs[:half]) + _train_halving_on_oom(task, jobs[half:])
 
 
 def batch_blocker(task: Task, num_clients: int) -> str:

@@ -247,3 +247,24 @@ def test_a_four_client_cohort_trains_batched_on_cuda_like_each_client_alone():
     bf16 = load_task(cfg.replace({"model.compute-dtype": "auto"}))
     for delta, result in train_cohort(bf16, jobs, batched=True):
         assert np.isfinite(result.mean_loss) and all(np.isfinite(v).all() for v in delta.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cohort_too_large_for_the_gpu_trains_in_halves_and_loses_no_client(caplog):
+    cfg = tiny_config(**{"model.device": "cuda", "train.batch-size": 32, "train.local-steps": 1})
+    task = load_task(cfg)
+    jobs = [(task.initial_state, pid % 3, ROUND) for pid in range(64)]
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    # Leave room for ~16 clients' activations: 64 at once cannot fit, smaller halves can.
+    hog = torch.empty(max(free - 16 * 64 * 2**20, 0), dtype=torch.uint8, device="cuda")
+    try:
+        with caplog.at_level("WARNING", logger="fedpeft.cohort"):
+            results = train_cohort(task, jobs, batched=True)
+    finally:
+        del hog
+        torch.cuda.empty_cache()
+
+    assert "ran out of device memory" in caplog.text
+    assert len(results) == 64 and all(r.num_steps == 1 for _, r in results)
