@@ -12,6 +12,7 @@ script run as ``__main__`` would arrive empty each time (see DESIGN.md).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 from collections.abc import Callable
@@ -63,7 +64,39 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def quantization_config(quantization: str) -> Any:
+def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``model.compute-dtype`` on ``device``: the dtype of bitsandbytes' matmuls and of CUDA autocast.
+
+    ``auto`` is bfloat16 on a CUDA GPU with native bf16 and float32 elsewhere. The CPU always
+    computes in float32 (its results do not change); bfloat16 / float16 there log a warning.
+    """
+    from fedpeft.config import ConfigError
+
+    if device.type != "cuda":
+        if name in ("bfloat16", "float16"):
+            log.warning("model.compute-dtype=%r applies on CUDA only; %s computes in float32", name, device)
+        return torch.float32
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    if name == "auto":
+        return torch.bfloat16 if native_bf16 else torch.float32
+    if name == "bfloat16" and not native_bf16:
+        raise ConfigError(
+            f"model.compute-dtype='bfloat16' but {torch.cuda.get_device_name(device)} has no native bf16; "
+            "use model.compute-dtype='float16' or 'float32' (or 'auto')"
+        )
+    return getattr(torch, name)
+
+
+def compute_context(model: nn.Module) -> contextlib.AbstractContextManager:
+    """CUDA autocast in the model's compute dtype (set by :func:`load_backbone`); a no-op on the CPU or in float32."""
+    dtype = getattr(model, "fedpeft_compute_dtype", torch.float32)
+    device = next(model.parameters()).device
+    if device.type == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def quantization_config(quantization: str, compute_dtype: torch.dtype = torch.float32) -> Any:
     """The transformers ``BitsAndBytesConfig`` for ``none | int8 | nf4``."""
     if quantization == "none":
         return None
@@ -77,7 +110,7 @@ def quantization_config(quantization: str) -> Any:
         load_in_4bit=True,
         llm_int8_skip_modules=skip,
         bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_use_double_quant=False,
     )
 
@@ -94,7 +127,8 @@ def load_backbone(
 
     path = resolve_model_path(cfg.name)
     device = resolve_device(cfg.device)
-    quant = quantization_config(cfg.quantization)
+    compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
+    quant = quantization_config(cfg.quantization, compute_dtype)
     kwargs: dict[str, Any] = {"num_labels": num_labels}
     if quant is not None:
         kwargs["quantization_config"] = quant
@@ -109,6 +143,7 @@ def load_backbone(
     if getattr(model.config, "pad_token_id", None) is None and hasattr(model.config, "eos_token_id"):
         model.config.pad_token_id = model.config.eos_token_id
     _disable_bnb_cpu_repack(model)
+    model.fedpeft_compute_dtype = compute_dtype  # read by compute_context (peft wrappers forward attributes)
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.pooling == "mean":

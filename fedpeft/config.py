@@ -34,6 +34,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.device": ("auto", "cpu", "cuda"),
     "model.pooling": ("head", "mean"),
     "model.head-init": ("random", "prompts"),
+    "model.compute-dtype": ("auto", "float32", "bfloat16", "float16"),
     "peft.method": ("lora", "ia3", "prompt", "bitfit", "head", "full"),
     "peft.lora-variant": ("lora", "ffa"),
     "partition.scheme": ("iid", "dirichlet"),
@@ -63,6 +64,10 @@ class ModelConfig:
     is ``head_scale`` x the pooled embedding of ``label_prompts``' text for label c, a
     zero-shot classifier (the embedding-model analogue of MeZO's prompt + verbalizer).
     ``label_prompts``: ``"fresh=a good movie; rotten=a bad movie"``, one text per label.
+    ``compute_dtype``: bitsandbytes' compute dtype and the CUDA autocast dtype; ``auto`` =
+    bfloat16 on CUDA GPUs with native bf16, else float32 (always float32 on the CPU, where
+    bfloat16 / float16 fall back to float32 with a warning). Adapters and optimizer state
+    stay fp32 (QLoRA's recipe); float16 runs without loss scaling.
     """
 
     name: str = "embedded"
@@ -72,6 +77,7 @@ class ModelConfig:
     head_init: str = "random"
     label_prompts: str = ""
     head_scale: float = 10.0
+    compute_dtype: str = "auto"
 
 
 @dataclass(frozen=True)

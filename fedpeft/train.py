@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedpeft.backbone import compute_context
 from fedpeft.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,11 @@ class TrainResult:
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW or SGD over the trainable parameters only."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    return build_param_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+
+
+def build_param_optimizer(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD over ``params`` (a batched cohort builds one per client)."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -44,7 +49,8 @@ def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     """Logits for a tokenized batch (labels are kept out of the model call)."""
     device = next(p for p in model.parameters()).device
     inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-    return model(**inputs).logits
+    with compute_context(model):
+        return model(**inputs).logits
 
 
 def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], logits_fn: LogitsFn | None = None) -> torch.Tensor:
