@@ -52,3 +52,17 @@ def test_a_cohort_run_has_the_round_metrics_and_the_ledger_of_the_one_client_per
     # every client's own logical message, as if sent alone (replies may arrive in another order)
     order = lambda rows: sorted(rows, key=lambda r: (r["round"], r["direction"], r["partition_id"], r["kind"]))  # noqa: E731
     assert order(cohort["ledger"]) == order(single["ledger"])
+
+
+@pytest.mark.slow
+def test_a_batched_cohort_run_trains_every_client_and_meters_each_as_if_alone(tmp_path):
+    cfg = tiny_config(**{"simulation.cohort-size": 3})  # one worker trains all three clients in one batch
+    results = load_results(run_in_process(cfg, tmp_path / "batched"))
+    single = load_results(run_in_process(tiny_config(), tmp_path / "single"))
+    assert results["status"] == "completed"
+    assert [r["aggregated"] for r in results["rounds"][1:]] == [[0, 1, 2], [0, 1, 2]]
+    order = lambda rows: sorted(rows, key=lambda r: (r["round"], r["direction"], r["partition_id"], r["kind"]))  # noqa: E731
+    assert order(results["ledger"]) == order(single["ledger"])
+    # each client did its own number of steps on its own data, as alone
+    steps = lambda rs: [[c["num-steps"] for c in r["clients"]] for r in rs["rounds"][1:]]  # noqa: E731
+    assert steps(results) == steps(single)
