@@ -30,7 +30,7 @@ def _faulty_config(**overrides):
             "data.num-test-examples": 32,
             "faults.rate": 0.5,
             "faults.slow-s": 0.05,
-            "simulation.round-timeout-s": 4.0,
+            "simulation.round-timeout-s": 2.0,
             **overrides,
         }
     )
