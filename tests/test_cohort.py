@@ -83,6 +83,7 @@ def lora_task():
     task = load_task(tiny_config(**UNEQUAL))
     with backbone_dropout_off(task.model):
         yield task
+    adapters.set_adapter_state(task.model, task.initial_state)  # the alone runs trained the cached model
 
 
 def _train_alone(task, state, pid):

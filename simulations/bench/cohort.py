@@ -11,9 +11,10 @@ The machine this runs on may be shared: compare ratios taken in one run, not abs
 client-steps per CPU-second (process time) is printed too, as it suffers less from neighbours.
 
 A batched step's activations are K times larger: at K = 8 many exceed glibc's 32 MB mmap
-ceiling, so every such tensor is mmap'ed, page-faulted and unmapped again. Starting the
-process with ``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296`` keeps
-them in the heap (an 88 MB elementwise op: 95 -> 26 ms here); the JSON records whether
+ceiling and are page-faulted afresh each step. Starting the process with
+``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296`` speeds up such an
+op alone (an 88 MB elementwise op: 95 -> 26 ms) but not a training step, and made the
+2-thread runs several times slower here (``cohort-malloc.json``); the JSON records whether
 they were set. Writes ``docs/results/bench/cohort[-<tag>].json``.
 """
 
