@@ -227,8 +227,9 @@ class InMemoryGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """The replies to these message ids."""
-        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+        """The replies to these message ids, in the order the messages were pushed."""
+        wanted = set(message_ids)
+        return [self._replies.pop(i) for i in list(self._replies) if i in wanted]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Deliver every message in order and return the replies."""

@@ -50,6 +50,7 @@ def test_cpu_logits_are_the_same_for_auto_and_float32_and_nothing_autocasts():
     batch = next(iter(tasks[0].test_loader()))
     for task in tasks:  # cached models: other tests may have left them trained
         adapters.set_adapter_state(task.model, task.initial_state)
+        task.model.eval()
 
     with torch.no_grad():
         logits = [forward_logits(t.model, batch) for t in tasks]
