@@ -155,14 +155,19 @@ class FedAvgPEFT(FedAvg):
             self.finish_round(server_round, [])
             return None, None
         weights = self.capped_weights(server_round, accepted)
-        scale, divisor = self.normalisation(weights)
-        coefficients = [float(c) for c in weights * scale / divisor]
-        update = linear_combination([d for _, d, _ in accepted], list(weights), scale=scale, divisor=divisor)
-        new_state = apply_delta(self.current, update, self.server_lr)
+        new_state, coefficients, stats = self.combine(accepted, weights)
         metrics = self.summarise_metrics(accepted, coefficients)
-        extras = self.round_extras(accepted, [float(w) for w in weights])
+        for key, value in stats.items():
+            metrics[key] = float(value)
+        extras = {**self.round_extras(accepted, [float(w) for w in weights]), **stats}
         self.finish_round(server_round, accepted, train_metrics=dict(metrics), **extras)
         return state_to_record(new_state), metrics
+
+    def combine(self, accepted: Accepted, weights: np.ndarray) -> tuple[State, list[float], dict[str, float]]:
+        """``(new global state, c_i, extra round statistics)`` from the accepted deltas and their weights."""
+        scale, divisor = self.normalisation(weights)
+        update = linear_combination([d for _, d, _ in accepted], list(weights), scale=scale, divisor=divisor)
+        return apply_delta(self.current, update, self.server_lr), [float(c) for c in weights * scale / divisor], {}
 
     def aggregation_weights(self, server_round: int, accepted: Accepted) -> list[float]:
         """Weights ``w_i`` of the accepted replies (examples or uniform)."""

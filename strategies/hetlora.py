@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedpeft.ranks import client_ranks
@@ -101,28 +101,19 @@ class HetLoRA(FedAvgPEFT):
 
         return self.screen_replies(server_round, replies, parse)
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate each reply, then apply the rank-aware aggregate to the rank-R global state."""
-        accepted = self.accept_replies(server_round, replies)
-        if not accepted:
-            self.finish_round(server_round, [])
-            return None, None
-        weights, rule = self.slice_weights(server_round, accepted)
-        coefficients = rule(weights)
-        new_state, stats = self.aggregate_factors(accepted, weights, rule)
-        extras = {"client-ranks": list(self.ranks), **stats}
-        self.finish_round(server_round, accepted, **self.round_extras(accepted, weights), **extras)
-        metrics = self.summarise_metrics(accepted, coefficients)
-        for key, value in stats.items():
-            metrics[key] = float(value)
-        return state_to_record(new_state), metrics
+    def combine(self, accepted: Accepted, weights: np.ndarray) -> tuple[State, list[float], dict[str, float]]:
+        """The rank-aware aggregate on the rank-R global state; every partition's rank goes in the report."""
+        rule = self.coefficient_rule
+        new_state, stats = self.aggregate_factors(accepted, [float(w) for w in weights], rule)
+        return new_state, rule([float(w) for w in weights]), stats
 
-    def slice_weights(self, server_round: int, accepted: Accepted) -> tuple[list[float], object]:
-        """The weights ``w_k`` and the rule turning a subset of them into coefficients."""
-        weights = [float(w) for w in self.capped_weights(server_round, accepted)]
-        return weights, lambda ws: [float(c) for c in self.normalise(np.asarray(ws, dtype=np.float64))]
+    def round_extras(self, accepted: Accepted, weights: list[float]) -> dict:
+        """Every partition's LoRA rank."""
+        return {**super().round_extras(accepted, weights), "client-ranks": list(self.ranks)}
+
+    def coefficient_rule(self, weights: list[float]) -> list[float]:
+        """Coefficients of a subset of the weights (a rank slice's clients), by the strategy's normalisation."""
+        return [float(c) for c in self.normalise(np.asarray(weights, dtype=np.float64))]
 
     def aggregate_factors(self, accepted: Accepted, weights: list[float], rule) -> tuple[State, dict[str, float]]:
         """Zero-padded, per-slice weighted average of the deltas, applied with ``server_lr``."""
