@@ -15,7 +15,12 @@ test set, node data files and Opacus' Poisson re-sampling, with no index to thre
 the loaders. Hidden states are stored unpadded (fp32, on the model's device); batches must
 be right-padded (BERT-family tokenizers are), because BERT's absolute positions would
 shift under left padding. Storage stops growing at ``max_bytes``; later misses are
-computed and not kept, so results never depend on the bound. A miss is computed alone and
+computed and not kept, so results never depend on the bound.
+
+The store is shared by every model in the process whose frozen prefix is the same: its key
+is ``k`` and a SHA-256 over the prefix's parameters and buffers (embeddings, layers ``< k``),
+so the seeds of a sweep that run in one worker process (Ray reuses task workers) compute
+each example's prefix once, and a model whose prefix differs by one bit gets its own store. A miss is computed alone and
 unpadded, so its stored state does not depend on the batch it arrived in.
 
 Only the BERT-family layout is supported (``embeddings``, ``encoder.layer``, ``pooler``,
@@ -26,6 +31,7 @@ BitFit, full fine-tuning), whose path does not change at all.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -119,17 +125,22 @@ class PrefixCache:
         if stack is None or not 1 <= k <= len(stack.layers):
             raise ValueError(f"no frozen prefix to cache (k={k}) in {type(model).__name__}")
         self.model, self.stack, self.k, self.max_bytes = model, stack, k, max_bytes
-        self._states: dict[bytes, torch.Tensor] = {}
-        self.nbytes = 0
+        self._store = _shared_store(prefix_fingerprint(stack, k))
+        self._states: dict[bytes, torch.Tensor] = self._store["states"]
         self.hits = self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of hidden states in the (shared) store."""
+        return self._store["nbytes"]
 
     def __len__(self) -> int:
         return len(self._states)
 
     def clear(self) -> None:
-        """Drop every stored hidden state."""
+        """Drop every stored hidden state (of every model sharing this prefix)."""
         self._states.clear()
-        self.nbytes = 0
+        self._store["nbytes"] = 0
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits of a tokenized, right-padded batch: cached prefix, then layers ``k..``, pooler, head."""
@@ -164,7 +175,7 @@ class PrefixCache:
                 state = self._states[key]
             elif self.nbytes + state.numel() * state.element_size() <= self.max_bytes:
                 self._states[key] = state
-                self.nbytes += state.numel() * state.element_size()
+                self._store["nbytes"] += state.numel() * state.element_size()
             rows.append(state)
         out = nn.utils.rnn.pad_sequence(rows, batch_first=True)
         width = mask.shape[1] - out.shape[1]
@@ -194,6 +205,36 @@ class PrefixCache:
 
         # What BertModel.forward builds for an encoder (sdpa: None when nothing is padded).
         return create_bidirectional_mask(config=self.stack.encoder.config, inputs_embeds=hidden, attention_mask=mask)
+
+
+#: stores of cached hidden states, one per distinct frozen prefix in this process
+_STORES: dict[tuple[int, str], dict] = {}
+
+
+def prefix_fingerprint(stack: EncoderStack, k: int) -> tuple[int, str]:
+    """``(k, sha256)`` of the embeddings' and layers ``< k``' tensors: what the cached states are a function of."""
+    digest = hashlib.sha256()
+    for module in (stack.encoder.embeddings, *stack.layers[:k]):
+        for name, tensor in sorted(module.state_dict(keep_vars=False).items()):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            data = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
+            digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return k, digest.hexdigest()
+
+
+def _shared_store(key: tuple[int, str]) -> dict:
+    if key not in _STORES:
+        _STORES[key] = {"states": {}, "nbytes": 0}
+    return _STORES[key]
+
+
+def clear_stores() -> None:
+    """Empty every process-wide store (tests, or to free memory); caches keep their (empty) store."""
+    for store in _STORES.values():
+        store["states"].clear()
+        store["nbytes"] = 0
 
 
 def build_prefix_cache(model: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES) -> PrefixCache | None:

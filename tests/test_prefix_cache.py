@@ -21,6 +21,14 @@ TOP_ONLY = {
 }
 
 
+@pytest.fixture(autouse=True)
+def fresh_stores():
+    """Every test starts from empty process-wide stores (they are shared by equal prefixes)."""
+    prefix_cache.clear_stores()
+    yield
+    prefix_cache.clear_stores()
+
+
 @contextmanager
 def dropout_off(model: nn.Module):
     """Train mode with every dropout probability at 0, so two forwards can be compared exactly."""
@@ -108,14 +116,41 @@ def test_a_full_cache_stops_storing_but_keeps_the_logits():
 def test_a_cached_state_does_not_depend_on_the_batch_it_first_arrived_in():
     task = load_task(tiny_config(**{"peft.layers": "4,5"}))
     rows = task.partition(2)
-    caches = []
+    stored = []
     for batch_size in (3, 16):
+        prefix_cache.clear_stores()  # each pass computes every state itself
         cache = prefix_cache.PrefixCache(task.model, 4)
         for batch in data.build_loader(rows, task.tokenizer, max_seq_len=64, batch_size=batch_size, shuffle=True):
             cache.hidden_states(batch)
-        caches.append(cache)
-    batch = next(iter(task.train_loader(rows, 1, 2)))
-    assert torch.equal(caches[0].hidden_states(batch), caches[1].hidden_states(batch))
+        assert cache.misses == len(rows)
+        stored.append(dict(cache._states))
+    assert stored[0].keys() == stored[1].keys()
+    for key, state in stored[0].items():
+        assert torch.equal(state, stored[1][key])
+
+
+def test_models_with_the_same_frozen_prefix_share_one_store_and_a_changed_prefix_does_not():
+    # Two seeds: different adapters and heads, the same frozen embeddings + layers 0-3.
+    first = load_task(tiny_config(**{"peft.layers": "4,5", "seed": 0}))
+    second = load_task(tiny_config(**{"peft.layers": "4,5", "seed": 1}))
+    assert first.model is not second.model
+    a, b = first.model.fedpeft_prefix_cache, second.model.fedpeft_prefix_cache
+    batch = next(iter(first.train_loader(first.partition(0), 1, 0)))
+    states = a.hidden_states(batch)
+    a.misses = b.misses = b.hits = 0
+    torch.testing.assert_close(b.hidden_states(batch), states, atol=0, rtol=0)
+    assert b.misses == 0 and b.hits == batch["input_ids"].shape[0]
+    # A prefix that differs in one layer (k = 5 includes layer 4) is keyed apart.
+    assert prefix_cache.PrefixCache(first.model, 5)._states is not a._states
+    with torch.no_grad():
+        weight = first.model.get_base_model().base_model.embeddings.LayerNorm.weight
+        saved = weight.clone()
+        weight.add_(1.0)
+        try:
+            assert prefix_cache.PrefixCache(first.model, 4)._states is not a._states
+        finally:
+            weight.copy_(saved)
+    assert prefix_cache.PrefixCache(first.model, 4)._states is a._states
 
 
 def test_local_training_through_the_cache_fills_it_once_per_example_and_lowers_the_loss():
