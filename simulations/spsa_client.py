@@ -88,11 +88,16 @@ def spsa_train(content: RecordDict, context: Context, cfg: ExperimentConfig) -> 
     )
     rows = len(task.partition(pid))
     dp = _dpzero_plan(cfg, rows, context)
+    # Through the frozen-prefix cache when every trainable parameter sits above layer k: SPSA
+    # runs forwards only, in eval mode, so the cached prefix is exact and a step costs the top.
+    logits_fn = task.logits_fn()
     result = zo.run_local_steps(
         params,
         master,
         loader,
-        (lambda batch: per_example_loss(model, batch)) if dp else (lambda batch: batch_loss(model, batch)),
+        (lambda batch: per_example_loss(model, batch, logits_fn))
+        if dp
+        else (lambda batch: batch_loss(model, batch, logits_fn)),
         run_seed=cfg.seed,
         round_=round_,
         partition_id=pid,
@@ -133,9 +138,9 @@ def spsa_train(content: RecordDict, context: Context, cfg: ExperimentConfig) -> 
     )
 
 
-def per_example_loss(model, batch) -> torch.Tensor:
+def per_example_loss(model, batch, logits_fn=None) -> torch.Tensor:
     """Cross-entropy of every example of the batch (DPZero clips per example)."""
-    logits = forward_logits(model, batch)
+    logits = forward_logits(model, batch) if logits_fn is None else logits_fn(batch)
     return F.cross_entropy(logits.float(), batch["labels"].to(logits.device), reduction="none")
 
 

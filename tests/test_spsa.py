@@ -187,6 +187,26 @@ def test_a_flower_simulation_with_spsa_sends_k_bytes_per_client_and_replays_to_t
     assert zo.state_hash(master).hex() == results["strategy_state"]["state_hash"]["4"]
 
 
+def test_spsa_on_the_top_layers_runs_through_the_prefix_cache_with_the_uncached_losses(tmp_path):
+    from fedpeft.results import load_results
+    from fedpeft.task import load_task
+    from simulations.inprocess import run_in_process
+
+    flat = {"strategy.name": "spsa", "num-rounds": 1, "spsa.local-steps": 3, "data.max-seq-len": 16,
+            "spsa.batch-size": 8, "peft.layers": "4,5", "peft.target-modules": "value", "peft.lora-rank": 1}  # fmt: skip
+    rows = {}
+    for mode in ("auto", "off"):
+        cfg = tiny_config(**flat, **{"train.prefix-cache": mode})
+        cache = load_task(cfg).model.fedpeft_prefix_cache
+        hits = cache.hits
+        rows[mode] = load_results(run_in_process(cfg, tmp_path / mode))["rounds"][1]
+        used = cache.hits > hits
+        assert used == (mode == "auto"), (mode, cache.hits, hits)
+    # The first step's loss is taken before any update: the cached prefix gives the same number.
+    first = [row["train_metrics"]["train-loss-first"] for row in (rows["auto"], rows["off"])]
+    assert first[0] == pytest.approx(first[1], abs=1e-5)
+
+
 @pytest.mark.slow
 def test_one_byte_spsa_lowers_the_held_out_loss_of_minilm_with_a_prompt_head():
     """The spsa_minilm setup (NF4 MiniLM, mean pooling, prompt head, LoRA on value + head), in-process."""
