@@ -96,8 +96,13 @@ def compute_context(model: nn.Module) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def quantization_config(quantization: str, compute_dtype: torch.dtype = torch.float32) -> Any:
-    """The transformers ``BitsAndBytesConfig`` for ``none | int8 | nf4``."""
+def quantization_config(
+    quantization: str, compute_dtype: torch.dtype = torch.float32, int8_threshold: float = 6.0
+) -> Any:
+    """The transformers ``BitsAndBytesConfig`` for ``none | int8 | nf4``.
+
+    ``int8_threshold`` is LLM.int8()'s outlier threshold (``model.int8-threshold``; int8 only).
+    """
     if quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
@@ -105,7 +110,7 @@ def quantization_config(quantization: str, compute_dtype: torch.dtype = torch.fl
     # The head trains, so it stays a full-precision Linear.
     skip = list(HEAD_NAMES)
     if quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip, llm_int8_threshold=int8_threshold)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         llm_int8_skip_modules=skip,
@@ -128,7 +133,7 @@ def load_backbone(
     path = resolve_model_path(cfg.name)
     device = resolve_device(cfg.device)
     compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
-    quant = quantization_config(cfg.quantization, compute_dtype)
+    quant = quantization_config(cfg.quantization, compute_dtype, cfg.int8_threshold)
     kwargs: dict[str, Any] = {"num_labels": num_labels}
     if quant is not None:
         kwargs["quantization_config"] = quant

@@ -112,6 +112,8 @@ INACTIVE_RULES: tuple[Rule, ...] = (
      ("data.split",)),
     ("model.device", lambda c: "clients run on the CPU" if c.model.device == "cpu" else None,
      ("simulation.num-gpus-per-client",)),
+    ("model.quantization", lambda c: None if c.model.quantization == "int8" else "only int8 has an outlier threshold",
+     ("model.int8-threshold",)),
 )  # fmt: skip
 
 
@@ -151,6 +153,43 @@ def check_resources(cfg: ExperimentConfig) -> list[str]:
 
 #: written by ``ray start``; Ray attaches to that cluster instead of starting a local one
 RAY_CLUSTER_FILE = "/tmp/ray/ray_current_cluster"
+
+#: the int8-on-CUDA measurement the warning quotes (DESIGN.md, "Measured facts")
+INT8_CUDA_MEASURED = (
+    "measured 5.9x slower per training step than fp32 and 4.9x slower than nf4 on one H200 "
+    "(262 ms vs 44 ms fp32 and 53 ms nf4; LoRA r=8 on MiniLM, batch 32 x 64 tokens, bitsandbytes 0.50.2, "
+    "model.int8-threshold=6)"
+)
+
+
+def int8_cuda_warning(cfg: ExperimentConfig, cuda_available: bool) -> str | None:
+    """A warning when ``cfg`` trains an int8 backbone on CUDA, else None.
+
+    The likely cause is bitsandbytes' LLM.int8() matmul, built for large models: every
+    forward quantizes the activations to int8 and, with ``llm_int8_threshold`` > 0,
+    splits outlier columns off into a 16-bit matmul (transformers' ``BitsAndBytesConfig``
+    docs; bitsandbytes issue #490: 8-bit is ~5x slower than bf16 on 7B models and
+    "there is currently no plan to improve 8-bit inference performance"). Threshold 0
+    skips the decomposition (reported 25-40% faster in inference, oobabooga/textgen #198,
+    at some accuracy cost), which does not close a 5.9x gap: nf4 is the fix.
+    """
+    on_cuda = cfg.model.device == "cuda" or (cfg.model.device == "auto" and cuda_available)
+    if cfg.model.quantization != "int8" or not on_cuda:
+        return None
+    return (
+        f"model.quantization='int8' on CUDA was {INT8_CUDA_MEASURED}. Likely cause: bitsandbytes' LLM.int8() "
+        "matmul quantizes activations on every call and decomposes outlier columns "
+        f"(model.int8-threshold={cfg.model.int8_threshold:g}; transformers BitsAndBytesConfig.llm_int8_threshold, "
+        "bitsandbytes issue #490). Use model.quantization='nf4' (smaller and faster); "
+        "model.int8-threshold=0 skips the outlier path at some accuracy cost (its speed-up is unmeasured here)"
+    )
+
+
+def _int8_cuda_warnings(cfg: ExperimentConfig) -> list[str]:
+    import torch  # already imported by check_resources
+
+    warning = int8_cuda_warning(cfg, torch.cuda.is_available())
+    return [warning] if warning else []
 
 
 def inactive_settings(cfg: ExperimentConfig) -> list[tuple[str, str, str]]:
@@ -349,6 +388,7 @@ def check_experiment(cfg: ExperimentConfig, sources: Sources | None = None) -> C
     check_trace(cfg)
     splits = load_checked_splits(cfg, report)
     report.warnings += check_resources(cfg)
+    report.warnings += _int8_cuda_warnings(cfg)
     names = splits.train.label_names
     facts = check_model(cfg, len(names))  # before partitioning: a module-name typo fails a few seconds sooner
     check_prompts(cfg, names)

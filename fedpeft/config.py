@@ -68,6 +68,11 @@ class ModelConfig:
     bfloat16 on CUDA GPUs with native bf16, else float32 (always float32 on the CPU, where
     bfloat16 / float16 fall back to float32 with a warning). Adapters and optimizer state
     stay fp32 (QLoRA's recipe); float16 runs without loss scaling.
+    ``int8_threshold``: bitsandbytes' LLM.int8() outlier threshold (transformers'
+    ``BitsAndBytesConfig.llm_int8_threshold``, default 6.0), used with ``quantization="int8"``
+    only: activation columns with a value above it are multiplied in 16 bit, the rest in int8.
+    0 turns the outlier decomposition off (the documented speed knob; less accurate where
+    outliers exist). On CUDA int8 was measured 5.9x slower per step than fp32 (see check.py).
     """
 
     name: str = "embedded"
@@ -78,6 +83,7 @@ class ModelConfig:
     label_prompts: str = ""
     head_scale: float = 10.0
     compute_dtype: str = "auto"
+    int8_threshold: float = 6.0
 
 
 @dataclass(frozen=True)

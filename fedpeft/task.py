@@ -6,6 +6,7 @@ the cache lives in an importable module).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -72,11 +73,16 @@ class Task:
         The cached model is overwritten from ``global_state`` first, so earlier clients
         served by this process leave no trace. With ``dp.mode="sample"`` the steps are
         DP-SGD (fedpeft/privacy.py); ``dp_history`` is this client's accountant history
-        from earlier rounds and ``result.privacy`` the updated one.
+        from earlier rounds and ``result.privacy`` the updated one. On CUDA,
+        ``result.peak_cuda_bytes`` is torch's peak allocation during this round (the peak
+        statistics are reset at its start), the model included.
         """
         from fedpeft.rng import derive_seed
         from fedpeft.train import train_local
 
+        device = next(self.model.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         adapters.set_adapter_state(self.model, global_state)
         loader = self.train_loader(self.client_rows(partition_id, data_path), round_, partition_id)
         if self.cfg.dp.mode == "sample":
@@ -100,6 +106,8 @@ class Task:
                 logits_fn=self.logits_fn(),
             )
         delta = adapters.compute_delta(adapters.get_adapter_state(self.model), global_state)
+        if device.type == "cuda":
+            result = dataclasses.replace(result, peak_cuda_bytes=int(torch.cuda.max_memory_allocated(device)))
         return delta, result
 
     def client_ranks(self) -> list[int]:

@@ -31,6 +31,7 @@ class TrainResult:
     num_examples: int
     num_steps: int
     privacy: dict | None = None  # DP-SGD: epsilon, delta, noise multiplier, accountant history
+    peak_cuda_bytes: int = 0  # on CUDA: torch's peak allocation during this local round (Task.local_update)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -152,6 +152,12 @@ def _validate_model(cfg: ExperimentConfig) -> None:
         model.quantization,
     )
     _check(model.head_scale > 0, "model.head-scale", "> 0", model.head_scale)
+    _check(
+        model.int8_threshold >= 0,
+        "model.int8-threshold",
+        ">= 0 (bitsandbytes' LLM.int8() outlier threshold: 6.0 by default, 0 = no outlier decomposition)",
+        model.int8_threshold,
+    )
     if model.head_init == "prompts":
         _check(
             model.pooling == "mean",

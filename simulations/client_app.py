@@ -76,6 +76,8 @@ def delta_reply(task, pid: int, delta: dict, result) -> RecordDict:
             "trainable-params": num_trainable(task.model),
         }
     )
+    if result.peak_cuda_bytes:  # CUDA only: this client's peak allocation during its local round
+        metrics["peak-cuda-bytes"] = int(result.peak_cuda_bytes)
     if result.privacy is not None:  # report epsilon so far
         for key in ("epsilon", "delta", "noise-multiplier", "sample-rate"):
             metrics[key if key == "epsilon" else f"dp-{key}"] = float(result.privacy[key])

@@ -8,8 +8,9 @@ whole loopback deployment for trying things out. On real devices run the same co
 hand (``Loopback.supernode_command`` prints one).
 
 ``fedpeft deploy certs OUT --nodes N [--san HOST]`` writes a CA, the SuperLink certificate
-and node keys (simulations/certs.py); ``fedpeft deploy memory CONFIG`` prints what one
-client needs in memory after a local round.
+and node keys (simulations/certs.py); ``fedpeft deploy memory CONFIG [--quantization nf4,int8]
+[--compute-dtype float32,bfloat16] [--out FILE]`` prints what one client needs in memory after a
+local round, each variant measured in a fresh process (simulations/deploy/memory_probe.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -312,15 +314,30 @@ def run_loopback(cfg: ExperimentConfig, *, root: Path, num_nodes: int, timeout_s
     return out / "results.json"
 
 
-def print_memory(cfg: ExperimentConfig) -> None:
-    """Load the client model, train one local round on partition 0, print the memory report."""
-    from fedpeft.memory import format_memory, measure_client_memory
-    from fedpeft.task import load_task, set_threads
+def print_memory(
+    cfg: ExperimentConfig, quantizations: Sequence[str] = (), compute_dtypes: Sequence[str] = (), out: str | None = None
+) -> list[dict[str, Any]]:
+    """One client's memory after a local round on partition 0, each variant in a fresh process.
 
-    set_threads(cfg.simulation.torch_threads)
-    task = load_task(cfg)
-    task.local_update(dict(task.initial_state), 0, 1)
-    print(format_memory(measure_client_memory(task.model, cfg.train.optimizer)))
+    See simulations/deploy/memory_probe.py; empty lists mean the config's own setting.
+    """
+    from simulations.deploy.memory_probe import probe_memory
+
+    return probe_memory(cfg, list(quantizations), list(compute_dtypes), out)
+
+
+def _choices(key: str):
+    """An argparse type: a comma list of ``key``'s valid choices."""
+    from fedpeft.config import CHOICES
+
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in values if v not in CHOICES[key]]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"{bad or text!r}: valid {key} values are {', '.join(CHOICES[key])}")
+        return values
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
         if name == "loopback":
             p.add_argument("--root", help="folder for certificates, logs and results (default: a temp folder)")
+        else:
+            p.add_argument("--quantization", type=_choices("model.quantization"), default=[], help="e.g. nf4,int8,none")
+            p.add_argument("--compute-dtype", type=_choices("model.compute-dtype"), default=[], help="float32,bfloat16")
+            p.add_argument("--out", help="write the rows as JSON here")
     args, rest = parser.parse_known_args(argv)
     if args.action == "certs":
         from simulations.deploy.certs import main as certs_main
@@ -343,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     cfg = load_config(args.config, dict(parse_override(o) for o in args.overrides))
     if args.action == "memory":
-        print_memory(cfg)
+        print_memory(cfg, args.quantization, args.compute_dtype, args.out)
         return 0
     root = Path(args.root or tempfile.mkdtemp(prefix="fedpeft-loopback-"))
     print(run_loopback(cfg, root=root, num_nodes=cfg.partition.num_partitions))
