@@ -29,7 +29,13 @@ from simulations.quiet import quiet_libraries
 
 FEDAU_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fedau_bernoulli.toml"
 SETTINGS = {
-    "fedau-lora-layers-4-5": {},
+    # LoRA r=4 on query/value of the top two layers (the earlier FedAU setting; the configs now train the head only)
+    "fedau-lora-layers-4-5": {
+        "peft.method": "lora",
+        "peft.lora-rank": 4,
+        "peft.target-modules": "query,value",
+        "peft.layers": "4,5",
+    },
     "head-only": {"peft.method": "head"},
 }
 
