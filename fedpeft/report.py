@@ -41,6 +41,8 @@ COLUMNS = (
     ("final_accuracy", "final accuracy", ".4f"),
     ("balanced_accuracy", "balanced accuracy", ".4f"),
     ("rare_class_accuracy", "rare-class accuracy", ".4f"),
+    ("rare_class_weight_share", "rare-class weight share", ".4f"),
+    ("rare_class_weight_target", "its target", ".4f"),
     ("uplink_payload_bytes", "uplink bytes", ",.0f"),
     ("total_payload_bytes", "total bytes", ",.0f"),
     ("uplink_bytes_to_target", "uplink bytes to target", ",.0f"),
@@ -88,6 +90,44 @@ def rare_class(results: dict[str, Any]) -> int | None:
     return None
 
 
+def class_weight_shares(results: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each class's share of the aggregation weight a run gave its clients, and the target share.
+
+    Client ``n``'s weight mass is the sum over rounds of the coefficient its delta got
+    (FedAU and the oracle: ``omega_n / N``, recorded per round; FedAvg: ``n_i / sum n`` or
+    ``1 / m`` by ``strategy.weighting``); class ``c``'s share is
+    ``sum_n M_n h_nc / sum_n M_n`` with ``h_nc`` client ``n``'s fraction of class ``c``. The
+    target is the share under full participation with equal client weights,
+    ``(1/N) sum_n h_nc``: the objective FedAU estimates (Wang & Ji, 2024). ``None`` when the
+    run has no label histograms or aggregated nothing.
+    """
+    hist = results.get("label_histograms")
+    if not hist:
+        return None
+    h = np.asarray(hist, dtype=np.float64)
+    frac = h / np.maximum(h.sum(axis=1, keepdims=True), 1.0)
+    config = results.get("config", {})
+    by_examples = config.get("strategy.name") == "fedavg" and config.get("strategy.weighting") == "examples"
+    mass = np.zeros(len(h))
+    for row in results["rounds"]:
+        ids = [int(p) for p in row.get("aggregated") or []]
+        if not ids:
+            continue
+        if row.get("omega"):
+            coeff = {i: float(row["omega"][str(i)]) / len(h) for i in ids}
+        elif by_examples:
+            examples = {int(c["partition_id"]): float(c.get("num-examples", 0)) for c in row.get("clients", [])}
+            total = sum(examples.get(i, 0.0) for i in ids)
+            coeff = {i: examples.get(i, 0.0) / total if total > 0 else 1.0 / len(ids) for i in ids}
+        else:
+            coeff = {i: 1.0 / len(ids) for i in ids}
+        for i, c in coeff.items():
+            mass[i] += c
+    if mass.sum() <= 0:
+        return None
+    return mass @ frac / mass.sum(), frac.mean(axis=0)
+
+
 def run_metrics(results: dict[str, Any], target: float | None = None) -> dict[str, Any]:
     """One completed run's numbers: final scores of its last evaluated round, bytes, time, target."""
     evaluated = [r for r in results["rounds"] if r.get("accuracy") is not None]
@@ -106,6 +146,9 @@ def run_metrics(results: dict[str, Any], target: float | None = None) -> dict[st
     }
     if out["rare_class"] is not None and out["per_class_accuracy"] is not None:
         out["rare_class_accuracy"] = out["per_class_accuracy"][out["rare_class"]]
+    shares = class_weight_shares(results) if out["rare_class"] is not None else None
+    out["rare_class_weight_share"] = float(shares[0][out["rare_class"]]) if shares else None
+    out["rare_class_weight_target"] = float(shares[1][out["rare_class"]]) if shares else None
     if target is not None:
         hit = bytes_to_target(results, target)
         out["uplink_bytes_to_target"] = hit["uplink_payload_bytes"] if hit else None

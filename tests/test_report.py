@@ -10,7 +10,7 @@ import json
 import pytest
 
 from fedpeft.config import ExperimentConfig
-from fedpeft.report import load_runs, rare_class, summarize, write_report
+from fedpeft.report import class_weight_shares, load_runs, rare_class, summarize, write_report
 from fedpeft.results import experiment_config, group_by_experiment, group_labels
 
 T_975_1 = 12.706205  # t_{0.975, 1}: two seeds
@@ -68,6 +68,37 @@ def test_rare_class_is_the_class_with_the_lowest_expected_participation_share():
     assert rare_class({"class_participation": [0.2, 0.7]}) == 0
     assert rare_class({**hist, "participation_probabilities": [0.5, 0.5], "test_label_counts": [30, 70]}) == 0
     assert rare_class({"participation_probabilities": [0.5, 0.5]}) is None
+
+
+def test_class_weight_share_sums_each_clients_coefficients_over_rounds_by_strategy():
+    # Client 0 holds only class 0, client 1 is half/half, client 2 only class 1: target share of
+    # class 1 = (0 + 0.5 + 1) / 3 = 0.5.
+    hist = [[10, 0], [5, 5], [0, 30]]
+    rounds = [
+        {"round": 0, "aggregated": []},
+        {"round": 1, "aggregated": [0, 2], "omega": {"0": 1.0, "2": 3.0},
+         "clients": [{"partition_id": 0, "num-examples": 10}, {"partition_id": 2, "num-examples": 30}]},
+        {"round": 2, "aggregated": [0, 1], "omega": {"0": 2.0, "1": 1.0},
+         "clients": [{"partition_id": 0, "num-examples": 10}, {"partition_id": 1, "num-examples": 10}]},
+    ]  # fmt: skip
+    results = {"label_histograms": hist, "rounds": rounds, "config": {"strategy.name": "fedau"}}
+    # FedAU: masses omega/N = (1+2)/3, 1/3, 3/3 -> class-1 share (0*1 + 0.5*1/3 + 1*1) / (1 + 1/3 + 1) = 0.5
+    share, target = class_weight_shares(results)
+    assert share[1] == pytest.approx((0.5 / 3 + 1.0) / (7 / 3)) and target[1] == pytest.approx(0.5)
+    # FedAvg by examples: round 1 -> 10/40, 30/40; round 2 -> 1/2, 1/2: masses 0.75, 0.5, 0.75
+    without_omega = [{k: v for k, v in r.items() if k != "omega"} for r in rounds]
+    examples = {
+        **results,
+        "rounds": without_omega,
+        "config": {"strategy.name": "fedavg", "strategy.weighting": "examples"},
+    }
+    share, _ = class_weight_shares(examples)
+    assert share[1] == pytest.approx((0.5 * 0.5 + 0.75) / 2.0)
+    # FedAvg uniform: 1/2 each round: masses 1, 0.5, 0.5 -> (0.25 + 0.5) / 2
+    uniform = {**examples, "config": {"strategy.name": "fedavg", "strategy.weighting": "uniform"}}
+    share, _ = class_weight_shares(uniform)
+    assert share[1] == pytest.approx((0.5 * 0.5 + 0.5) / 2.0)
+    assert class_weight_shares({"rounds": rounds}) is None
 
 
 def test_summary_gives_mean_and_t_interval_over_seeds_and_counts_the_failed_seed(sweep):
