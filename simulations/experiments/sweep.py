@@ -187,6 +187,10 @@ def _run_on_ray(
     if address:
         ray.init(address=address)
     else:  # workers import this checkout's code, as the driver does
+        # Ray starts its workers at nice 15 (RAY_worker_niceness), so on a shared machine any
+        # ordinary process starves the sweep's runs (measured here: 8% of a core each next to one
+        # nice-0 job). A local sweep is the user's foreground work: run it at the driver's priority.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         root = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
         ray.init(num_cpus=jobs, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
