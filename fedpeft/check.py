@@ -236,14 +236,15 @@ class ModelFacts:
     model_type: str
     num_layers: int
     max_positions: int | None
-    trainable: int | None
+    trainable: int | None  # at peft.lora-rank for LoRA (the server's rank)
+    trainable_by_rank: dict[int, int] = field(default_factory=dict)  # LoRA: every rank a client may train
 
 
 def check_model(cfg: ExperimentConfig, num_labels: int) -> ModelFacts:
     """The model folder, its module names (meta device: no weights read) and the PEFT targets."""
     import torch
 
-    from fedpeft import backbone
+    from fedpeft import backbone, check_size
 
     try:
         backbone.resolve_device(cfg.model.device)
@@ -292,61 +293,11 @@ def check_model(cfg: ExperimentConfig, num_labels: int) -> ModelFacts:
     backbone.head_module(model)
     if cfg.model.pooling == "mean":
         backbone.use_mean_pooling(model)
-    trainable = _count_trainable(model, cfg)
+    trainable = check_size.count_trainable(model, cfg)
     layers = int(getattr(config, "num_hidden_layers", 0) or 0)
-    return ModelFacts(path, config.model_type, layers, max_positions, trainable)
-
-
-def _count_trainable(model, cfg: ExperimentConfig) -> int | None:
-    """Trainable scalars of ``cfg.peft`` on ``model``, counted from shapes (peft itself is not imported).
-
-    LoRA adds r (in + out) per adapted linear module; prompt tuning one embedding row per
-    virtual token; the head (``modules_to_save``) trains in full with ``peft.train-head``;
-    BitFit trains every bias; full every parameter. ``ia3``: None
-    (IA3's modules come from peft's per-architecture tables; the run prints the count).
-    """
-    from fedpeft import adapters, backbone
-
-    head_name, _ = backbone.head_module(model)
-    head_root = head_name.split(".")[0]
-    head = getattr(model, head_root)
-    head_count = sum(p.numel() for p in head.parameters()) if cfg.peft.train_head else 0
-    if cfg.peft.method == "head":
-        return sum(p.numel() for p in head.parameters())
-    if cfg.peft.method == "bitfit":
-        biases = sum(
-            p.numel() for n, p in model.named_parameters() if n.endswith(".bias") and not n.startswith(head_root)
-        )
-        head_bias = (
-            0 if cfg.peft.train_head else sum(p.numel() for n, p in head.named_parameters() if n.endswith("bias"))
-        )
-        return biases + head_count + head_bias
-    if cfg.peft.method == "full":  # every weight, the head with peft.train-head
-        return sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in head.parameters()) + head_count
-    if cfg.peft.method == "prompt":  # peft's PromptEmbedding: one token-embedding row per virtual token
-        return cfg.peft.num_virtual_tokens * model.get_input_embeddings().embedding_dim + head_count
-    if cfg.peft.method != "lora":
-        return None
-    modules = dict(model.named_modules())
-    linear = {n: m for n, m in modules.items() if _is_linear(m) and not n.startswith(head_root)}
-    adapters.check_lora_targets(cfg.peft, list(modules), list(linear))
-    targets = [t.strip() for t in cfg.peft.target_modules.split(",") if t.strip()]
-    layers = adapters.parse_layers(cfg.peft.layers)
-    count = 0
-    for name, module in linear.items():
-        if not any(name == t or name.endswith("." + t) for t in targets):
-            continue
-        match = adapters._LAYER_INDEX.search(name)
-        if layers is not None and (match is None or int(match.group(1)) not in layers):
-            continue
-        count += cfg.peft.lora_rank * (module.in_features + module.out_features)
-    return count + head_count
-
-
-def _is_linear(module) -> bool:
-    from torch import nn
-
-    return isinstance(module, nn.Linear)
+    return ModelFacts(
+        path, config.model_type, layers, max_positions, trainable, check_size.trainable_by_rank(model, cfg)
+    )
 
 
 def check_prompts(cfg: ExperimentConfig, label_names: tuple[str, ...]) -> None:
@@ -381,6 +332,7 @@ def check_experiment(cfg: ExperimentConfig, sources: Sources | None = None) -> C
         With a message naming the key or file and the fix.
     """
     from fedpeft.check_plan import check_plan, load_checked_splits
+    from fedpeft.check_size import size_summary
 
     t0 = time.monotonic()
     report = CheckReport()
@@ -396,7 +348,9 @@ def check_experiment(cfg: ExperimentConfig, sources: Sources | None = None) -> C
     method = f"{cfg.peft.method}" + (
         f" r={cfg.peft.lora_rank} on {cfg.peft.target_modules}" if cfg.peft.method == "lora" else ""
     )
-    count = f"{facts.trainable:,} trainable parameters" if facts.trainable is not None else "trainable count unknown"
+    if cfg.peft.method == "lora" and cfg.peft.lora_variant == "ffa":
+        method += " (FFA: A frozen, only B and the head travel)"
+    count = size_summary(cfg, facts.trainable, facts.trainable_by_rank)
     report.summary.insert(
         2,
         f"model: {cfg.model.name} ({facts.model_type}, {facts.num_layers} layers), {method}: {count}; "

@@ -172,11 +172,17 @@ def split_svd(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np
 def split_svd_of_product(left: np.ndarray, right: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`split_svd` of ``left @ right`` without forming it (``left``: out x S, ``right``: S x in).
 
-    With ``left = Q_l R_l`` and ``right^T = Q_r R_r`` (reduced QR), ``left @ right =
-    Q_l (R_l R_r^T) Q_r^T``, so the SVD of the small S x S core gives G's: O((out + in) S^2)
-    instead of O(out in min(out, in)). S is the sum of the clients' ranks. Returns the
-    nonzero-capable singular values (at most S); G's others are zero.
+    ``left @ right`` has rank <= S (S: the sum of the clients' ranks). With the reduced QRs
+    ``left = Q_l R_l`` and ``right^T = Q_r R_r``, ``left @ right = Q_l (R_l R_r^T) Q_r^T``,
+    so the SVD ``U_s S V_s^T`` of the small S x S core gives G's: ``U = Q_l U_s``,
+    ``V = Q_r V_s``, in O((out + in) S^2 + S^3) instead of O(out in min(out, in)). The split
+    is :func:`split_svd`'s (``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T``). When
+    ``S >= min(out, in)`` the product is formed and :func:`split_svd` runs on it (the dense
+    SVD is then no larger than the core's). Returns ``min(S, out, in)`` singular values;
+    G's others are zero.
     """
+    if left.shape[1] >= min(left.shape[0], right.shape[1]):
+        return split_svd(left.astype(np.float64) @ right.astype(np.float64), rank)
     q_l, r_l = np.linalg.qr(left.astype(np.float64))
     q_r, r_r = np.linalg.qr(right.T.astype(np.float64))
     u, s, vt = np.linalg.svd(r_l @ r_r.T)

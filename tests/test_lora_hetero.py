@@ -138,6 +138,31 @@ def test_the_svd_from_stacked_factors_equals_the_svd_of_the_formed_product():
     assert b8.shape == (12, 8) and a8.shape == (8, 9) and not b8[:, 5:].any() and not a8[5:].any()
 
 
+@pytest.mark.parametrize(
+    ("out_dim", "in_dim", "ranks"),
+    [(40, 30, (2, 4, 8)), (12, 9, (4, 8)), (6, 20, (2, 2, 4))],  # sum of ranks 14 < 30; 12 >= 9 and 8 >= 6: dense
+)
+def test_the_low_rank_route_equals_the_dense_svd_of_the_average_at_every_rank(out_dim, in_dim, ranks):
+    rng = np.random.default_rng(8)
+    weights = rng.uniform(0.5, 2.0, len(ranks))
+    lefts = [w * rng.standard_normal((out_dim, r)) for w, r in zip(weights, ranks, strict=True)]
+    rights = [rng.standard_normal((r, in_dim)) for r in ranks]
+    average = sum(b_k @ a_k for b_k, a_k in zip(lefts, rights, strict=True))  # sum_k w_k B_k A_k, formed
+    top = min(sum(ranks), out_dim, in_dim)
+    b, a, s = split_svd_of_product(np.hstack(lefts), np.vstack(rights), top)
+    b_ref, a_ref, s_ref = split_svd(average, top)
+    assert s.size == top
+    np.testing.assert_allclose(s, s_ref[:top], rtol=1e-10)
+    np.testing.assert_allclose(s_ref[top:], 0.0, atol=1e-10 * s_ref[0])
+    tol = 1e-5 * s_ref[0]  # fp32 factors
+    for rank in range(1, top + 1):  # each truncation: the signs of U and V cancel in B_r A_r
+        got = b[:, :rank].astype(np.float64) @ a[:rank]
+        np.testing.assert_allclose(got, b_ref[:, :rank].astype(np.float64) @ a_ref[:rank], rtol=0, atol=tol)
+    # the same symmetric split as the dense route: B^T B = A A^T = diag(S)
+    np.testing.assert_allclose(b.T.astype(np.float64) @ b, np.diag(s_ref[:top]), rtol=0, atol=tol)
+    np.testing.assert_allclose(a.astype(np.float64) @ a.T, np.diag(s_ref[:top]), rtol=0, atol=tol)
+
+
 def test_flexlora_sends_every_client_the_truncation_at_its_own_rank():
     rng = np.random.default_rng(5)
     current = _random_state(rng, rank=4, out_dim=8, in_dim=6)
