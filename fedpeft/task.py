@@ -209,6 +209,21 @@ def partitions(cfg: ExperimentConfig) -> list:
 
 
 def set_threads(n: int) -> None:
-    """Torch intra-op threads for this process (1 per simulated client by default)."""
+    """Torch intra-op threads and numpy's BLAS threads for this process (1 per simulated client by default).
+
+    BLAS is limited too because the server's numpy work (FlexLoRA's SVDs, FedAvg's sums) otherwise
+    starts one busy-waiting OpenBLAS thread per core next to the clients: measured here, a FlexLoRA
+    round took 12.8 s median under load with default BLAS threads and 0.04-0.07 s with one
+    (docs/benchmarks.md). threadpoolctl is the documented way to set it after numpy is imported.
+    """
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+    global _BLAS_LIMIT
+    if _BLAS_LIMIT != n:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=n, user_api="blas")
+        _BLAS_LIMIT = n
+
+
+_BLAS_LIMIT: int | None = None
