@@ -200,6 +200,103 @@ def summarize(runs: list[tuple[Path, dict[str, Any]]], target: float | None = No
     return {"ci": CI_DESCRIPTION.replace("95%", f"{level:.0%}"), "level": level, "target": target, "groups": groups}
 
 
+#: metrics compared seed by seed against a baseline group (``--baseline``)
+PAIRED = (
+    ("final_accuracy", "final accuracy"),
+    ("balanced_accuracy", "balanced accuracy"),
+    ("rare_class_accuracy", "rare-class accuracy"),
+)
+
+
+def parse_baseline(items: list[str] | None) -> dict[str, str]:
+    """``["strategy.name=fedavg", ...]`` -> ``{key: value}``; a malformed item names the fix."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"--baseline {item!r}: expected KEY=VALUE, e.g. --baseline strategy.name=fedavg")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def paired_differences(summary: dict, baseline: dict[str, str], level: float = 0.95) -> list[dict]:
+    """Each group minus its baseline, seed by seed: mean difference ± t-interval over the shared seeds.
+
+    A group's baseline is the group whose config equals its own with the ``baseline`` keys set
+    to their values (``strategy.name=fedavg`` pairs every FedAU group with the FedAvg group of
+    the same participation model). Runs with the same seed share partitions, participation
+    draws and initial adapter, so the paired difference cancels the seed's own luck and its
+    interval is what decides "A beats B" (a paired t-test at ``1 - level``). Groups that are
+    a baseline themselves, or have none in the folder, are skipped.
+    """
+    if not baseline:
+        return []
+    groups = summary["groups"]
+
+    def matches(cand: dict, config: dict) -> bool:
+        keys = set(cand) | set(config)
+        for k in keys:
+            if k in baseline:
+                if str(cand.get(k)) != baseline[k]:
+                    return False
+            elif json.dumps(cand.get(k), default=str) != json.dumps(config.get(k), default=str):
+                return False
+        return True
+
+    unknown = [k for k in baseline if not any(k in g["config"] for g in groups)]
+    if unknown:
+        raise ValueError(f"--baseline: no run has the key(s) {unknown}; use keys of the runs' configs (results.json)")
+    rows = []
+    for g in groups:
+        if all(str(g["config"].get(k)) == v for k, v in baseline.items()):
+            continue
+        base = next((h for h in groups if h is not g and matches(h["config"], g["config"])), None)
+        if base is None:
+            continue
+        row = {"label": g["label"], "baseline": base["label"], "metrics": {}}
+        for key, _ in PAIRED:
+            mine, theirs = g["metrics"].get(key), base["metrics"].get(key)
+            if not mine or not theirs:
+                continue
+            a = dict(zip(g["seeds"], mine["values"], strict=True))
+            b = dict(zip(base["seeds"], theirs["values"], strict=True))
+            shared = sorted(s for s in a if s in b and a[s] is not None and b[s] is not None)
+            diffs = [a[s] - b[s] for s in shared]
+            mean, half, n = mean_ci(diffs, level)
+            row["metrics"][key] = {"mean": mean, "half_width": half, "n": n, "seeds": shared, "values": diffs}
+        rows.append(row)
+    return rows
+
+
+def render_paired(rows: list[dict], level: float) -> str:
+    """The paired-differences section of report.md ('' when there is none)."""
+    if not rows:
+        return ""
+    lines = [
+        "",
+        "## Paired differences against the baseline",
+        "",
+        f"Each cell: mean over shared seeds of (group - baseline) ± {level:.0%} Student-t half-width (n = pairs); "
+        "an interval that excludes 0 is marked *.",
+        "",
+        "| group | baseline | " + " | ".join(f"Δ {title}" for _, title in PAIRED) + " |",
+        "|" + " --- |" * (len(PAIRED) + 2),
+    ]
+    for row in rows:
+        cells = []
+        for key, _ in PAIRED:
+            m = row["metrics"].get(key)
+            if not m:
+                cells.append("-")
+                continue
+            cell = format_ci(m["mean"], m["half_width"], m["n"], "+.4f") + f" (n={m['n']})"
+            if m["n"] > 1 and not math.isnan(m["half_width"]) and abs(m["mean"]) > m["half_width"]:
+                cell += " *"
+            cells.append(cell)
+        lines.append(f"| {row['label']} | {row['baseline']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _error(results: dict[str, Any]) -> dict[str, str]:
     return {"error": results["error"]} if results.get("error") else {}
 
@@ -249,12 +346,24 @@ def render_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(root: str | Path, out: str | Path, target: float | None = None, level: float = 0.95) -> dict:
-    """Write ``report.md``, ``report.json`` and the figures for the runs under ``root``; return the summary."""
+def write_report(
+    root: str | Path,
+    out: str | Path,
+    target: float | None = None,
+    level: float = 0.95,
+    baseline: dict[str, str] | None = None,
+) -> dict:
+    """Write ``report.md``, ``report.json`` and the figures for the runs under ``root``; return the summary.
+
+    ``baseline`` (``{key: value}``): add each group's paired differences against the group
+    that has these values and is otherwise identical (:func:`paired_differences`).
+    """
     from fedpeft.plot import plot_groups
 
     runs = load_runs(root)
     summary = summarize(runs, target, level)
+    summary["paired"] = paired_differences(summary, baseline or {}, level)
+    summary["baseline"] = baseline or {}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     by_path = {str(p): res for p, res in runs}
@@ -266,7 +375,8 @@ def write_report(root: str | Path, out: str | Path, target: float | None = None,
                 fig = plot_groups(plotted, out / f"{metric}.png", metric=metric, target=target, level=level)
                 figures.append(fig.name)
     summary["figures"] = figures
-    (out / "report.md").write_text(render_markdown(summary) + "".join(f"\n![{f}]({f})\n" for f in figures))
+    markdown = render_markdown(summary) + render_paired(summary["paired"], level)
+    (out / "report.md").write_text(markdown + "".join(f"\n![{f}]({f})\n" for f in figures))
     (out / "report.json").write_text(json.dumps(_finite(summary), indent=2))
     return summary
 
@@ -288,3 +398,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rep.add_argument("dir", help="folder holding run folders (a sweep's --out, or runs/)")
     rep.add_argument("--out", required=True, help="folder for report.md, report.json and the figures")
     rep.add_argument("--target", type=float, help="accuracy target for the bytes-to-target columns")
+    rep.add_argument(
+        "--baseline",
+        action="append",
+        metavar="KEY=VALUE",
+        help="pair every group with the otherwise identical group that has KEY=VALUE (repeatable), "
+        "seed by seed: mean difference and its CI",
+    )

@@ -209,9 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             return sweep.main(args, argv)
         if args.command == "report":
-            from fedpeft.report import write_report
+            from fedpeft.report import parse_baseline, write_report
 
-            summary = write_report(args.dir, args.out, target=args.target)
+            summary = write_report(args.dir, args.out, target=args.target, baseline=parse_baseline(args.baseline))
             print(f"{len(summary['groups'])} groups: {Path(args.out) / 'report.md'}")
             return 0
         if args.command == "simulate" and args.resume:

@@ -10,7 +10,16 @@ import json
 import pytest
 
 from fedpeft.config import ExperimentConfig
-from fedpeft.report import class_weight_shares, load_runs, rare_class, summarize, write_report
+from fedpeft.report import (
+    class_weight_shares,
+    load_runs,
+    paired_differences,
+    parse_baseline,
+    rare_class,
+    render_paired,
+    summarize,
+    write_report,
+)
 from fedpeft.results import experiment_config, group_by_experiment, group_labels
 
 T_975_1 = 12.706205  # t_{0.975, 1}: two seeds
@@ -99,6 +108,33 @@ def test_class_weight_share_sums_each_clients_coefficients_over_rounds_by_strate
     share, _ = class_weight_shares(uniform)
     assert share[1] == pytest.approx((0.5 * 0.5 + 0.5) / 2.0)
     assert class_weight_shares({"rounds": rounds}) is None
+
+
+def _group(label, config, seeds, acc):
+    return {"label": label, "config": config, "seeds": seeds, "metrics": {"final_accuracy": {"values": acc}}}
+
+
+def test_paired_differences_pair_each_group_with_its_baseline_seed_by_seed():
+    fedau = {"name": "bern", "strategy.name": "fedau", "train.lr": 0.01}
+    summary = {
+        "groups": [
+            _group("fedau", fedau, [0, 1, 2], [0.70, 0.66, 0.71]),
+            _group("fedavg", {**fedau, "strategy.name": "fedavg"}, [2, 1, 0], [0.65, 0.64, 0.60]),
+            _group("other lr", {**fedau, "train.lr": 0.1}, [0, 1], [0.5, 0.5]),  # no fedavg at lr 0.1: skipped
+        ]
+    }
+    (row,) = paired_differences(summary, parse_baseline(["strategy.name=fedavg"]))
+    m = row["metrics"]["final_accuracy"]
+    # seed 0: 0.70 - 0.60, seed 1: 0.66 - 0.64, seed 2: 0.71 - 0.65 -> 0.10, 0.02, 0.06
+    assert row["baseline"] == "fedavg" and m["seeds"] == [0, 1, 2] and m["n"] == 3
+    assert m["values"] == pytest.approx([0.10, 0.02, 0.06]) and m["mean"] == pytest.approx(0.06)
+    # sd 0.04, t(0.975, 2) = 4.302653 -> half-width 4.302653 * 0.04 / sqrt(3)
+    assert m["half_width"] == pytest.approx(4.302653 * 0.04 / 3**0.5, rel=1e-5)
+    assert "| fedau | fedavg | +0.0600 ± +0.0994 (n=3) |" in render_paired([row], 0.95)
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_baseline(["strategy.name"])
+    with pytest.raises(ValueError, match="no run has the key"):
+        paired_differences(summary, {"strategy.nmae": "fedavg"})
 
 
 def test_summary_gives_mean_and_t_interval_over_seeds_and_counts_the_failed_seed(sweep):
