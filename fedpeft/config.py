@@ -150,8 +150,9 @@ class TrainConfig:
     ``prefix_cache``: ``auto`` caches the output of the frozen embeddings and encoder layers
     below the first trainable one (LoRA with ``peft.layers = "4,5"``, head-only) and runs
     only the trainable top (fedpeft/prefix_cache.py); the frozen layers then run without
-    dropout. It serves first-order training (DP-SGD included) and ``Task.evaluate``; SPSA
-    clients run the full forward. ``off`` always runs the full forward.
+    dropout. It serves first-order training (DP-SGD included), SPSA's forwards and
+    ``Task.evaluate``; one store per distinct frozen prefix is shared by every model of the
+    process (the seeds of a sweep worker). ``off`` always runs the full forward.
     """
 
     optimizer: str = "adamw"
