@@ -9,6 +9,7 @@ config comes from Flower's ``run_config`` (pyproject defaults, ``flwr run
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -52,16 +53,22 @@ def first_order_train(content: RecordDict, context: Context, cfg: ExperimentConf
     round_ = int(content["config"]["server-round"])
     task = load_task(cfg)
     history = history_from_lists(context.state.config_records.get(DP_STATE_KEY))
+    cpu_start = time.process_time()
     delta, result = task.local_update(
         record_to_state(content["arrays"]), pid, round_, dp_history=history, data_path=node_data_path(context)
     )
+    cpu_s = time.process_time() - cpu_start
     if result.privacy is not None:  # DP-SGD: keep the accountant across rounds
         context.state[DP_STATE_KEY] = ConfigRecord(history_to_lists(result.privacy["history"]))
-    return delta_reply(task, pid, delta, result)
+    return delta_reply(task, pid, delta, result, cpu_s=cpu_s)
 
 
-def delta_reply(task, pid: int, delta: dict, result) -> RecordDict:
-    """A first-order train reply: the delta, the client's metrics, and the contract (kind "delta")."""
+def delta_reply(task, pid: int, delta: dict, result, *, cpu_s: float | None = None) -> RecordDict:
+    """A first-order train reply: the delta, the client's metrics, and the contract (kind "delta").
+
+    ``cpu_s`` is the process CPU time (all torch threads) of the local training, reported as
+    ``train-cpu-s`` for the parallel-efficiency benchmark (simulations/bench/cohort_engine.py).
+    """
     from fedpeft.adapters import num_trainable
     from fedpeft.records import state_to_record
 
@@ -76,6 +83,8 @@ def delta_reply(task, pid: int, delta: dict, result) -> RecordDict:
             "trainable-params": num_trainable(task.model),
         }
     )
+    if cpu_s is not None:
+        metrics["train-cpu-s"] = float(cpu_s)
     if result.peak_cuda_bytes:  # CUDA only: this client's peak allocation during its local round
         metrics["peak-cuda-bytes"] = int(result.peak_cuda_bytes)
     if result.privacy is not None:  # report epsilon so far
@@ -180,12 +189,17 @@ def train_together(contents: dict[int, RecordDict], cfg: ExperimentConfig) -> di
 
     task = load_task(cfg)
     jobs = [(record_to_state(c["arrays"]), pid, int(c["config"]["server-round"])) for pid, c in contents.items()]
+    cpu_start = time.process_time()
     try:
         outcomes = train_cohort(task, jobs, batched=None if cfg.simulation.cohort_batched else False)
     except Exception as err:  # reported as each client's failure, with the error's own message
         log.exception("cohort training failed")
         return {pid: RecordDict({ERROR_KEY: error_record(err)}) for pid in contents}
-    return {pid: delta_reply(task, pid, delta, result) for pid, (delta, result) in zip(contents, outcomes, strict=True)}
+    cpu_s = (time.process_time() - cpu_start) / len(jobs)  # a batched cohort's CPU is not separable: split evenly
+    return {
+        pid: delta_reply(task, pid, delta, result, cpu_s=cpu_s)
+        for pid, (delta, result) in zip(contents, outcomes, strict=True)
+    }
 
 
 def build_client_app(overrides: dict[str, Any] | None = None, mods: list | None = None) -> ClientApp:

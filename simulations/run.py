@@ -82,6 +82,8 @@ def simulate(
 
         results_path = run_in_process(cfg, run_dir, client_mods=client_mods, resume=resume)
         return _finish(cfg, results_path, plot, t0)
+    # Ray starts its workers at nice 15, so any ordinary process on a shared machine starves the actors.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     logging.getLogger("flwr").addFilter(_DropRunSimulationDeprecation())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")

@@ -1,6 +1,7 @@
-"""Core benchmark: quantized weight bytes, step time, and Flower's simulation overhead.
+"""Core benchmark: quantized weight bytes, step time, Flower's simulation overhead, cohort nodes.
 
     python -m simulations.bench.core [--rounds 2] [--clients 4] [--examples 400] [--steps 8]
+        [--only bytes,steps,overhead,cohort] [--cohort-rounds N] [--cohort-set KEY=VALUE ...]
 
 Prints, side by side in one run (this machine is shared and noisy, so only ratios
 taken here are meaningful):
@@ -10,6 +11,10 @@ taken here are meaningful):
     exactly the same run in one process (simulations/inprocess.py: the same ServerApp,
     ClientApp and ``Strategy.start`` over an in-memory grid; start-up reported
     separately). Writes the figures to ``runs/bench/bench_core.json``.
+(d) cohort nodes vs one client per actor on Flower's engine, the quickstart by default:
+    wall, peak PSS, parallel efficiency (simulations/bench/cohort_engine.py; its options
+    here carry a ``--cohort-`` prefix; its three quickstart runs take ~10 min: ``--only cohort``
+    runs it alone, ``--only bytes,steps,overhead`` skips it).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from fedpeft.config import ExperimentConfig, TrainConfig
 from fedpeft.results import load_results
 from fedpeft.task import load_task, set_threads
 from fedpeft.train import train_local
+from simulations.bench import cohort_engine
 from simulations.inprocess import run_in_process
 from simulations.quiet import quiet_libraries
 
@@ -110,6 +116,18 @@ def bench_overhead(rounds: int, clients: int, examples: int, out_dir: Path) -> d
     }
 
 
+SECTIONS = ("bytes", "steps", "overhead", "cohort")
+
+
+def parse_sections(text: str) -> list[str]:
+    """``--only``'s comma-separated section names, checked."""
+    chosen = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in SECTIONS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"--only {text!r}: pick from {', '.join(SECTIONS)} (comma-separated)")
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -117,22 +135,40 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=400)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--out", default="runs/bench")
+    parser.add_argument(
+        "--only", type=parse_sections, default=list(SECTIONS), help=f"sections to run, of {','.join(SECTIONS)}"
+    )
+    cohort_engine.add_arguments(parser, prefix="cohort-")
     args = parser.parse_args()
     quiet_libraries()
     set_threads(1)
     torch.manual_seed(0)
     out = Path(args.out)
-    report = {"bytes": bench_bytes(), "steps": bench_steps(args.steps)}
-    print("(a) backbone linear-layer bytes")
-    for q, r in report["bytes"].items():
-        print(
-            f"    {q:5s} {r['linear_bytes'] / 1e6:7.2f} MB  ratio to fp32 {r['linear_ratio_to_fp32']:.3f}  (whole model {r['model_bytes'] / 1e6:.1f} MB)"
-        )
-    print("(b) LoRA training step, batch 32, 1 thread")
-    for q, r in report["steps"].items():
-        print(f"    {q:5s} {r['s_per_step']:.3f} s/step  ratio to fp32 {r['ratio_to_fp32']:.2f}")
-    report["overhead"] = bench_overhead(args.rounds, args.clients, args.examples, out)
-    o = report["overhead"]
+    report = {}
+    if "bytes" in args.only:
+        report["bytes"] = bench_bytes()
+        print("(a) backbone linear-layer bytes")
+        for q, r in report["bytes"].items():
+            print(
+                f"    {q:5s} {r['linear_bytes'] / 1e6:7.2f} MB  ratio to fp32 {r['linear_ratio_to_fp32']:.3f}  (whole model {r['model_bytes'] / 1e6:.1f} MB)"
+            )
+    if "steps" in args.only:
+        report["steps"] = bench_steps(args.steps)
+        print("(b) LoRA training step, batch 32, 1 thread")
+        for q, r in report["steps"].items():
+            print(f"    {q:5s} {r['s_per_step']:.3f} s/step  ratio to fp32 {r['ratio_to_fp32']:.2f}")
+    if "overhead" in args.only:
+        report["overhead"] = bench_overhead(args.rounds, args.clients, args.examples, out)
+        print_overhead(report["overhead"])
+    if "cohort" in args.only:  # prints its table and writes its own JSON (--cohort-out)
+        report["cohort"] = cohort_engine.run_from_args(args, prefix="cohort-")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_core.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {out / 'bench_core.json'}")
+
+
+def print_overhead(o: dict) -> None:
+    """(c)'s lines."""
     print(f"(c) {o['rounds']} rounds x {o['clients']} clients")
     print(f"    in-process (1 process, sequential) {o['inprocess_s']:.1f} s")
     print(
@@ -144,9 +180,6 @@ def main() -> None:
         + ", ".join(f"{f:.1f}/{b:.1f} s" for f, b in zip(o["flower_round_s"], o["inprocess_round_s"], strict=True))
         + f"  steady (rounds 2..R) ratio {o['ratio_steady_rounds']:.2f}"
     )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_core.json").write_text(json.dumps(report, indent=2))
-    print(f"wrote {out / 'bench_core.json'}")
 
 
 if __name__ == "__main__":
