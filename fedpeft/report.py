@@ -289,7 +289,8 @@ def render_paired(rows: list[dict], level: float) -> str:
             if not m:
                 cells.append("-")
                 continue
-            cell = format_ci(m["mean"], m["half_width"], m["n"], "+.4f") + f" (n={m['n']})"
+            cell = format_ci(m["mean"], m["half_width"], m["n"], ".4f") + f" (n={m['n']})"
+            cell = ("+" if m["mean"] >= 0 else "") + cell
             if m["n"] > 1 and not math.isnan(m["half_width"]) and abs(m["mean"]) > m["half_width"]:
                 cell += " *"
             cells.append(cell)
