@@ -106,12 +106,26 @@ def plot_groups(
             ax.axhline(target, color="grey", linestyle="--", linewidth=1)
     if target is not None:
         ax_round.text(0, target, f" target {target:g}", va="bottom", fontsize=8, color="grey")
-    ax_round.legend(fontsize=8, loc="lower right")
+    # One legend under the panels: long group labels would hide the curves inside an axis.
+    handles, labels = ax_round.get_legend_handles_labels()
+    ncol = 1 if max((len(x) for x in labels), default=0) > 70 else 2
+    rows = -(-len(labels) // ncol)
+    height = fig.get_figheight()
+    fig.set_figheight(height + 0.22 * rows + 0.3)
+    bottom = (0.22 * rows + 0.3) / fig.get_figheight()
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     if any(len(runs) > 1 for _, runs in groups):
-        fig.text(0.01, 0.01, f"bands: {level:.0%} CI of the mean, Student-t over seeds", fontsize=8, color="grey")
+        fig.text(
+            0.99,
+            0.005,
+            f"bands: {level:.0%} CI of the mean, Student-t over seeds",
+            fontsize=8,
+            color="grey",
+            ha="right",
+        )
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
