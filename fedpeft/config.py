@@ -409,6 +409,8 @@ def _unknown_message(key: str, known: dict[str, type]) -> str:
 def _coerce(key: str, value: Any, want: type) -> Scalar:
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if want is str and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # a list key with one entry: --set peft.layers=5 (the value parser reads "5" as int)
     if want is bool and isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
     if type(value) is not want:

@@ -77,3 +77,10 @@ def test_strategy_choices_match_the_registry():
     from strategies import REGISTRY
 
     assert set(CHOICES["strategy.name"]) == set(REGISTRY)
+
+
+def test_a_one_entry_list_key_given_as_a_number_is_read_as_its_text():
+    cfg = ExperimentConfig.from_flat({"peft.layers": parse_override("peft.layers=5")[1]})
+    assert cfg.peft.layers == "5"
+    with pytest.raises(ConfigError, match="wants str"):
+        ExperimentConfig.from_flat({"peft.layers": 5.5})
