@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 #: (key in run_metrics, table column, number format); a column appears when some group has the metric
 COLUMNS = (
     ("final_accuracy", "final accuracy", ".4f"),
+    ("accuracy_gain", "gain over round 0", "+.4f"),
     ("balanced_accuracy", "balanced accuracy", ".4f"),
     ("rare_class_accuracy", "rare-class accuracy", ".4f"),
     ("rare_class_weight_share", "rare-class weight share", ".4f"),
@@ -134,6 +135,12 @@ def run_metrics(results: dict[str, Any], target: float | None = None) -> dict[st
     last = evaluated[-1] if evaluated else {}
     out: dict[str, Any] = {
         "final_accuracy": last.get("accuracy"),
+        # what training added to the starting model (a zero-shot head starts well above the prior)
+        "accuracy_gain": (
+            last["accuracy"] - evaluated[0]["accuracy"]
+            if len(evaluated) > 1 and evaluated[0].get("round") == 0
+            else None
+        ),
         "balanced_accuracy": last.get("balanced_accuracy"),
         "per_class_accuracy": last.get("per_class_accuracy"),
         "uplink_payload_bytes": sum(r.get("uplink_payload_bytes", 0) for r in results["rounds"]),

@@ -67,4 +67,4 @@ def format_ci(mean: float, half_width: float, n: int, spec: str = ".4f") -> str:
         return "-"
     if n == 1 or math.isnan(half_width):
         return f"{mean:{spec}} (n=1, no CI)"
-    return f"{mean:{spec}} ± {half_width:{spec}}"
+    return f"{mean:{spec}} ± {half_width:{spec.replace('+', '')}}"

@@ -17,6 +17,7 @@ from fedpeft.report import (
     parse_baseline,
     rare_class,
     render_paired,
+    run_metrics,
     summarize,
     write_report,
 )
@@ -110,6 +111,12 @@ def test_class_weight_share_sums_each_clients_coefficients_over_rounds_by_strate
     assert class_weight_shares({"rounds": rounds}) is None
 
 
+def test_the_gain_is_the_final_accuracy_minus_the_round_0_evaluation():
+    rounds = [{"round": 0, "accuracy": 0.669}, {"round": 1, "accuracy": None}, {"round": 2, "accuracy": 0.70}]
+    assert run_metrics({"rounds": rounds})["accuracy_gain"] == pytest.approx(0.031)
+    assert run_metrics({"rounds": rounds[1:]})["accuracy_gain"] is None  # no round-0 evaluation: no gain
+
+
 def _group(label, config, seeds, acc):
     return {"label": label, "config": config, "seeds": seeds, "metrics": {"final_accuracy": {"values": acc}}}
 
@@ -166,7 +173,7 @@ def test_report_writes_table_json_and_figures(sweep, tmp_path):
     md = (out / "report.md").read_text()
     assert "mean ± 95% CI half-width, Student-t over seeds" in md
     row = next(line for line in md.splitlines() if line.startswith("| tiny: train.lr=0.01 |"))
-    assert "| 2 | 0.7200 ± 0.2541 | 0.7500 ±" in row
+    assert "| 2 | 0.7200 ± 0.2541 | +0.2200 ± 0.2541 | 0.7500 ±" in row
     bad = next(line for line in md.splitlines() if line.startswith("| tiny: train.lr=0.1 |"))
     assert "1 of 2 (n < seeds)" in bad and "0.5800 (n=1, no CI)" in bad and "(0/1 reached)" in bad
     assert "- tiny: train.lr=0.1, seed 1: failed" in md and "RuntimeError: boom" in md
