@@ -1,6 +1,6 @@
 """Accuracy vs epsilon from DP runs' results files: a markdown table and one figure.
 
-    python -m simulations.experiments.plot_dp RUN_DIR... --out docs/figures/dp_accuracy_vs_epsilon.png
+    python -m simulations.experiments.plot_dp RUN_DIR_OR_SWEEP_DIR... --out docs/results/dp/accuracy_vs_epsilon.png
 
 Reads results.json only (never trains). A run's mode is its ``dp.mode``; its epsilon is
 the last round's ``epsilon`` (the worst client so far for ``sample``, the server's
@@ -24,6 +24,7 @@ def summarise(path: str | Path) -> dict:
     mode = cfg["dp.mode"]
     sigma = last.get("dp_noise_multiplier", last.get("train_metrics", {}).get("dp-noise-multiplier", math.nan))
     return {
+        "name": cfg.get("name", "?"),
         "mode": mode,
         "target": cfg["dp.target-epsilon"] if mode != "none" else math.inf,
         "epsilon": last.get("epsilon", math.inf) if mode != "none" else math.inf,
@@ -50,29 +51,70 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def grouped(rows: list[dict], level: float = 0.95) -> list[dict]:
+    """Runs of one (config name, DP mode, target epsilon) pooled over seeds: mean epsilon spent, accuracy ± CI."""
+    from fedpeft.stats import mean_ci
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["name"], r["mode"], r["target"]), []).append(r)
+    out = []
+    for (name, mode, target), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        mean, half, n = mean_ci([r["accuracy"] for r in runs], level)
+        out.append(
+            {
+                "name": name,
+                "mode": mode,
+                "target": target,
+                "epsilon": max(r["epsilon"] for r in runs),
+                "accuracy": mean,
+                "half_width": 0.0 if math.isnan(half) else half,
+                "n": n,
+                "accuracy_round0": min(r["accuracy_round0"] for r in runs),
+            }
+        )
+    return out
+
+
 def plot(rows: list[dict], out: str | Path, title: str | None = None) -> Path:
-    """Accuracy vs epsilon (log x), one line per DP mode, the non-private run as a dashed line."""
+    """Accuracy vs epsilon spent (log x), mean ± 95% CI over seeds per DP setting; no-DP runs as dashed bands."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for mode, marker in (("sample", "o"), ("client", "s")):
-        pts = sorted((r["epsilon"], r["accuracy"]) for r in rows if r["mode"] == mode)
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker=marker, label=f"{mode}-level DP")
-    for r in rows:
-        if r["mode"] == "none":
-            ax.axhline(r["accuracy"], color="k", linestyle="--", label="no DP (epsilon = inf)")
-    chance = min((r["accuracy_round0"] for r in rows), default=None)
-    if chance is not None:
-        ax.axhline(chance, color="grey", linestyle=":", label="round 0 (untrained)")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {}
+    for g in grouped(rows):
+        if g["mode"] == "none":
+            continue
+        key = (g["name"], g["mode"])
+        pts = sorted(
+            (h["epsilon"], h["accuracy"], h["half_width"], h["n"])
+            for h in grouped(rows)
+            if (h["name"], h["mode"]) == key
+        )
+        if key in colors:
+            continue
+        eps, acc, half, n = zip(*pts, strict=True)
+        line = ax.errorbar(
+            eps, acc, yerr=half, marker="o", capsize=3, label=f"{g['name']}: {g['mode']}-level DP (n={min(n)})"
+        )
+        colors[key] = line[0].get_color()
+    for g in grouped(rows):
+        if g["mode"] == "none":
+            color = next((c for (name, _), c in colors.items() if name == g["name"]), "k")
+            ax.axhline(g["accuracy"], color=color, linestyle="--", label=f"{g['name']}: no DP (n={g['n']})")
+            ax.axhspan(g["accuracy"] - g["half_width"], g["accuracy"] + g["half_width"], color=color, alpha=0.1)
+    start = min((r["accuracy_round0"] for r in rows), default=None)
+    if start is not None:
+        ax.axhline(start, color="grey", linestyle=":", label=f"round 0: the zero-shot start ({start:.3f})")
     ax.set_xscale("log")
-    ax.set_xlabel(f"epsilon spent (delta = {rows[0]['delta']:g})")
+    ax.set_xlabel(f"epsilon spent (delta = {rows[0]['delta']:g}; worst client for sample-level)")
     ax.set_ylabel("held-out accuracy after the last round")
-    ax.set_title(title or "Accuracy vs privacy budget")
-    ax.legend(fontsize=8)
+    ax.set_title(title or "Accuracy vs privacy budget (mean ± 95% CI over seeds)")
+    ax.legend(fontsize=7)
+    ax.grid(True, alpha=0.3)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +129,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--title")
     args = parser.parse_args(argv)
-    rows = [summarise(r) for r in args.runs]
+    runs = [
+        p
+        for r in args.runs
+        for p in (
+            sorted(Path(r).rglob("results.json"))
+            if Path(r).is_dir() and not (Path(r) / "results.json").exists()
+            else [r]
+        )
+    ]
+    rows = [summarise(r) for r in runs]
     print(table(rows))
     print(f"wrote {plot(rows, args.out, args.title)}")
 
