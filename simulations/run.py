@@ -89,7 +89,7 @@ def simulate(
         warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
         with stop_on_sigint():
             run_simulation(
-                server_app=build_server_app(flat, run_dir.resolve(), resume=resume),
+                server_app=build_server_app(flat, run_dir.resolve(), resume=resume, checked=True),
                 client_app=build_client_app(flat, mods=client_mods),
                 num_supernodes=num_nodes(cfg),
                 backend_config=backend_config(cfg),

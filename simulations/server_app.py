@@ -186,18 +186,51 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path, *, resume: 
     return results
 
 
+def start_experiment(
+    grid: Grid,
+    run_config: dict[str, Any],
+    overrides: dict[str, Any],
+    run_dir: str | Path | None,
+    *,
+    resume: bool = False,
+    checked: bool = False,
+) -> dict[str, Any]:
+    """The ServerApp's body: ``run_config`` overlaid with ``overrides``, checked unless ``checked``, then run.
+
+    ``fedpeft simulate`` checks the config before it starts Flower's engine and passes
+    ``checked=True``; a ServerApp started by Flower's own CLI (``flwr run .``) has had no
+    check, so it runs ``fedpeft check``'s :func:`~fedpeft.check.check_experiment` here, before
+    the first message: a typo fails in seconds with the fix, not after the nodes trained.
+    """
+    cfg = ExperimentConfig.from_flat({**run_config, **overrides})
+    if not checked:
+        from fedpeft.check import check_experiment
+
+        report = check_experiment(cfg)
+        for warning in report.warnings:
+            log(WARNING, "%s", warning)
+        log(INFO, "%s", report.text())
+    out = Path(run_dir or cfg.out_dir or default_run_dir(cfg.name, cfg.seed))
+    return run_experiment(grid, cfg, out, resume=resume)
+
+
 def build_server_app(
-    overrides: dict[str, Any] | None = None, run_dir: str | Path | None = None, *, resume: bool = False
+    overrides: dict[str, Any] | None = None,
+    run_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    checked: bool = False,
 ) -> ServerApp:
-    """A ServerApp whose config is ``run_config`` overlaid with ``overrides`` (``resume``: continue ``run_dir``)."""
+    """A ServerApp whose config is ``run_config`` overlaid with ``overrides`` (``resume``: continue ``run_dir``).
+
+    ``checked``: the caller already ran ``check_experiment`` on the same config (the launcher).
+    """
     overrides = dict(overrides or {})
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = ExperimentConfig.from_flat({**dict(context.run_config), **overrides})
-        out = Path(run_dir or cfg.out_dir or default_run_dir(cfg.name, cfg.seed))
-        run_experiment(grid, cfg, out, resume=resume)
+        start_experiment(grid, dict(context.run_config), overrides, run_dir, resume=resume, checked=checked)
 
     return app
 
