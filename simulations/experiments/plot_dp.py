@@ -83,7 +83,7 @@ def plot(rows: list[dict], out: str | Path, title: str | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     colors = {}
     for g in grouped(rows):
         if g["mode"] == "none":
@@ -110,10 +110,15 @@ def plot(rows: list[dict], out: str | Path, title: str | None = None) -> Path:
     if start is not None:
         ax.axhline(start, color="grey", linestyle=":", label=f"round 0: the zero-shot start ({start:.3f})")
     ax.set_xscale("log")
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    ax.xaxis.set_major_locator(FixedLocator([0.5, 1, 2, 3, 5, 8, 10, 20]))  # plain numbers, not 2x10^0
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.set_xlabel(f"epsilon spent (delta = {rows[0]['delta']:g}; worst client for sample-level)")
     ax.set_ylabel("held-out accuracy after the last round")
     ax.set_title(title or "Accuracy vs privacy budget (mean ± 95% CI over seeds)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no point hidden
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     out = Path(out)
