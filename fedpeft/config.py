@@ -226,6 +226,10 @@ class SimulationConfig:
     num_cpus_per_client: float = 1.0
     num_gpus_per_client: float = 0.0
     torch_threads: int = 1
+    # Torch threads of the ServerApp's own work (aggregation, centralized evaluation). 0: every core the
+    # process may use when the server has its own process (Flower's engine, deployment: the clients wait
+    # while it evaluates), torch-threads in the in-process runner (the clients share its process).
+    server_threads: int = 0
     round_timeout_s: float = 3600.0
     node_wait_s: float = 120.0
     # Cohort nodes: each Flower node (a worker) trains this many simulated clients with one

@@ -86,6 +86,12 @@ def validate(cfg: ExperimentConfig) -> None:
         cfg.simulation.num_gpus_per_client,
     )
     _check(cfg.simulation.torch_threads >= 1, "simulation.torch-threads", ">= 1", cfg.simulation.torch_threads)
+    _check(
+        cfg.simulation.server_threads >= 0,
+        "simulation.server-threads",
+        ">= 0 (0 = every core for a server in its own process)",
+        cfg.simulation.server_threads,
+    )
     _check(cfg.simulation.round_timeout_s > 0, "simulation.round-timeout-s", "> 0", cfg.simulation.round_timeout_s)
     _check(cfg.simulation.node_wait_s > 0, "simulation.node-wait-s", "> 0", cfg.simulation.node_wait_s)
     _check(0.0 <= cfg.faults.rate <= 1.0, "faults.rate", "in [0, 1] (0 = no injected faults)", cfg.faults.rate)

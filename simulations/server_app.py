@@ -12,6 +12,7 @@ and skipped; failed or rejected client replies are recorded, never applied.
 
 from __future__ import annotations
 
+import os
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -87,14 +88,29 @@ def discover_partitions(grid: Grid, cfg: ExperimentConfig, ledger: Ledger) -> di
     return mapping
 
 
-def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False) -> dict[str, Any]:
+def server_threads(cfg: ExperimentConfig, own_process: bool) -> int:
+    """Torch threads for the server's aggregation and evaluation (``simulation.server-threads``).
+
+    A server in its own process (Flower's engine, deployment) evaluates while every client
+    waits, so by default it takes every core it may use; in the in-process runner the
+    clients share its process and its ``torch-threads``.
+    """
+    if cfg.simulation.server_threads > 0:
+        return cfg.simulation.server_threads
+    return len(os.sched_getaffinity(0)) if own_process else cfg.simulation.torch_threads
+
+
+def run_experiment(
+    grid: Grid, cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, own_process: bool = False
+) -> dict[str, Any]:
     """Run every round of ``cfg`` on ``grid`` through ``Strategy.start``; write ``run_dir/results.json``.
 
     ``resume=True`` continues the run in ``run_dir`` after its last checkpointed round
-    (simulations/resume.py).
+    (simulations/resume.py). ``own_process``: no client runs in this process (see
+    :func:`server_threads`).
     """
     t_start = time.monotonic()
-    set_threads(cfg.simulation.torch_threads)
+    set_threads(server_threads(cfg, own_process))
     task = load_task(cfg)
     checkpoint = read_checkpoint(run_dir) if resume else None
     ledger = Ledger.from_json(checkpoint[0]["ledger"]) if checkpoint else Ledger()
@@ -211,7 +227,7 @@ def start_experiment(
             log(WARNING, "%s", warning)
         log(INFO, "%s", report.text())
     out = Path(run_dir or cfg.out_dir or default_run_dir(cfg.name, cfg.seed))
-    return run_experiment(grid, cfg, out, resume=resume)
+    return run_experiment(grid, cfg, out, resume=resume, own_process=True)
 
 
 def build_server_app(

@@ -1,4 +1,4 @@
-"""A ServerApp started by Flower's CLI (``flwr run .``) checks its config before the first message."""
+"""The ServerApp's own process: a config check before the first message under ``flwr run .``, and its threads."""
 
 import pytest
 
@@ -24,3 +24,19 @@ def test_the_launcher_s_already_checked_config_is_not_checked_twice(tmp_path):
     # fedpeft simulate checked it already (checked=True): the run starts at once and reaches the grid
     with pytest.raises(AssertionError, match="the grid was used"):
         start_experiment(UntouchableGrid(), {"num-rounds": 1}, {}, tmp_path / "run", checked=True)
+
+
+def test_a_server_in_its_own_process_evaluates_with_every_core_unless_told_otherwise():
+    import os
+
+    from fedpeft.config import ExperimentConfig
+    from simulations.server_app import server_threads
+
+    cores = len(os.sched_getaffinity(0))
+    default = ExperimentConfig.from_flat({"simulation.torch-threads": 1})
+    assert server_threads(default, own_process=True) == cores  # Flower's engine: the clients wait while it evaluates
+    assert server_threads(default, own_process=False) == 1  # in-process: the clients share its torch-threads
+    pinned = ExperimentConfig.from_flat({"simulation.server-threads": 3})
+    assert server_threads(pinned, own_process=True) == server_threads(pinned, own_process=False) == 3
+    with pytest.raises(ConfigError, match="simulation.server-threads"):
+        ExperimentConfig.from_flat({"simulation.server-threads": -1})
