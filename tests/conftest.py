@@ -9,7 +9,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fedpeft.config import ExperimentConfig  # noqa: E402
+from tests.helpers import tiny_config  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -27,24 +27,6 @@ def task_identity():
     TaskIdentity.node_id = 1
     TaskIdentity.task_id = 1
     yield
-
-
-def tiny_config(**overrides) -> ExperimentConfig:
-    """A small slice of the embedded default: 3 clients, 2 rounds, 96 train / 64 test snippets."""
-    flat = {
-        "name": "tiny",
-        "num-rounds": 2,
-        "data.num-train-examples": 96,
-        "data.num-test-examples": 64,
-        "partition.num-partitions": 3,
-        "partition.min-partition-size": 8,
-        "participation.model": "always",
-        "train.local-steps": 2,
-        "train.batch-size": 16,
-        "simulation.node-wait-s": 60.0,
-    }
-    flat.update(overrides)
-    return ExperimentConfig.from_flat(flat)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from fedpeft.comm import payload_bytes
 from fedpeft.records import state_to_record
 from fedpeft.task import load_task
 from fedpeft.train import forward_logits
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 BACKBONE_MARKERS = ("word_embeddings", "attention.self.query.weight", "base_layer.weight", "LayerNorm")
 

@@ -14,7 +14,7 @@ from simulations.client_app import build_client_app
 from simulations.grids import InMemoryGrid, MeteringGrid
 from simulations.server_app import discover_partitions
 from strategies.base import CONTRACT_KEY, KIND_DELTA
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from fedpeft import backbone
 from fedpeft.config import ModelConfig
 from fedpeft.task import load_task
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_nf4_and_int8_shrink_the_linear_layers_below_the_targets():
@@ -42,7 +42,7 @@ def test_the_cache_builds_once_per_process():
 _CHILD = """
 import json, sys, torch, numpy as np
 torch.set_num_threads(1)
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 from fedpeft.task import load_task
 task = load_task(tiny_config())
 delta, _ = task.local_update(task.initial_state, int(sys.argv[1]), 1)

@@ -344,7 +344,7 @@ def test_injecting_lora_with_a_target_that_matches_no_module_names_the_entry_and
 def test_the_check_treats_the_same_file_suffixes_as_local_data_as_the_loader(tmp_path):
     from fedpeft.check import _is_file_or_embedded
     from fedpeft.data import LOCAL_SUFFIXES
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     for suffix in LOCAL_SUFFIXES:
         assert _is_file_or_embedded(tiny_config(**{"data.dataset": str(tmp_path / f"d{suffix}")}))

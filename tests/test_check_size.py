@@ -8,7 +8,7 @@ from fedpeft.check_size import payload_bytes_per_client_round, rank_tiers
 from fedpeft.comm import payload_bytes
 from fedpeft.records import state_to_record
 from fedpeft.task import load_task
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 # MiniLM: "query,key,value,dense" adapts query/key/value/attention.output.dense (384 -> 384),
 # intermediate.dense (384 -> 1536) and output.dense (1536 -> 384) in 6 layers, and the pooler's dense (384 -> 384).

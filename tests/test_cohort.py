@@ -7,7 +7,7 @@ import contextlib
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from tests.helpers import tiny_config
 from torch import nn
 
 from fedpeft import adapters

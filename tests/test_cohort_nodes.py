@@ -7,7 +7,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedpeft.results import load_results
 from simulations.cohort import cohort_partitions, num_workers, pack, unpack
 from simulations.inprocess import run_in_process
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_workers_own_contiguous_blocks_that_cover_every_partition_once():

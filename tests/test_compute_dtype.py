@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from tests.helpers import tiny_config
 
 from fedpeft import adapters
 from fedpeft.backbone import compute_context, quantization_config, resolve_compute_dtype

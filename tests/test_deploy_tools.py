@@ -22,7 +22,7 @@ from fedpeft.memory import measure_client_memory, split_bytes
 from simulations.deploy import warm_worker
 from simulations.deploy.certs import make_deployment_certs
 from simulations.deploy.loopback import key_values, run_config_overrides
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_the_server_certificate_is_signed_by_the_ca_and_names_loopback_and_extra_hosts(tmp_path):

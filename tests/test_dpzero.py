@@ -7,7 +7,7 @@ import torch
 from fedpeft import privacy, zo
 from fedpeft.config import ConfigError
 from strategies import StrategyContext, build_strategy
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_one_huge_example_moves_the_released_scalar_by_at_most_clip_over_batch():

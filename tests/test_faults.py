@@ -10,7 +10,7 @@ from fedpeft.results import load_results
 from simulations.faults import planned_fault
 from simulations.inprocess import run_in_process
 from simulations.resume import read_checkpoint
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 FAILED = {"crash", "hang"}
 REJECTED = {"nan", "inf", "shape", "metrics"}

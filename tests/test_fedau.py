@@ -10,7 +10,7 @@ from fedpeft.records import record_to_state, state_to_record
 from strategies import REGISTRY, StrategyContext, build_strategy
 from strategies.fedau import FedAU, FedAUWeights, IntervalState, advance_interval, fedau_weight_trace
 from strategies.known_p_oracle import KnownPOracle
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 from tests.replies import RoundReports, fake_reply
 
 GLOBAL = {"lora_A": np.array([[1.0, 2.0]], np.float32), "head.bias": np.array([0.5, -0.5], np.float32)}

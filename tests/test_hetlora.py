@@ -12,7 +12,7 @@ from strategies.fedavg import FedAvgPEFT
 from strategies.flexlora import FlexLoRA
 from strategies.hetlora import HetLoRA
 from strategies.lora_hetero import factor_bytes, slice_rank
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 from tests.replies import RoundReports, fake_reply
 
 A = "m.lora_A.default.weight"

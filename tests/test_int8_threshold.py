@@ -8,7 +8,7 @@ import torch
 from fedpeft.backbone import load_backbone, quantization_config
 from fedpeft.check import inactive_settings, int8_cuda_warning
 from fedpeft.config import ConfigError
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_the_int8_threshold_defaults_to_bitsandbytes_six_and_reaches_the_bnb_config():

@@ -13,7 +13,7 @@ from flwr.app import Message
 
 from fedpeft.results import load_results
 from simulations.inprocess import run_in_process
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.slow
 

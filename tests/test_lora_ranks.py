@@ -12,7 +12,7 @@ from fedpeft.ranks import candidate_ranks, client_ranks
 from fedpeft.task import load_task
 from fedpeft.train import forward_logits
 from strategies.lora_hetero import slice_rank, state_rank
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 HET = {"strategy.name": "hetlora"}
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from fedpeft.memory import OPTIMIZER_STATE_TENSORS
 from simulations.deploy.loopback import main as deploy_main
 from simulations.deploy.loopback import toml_value
 from simulations.deploy.memory_probe import Combination, format_table, plan_combinations
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def plan(quantizations, dtypes, *, cuda=False, bnb=True, **overrides):

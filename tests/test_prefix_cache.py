@@ -11,7 +11,7 @@ from torch import nn
 from fedpeft import adapters, data, prefix_cache
 from fedpeft.task import load_task
 from fedpeft.train import forward_logits
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 TOP_ONLY = {
     "lora-layers-4-5": {"peft.layers": "4,5"},

@@ -16,7 +16,7 @@ from fedpeft.train import build_optimizer, train_local
 from strategies.base import StrategyContext
 from strategies.dp import ClientLevelDP, SampleLevelDPReport, clip_delta, wrap_privacy
 from strategies.fedavg import FedAvgPEFT
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 from tests.replies import RoundReports, fake_reply
 
 GLOBAL = {"lora_A": np.zeros((2, 3), np.float32), "head.bias": np.zeros(2, np.float32)}

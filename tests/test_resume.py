@@ -16,7 +16,7 @@ from fedpeft.results import load_results
 from simulations.inprocess import run_in_process
 from simulations.resume import resume_config
 from simulations.run import main
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SETUPS = {

@@ -9,7 +9,7 @@ from fedpeft.results import load_results
 from fedpeft.task import load_task
 from simulations.inprocess import run_in_process
 from simulations.run import main, simulate
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.slow
 

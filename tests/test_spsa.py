@@ -11,7 +11,7 @@ from fedpeft.zo_log import unpack_header
 from simulations.spsa_client import SYNC_KEY, THETA_KEY, catch_up
 from strategies.base import KIND_SPSA
 from strategies.spsa import SharedSeedSPSA, next_scale
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 from tests.replies import RoundReports, fake_reply
 
 K = 6

@@ -145,7 +145,7 @@ def test_the_readmes_own_serverapp_example_runs_with_fedpeft_clients(capsys):
     from flwr.app import RecordDict as Records
 
     from simulations.client_app import build_client_app
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     readme = Path(__file__).resolve().parent.parent / "README.md"
     code = readme.read_text().split("<!-- own-serverapp -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]

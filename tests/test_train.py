@@ -5,7 +5,7 @@ import pytest
 from fedpeft.config import TrainConfig
 from fedpeft.task import load_task
 from fedpeft.train import evaluate, train_local
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 @pytest.mark.parametrize("method", ["lora", "bitfit"])
