@@ -19,38 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+# The allowed values and the error type live in a leaf module that validation.py imports too
+# (validation importing config back was an import cycle); re-exported here for callers.
+from fedpeft.choices import CHOICES, FAULT_KINDS, ConfigError  # noqa: F401
+
 Scalar = bool | int | float | str
-
-
-class ConfigError(ValueError):
-    """A configuration value is unknown, mistyped or out of range."""
-
-
-# Allowed values for string fields: "<section>.<field>" -> choices.
-FAULT_KINDS = ("crash", "hang", "nan", "inf", "shape", "metrics", "slow")
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.quantization": ("none", "int8", "nf4"),
-    "model.device": ("auto", "cpu", "cuda"),
-    "model.pooling": ("head", "mean"),
-    "model.head-init": ("random", "prompts"),
-    "model.compute-dtype": ("auto", "float32", "bfloat16", "float16"),
-    "peft.method": ("lora", "ia3", "prompt", "bitfit", "head", "full"),
-    "peft.lora-variant": ("lora", "ffa"),
-    "partition.scheme": ("iid", "dirichlet"),
-    "participation.model": ("always", "uniform", "bernoulli", "markov", "cyclic", "trace"),
-    "participation.p-source": ("constant", "list", "uniform", "label-correlated"),
-    "train.optimizer": ("adamw", "sgd"),
-    "train.prefix-cache": ("auto", "off"),
-    "strategy.name": ("fedavg", "fedau", "known_p_oracle", "spsa", "hetlora", "flexlora"),
-    "strategy.weighting": ("examples", "uniform"),
-    "dp.mode": ("none", "sample", "client"),
-    "dp.grad-sample-mode": ("hooks", "functorch"),
-    "spsa.codec": ("int8", "log8"),
-    "spsa.scale-rule": ("median", "fixed"),
-    "spsa.lr-schedule": ("constant", "inverse-sqrt"),
-    "spsa.distribution": ("gaussian", "rademacher"),
-}
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Split from config.py (which holds the dataclasses and the file/override parsing) to keep
 each file one concept; ``ExperimentConfig.__post_init__`` calls :func:`validate`. Errors
-are :class:`~fedpeft.config.ConfigError` naming the key, the rule and the fix.
+are :class:`~fedpeft.choices.ConfigError` naming the key, the rule and the fix.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from fedpeft.config import CHOICES, FAULT_KINDS, ConfigError
+from fedpeft.choices import CHOICES, FAULT_KINDS, ConfigError
 
 if TYPE_CHECKING:
     from fedpeft.config import ExperimentConfig

@@ -1,149 +1,26 @@
 """The one launcher: ``fedpeft check`` / ``simulate`` / ``plot`` / ``sweep`` / ``report`` (or ``python -m simulations.run``).
 
-This is the only file that knows how Flower is started. Local runs use Flower's
-simulation engine (Ray backend) through ``flwr.simulation.run_simulation``; the same
-command on the head node of a Ray cluster (``ray start --head`` there, ``ray start
---address=<head>:6379`` on the others) spreads the clients over the cluster, because
-Ray attaches to a running cluster when one exists. ``flwr run .`` runs the same apps
-with the pyproject defaults.
+The command line only: parsing, dispatch and exit codes. Starting a run is
+simulations/launch.py's ``simulate`` (re-exported here for callers of
+``simulations.run.simulate``). ``flwr run .`` runs the same apps with the pyproject defaults.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import time
-import warnings
 from pathlib import Path
 
-from fedpeft.check import CheckReport, check_experiment, config_sources
-from fedpeft.config import ConfigError, ExperimentConfig, load_config, parse_override
+from fedpeft.check import check_experiment, config_sources
+from fedpeft.config import ConfigError, load_config, parse_override
 from fedpeft.report import add_parser as add_report_parser
-from fedpeft.results import default_run_dir, load_results
-from fedpeft.rundir import check_run_dir, prepare_run_dir
+from fedpeft.rundir import check_run_dir
 from simulations.experiments import sweep
-from simulations.inprocess import num_nodes
-from simulations.interrupt import RunInterrupted, stop_on_sigint
+from simulations.interrupt import RunInterrupted
+from simulations.launch import RunFailed, default_run_dir_of, run_dir_flag, simulate
 from simulations.quiet import quiet_run_logs
 from simulations.resume import resume_config
-
-log = logging.getLogger("fedpeft")
-
-
-def backend_config(cfg: ExperimentConfig) -> dict:
-    """Ray resources per simulated client, from our config (not Flower's 2-CPU default)."""
-    resources = {"num_cpus": cfg.simulation.num_cpus_per_client, "num_gpus": cfg.simulation.num_gpus_per_client}
-    return {"client_resources": resources, "init_args": {"include_dashboard": False}}
-
-
-def simulate(
-    cfg: ExperimentConfig,
-    run_dir: str | Path | None = None,
-    *,
-    plot: bool = True,
-    client_mods: list | None = None,
-    resume: bool = False,
-    in_process: bool = False,
-    overwrite: bool = False,
-    checked: CheckReport | None = None,
-) -> Path:
-    """Check ``cfg`` and its run folder, then run it on Flower's simulation engine; return the results file.
-
-    ``client_mods`` are Flower ClientApp mods (tests use one to make a client fail);
-    ``resume`` continues the run in ``run_dir`` after its last checkpoint;
-    ``in_process`` runs the same apps without Ray (simulations/inprocess.py);
-    ``overwrite`` lets a folder holding an earlier run be cleared, once the check has passed;
-    ``checked`` is the report of a check already run on ``cfg`` (the CLI's, with key sources).
-    """
-    flag = _flag(run_dir)
-    run_dir = Path(run_dir) if run_dir else _default_run_dir(cfg)
-    if not resume:
-        check_run_dir(run_dir, overwrite=overwrite, flag=flag)
-    report = checked or check_experiment(cfg)
-    for warning in report.warnings if checked is None else []:
-        log.warning("%s", warning)
-    if not resume:
-        run_dir = prepare_run_dir(run_dir, overwrite=overwrite, flag=flag)
-
-    from flwr.simulation import run_simulation
-
-    from simulations.client_app import build_client_app
-    from simulations.server_app import build_server_app
-
-    flat = cfg.to_flat()
-    # Users do not set HF_HUB_OFFLINE for the embedded default; nothing there needs the hub.
-    if cfg.model.name == "embedded" and cfg.data.dataset == "embedded":
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    t0 = time.monotonic()
-    if in_process:
-        from simulations.inprocess import run_in_process
-
-        results_path = run_in_process(cfg, run_dir, client_mods=client_mods, resume=resume)
-        return _finish(cfg, results_path, plot, t0)
-    # Ray starts its workers at nice 15, so any ordinary process on a shared machine starves the actors.
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    logging.getLogger("flwr").addFilter(_DropRunSimulationDeprecation())
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
-        with stop_on_sigint():
-            run_simulation(
-                server_app=build_server_app(flat, run_dir.resolve(), resume=resume, checked=True),
-                client_app=build_client_app(flat, mods=client_mods),
-                num_supernodes=num_nodes(cfg),
-                backend_config=backend_config(cfg),
-            )
-    return _finish(cfg, run_dir / "results.json", plot, t0)
-
-
-def _finish(cfg: ExperimentConfig, results_path: Path, plot: bool, t0: float) -> Path:
-    check_finished(results_path)
-    log.info("simulation finished in %.1f s: %s", time.monotonic() - t0, results_path)
-    if plot:
-        from fedpeft.plot import plot_runs  # matplotlib: only when plotting
-
-        fig = plot_runs([results_path], results_path.parent / "accuracy.png", title=cfg.name)
-        log.info("plot: %s", fig)
-    return results_path
-
-
-def _default_run_dir(cfg: ExperimentConfig) -> Path:
-    return Path(cfg.out_dir) if cfg.out_dir else default_run_dir(cfg.name, cfg.seed)
-
-
-def _flag(run_dir: str | Path | None) -> str:
-    return "--out" if run_dir else "the default run folder (set --out to choose another)"
-
-
-class RunFailed(RuntimeError):
-    """The run ended without aggregating any client update (or without results)."""
-
-
-def check_finished(results_path: Path) -> None:
-    """Raise unless ``results_path`` records a completed run (interrupted and failed runs say why)."""
-    if not results_path.exists():
-        raise RunFailed(f"the simulation wrote no results; see the log above ({results_path.parent})")
-    results = load_results(results_path)
-    status = results.get("status")
-    if status == "interrupted":
-        raise RunInterrupted(
-            f"interrupted after round {results.get('last_completed_round')}; results so far in {results_path}"
-        )
-    if status != "completed":
-        raise RunFailed(f"the run {status}: {results.get('error', 'see the log above')} ({results_path})")
-
-
-class _DropRunSimulationDeprecation(logging.Filter):
-    """``run_simulation`` logs a deprecation notice pointing at ``flwr run``.
-
-    We keep the Python API on purpose: it takes our resources and overrides in-process
-    and returns when the run ends; ``flwr run .`` remains available for Flower's CLI.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = str(record.msg)
-        return "run_simulation" not in msg and "deprecated feature" not in msg.lower()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -229,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = _parse_overrides(args.overrides)
         cfg = load_config(args.config, overrides)
         if args.command == "simulate":  # the cheapest check first: never start what cannot be saved
-            check_run_dir(args.out or _default_run_dir(cfg), overwrite=args.overwrite, flag=_flag(args.out))
+            check_run_dir(args.out or default_run_dir_of(cfg), overwrite=args.overwrite, flag=run_dir_flag(args.out))
         report = check_experiment(cfg, config_sources(args.config, list(overrides)))
         print(report.text(), flush=True)
         if args.command == "check":

@@ -74,7 +74,7 @@ def bench_steps(steps: int, repeats: int = 3) -> dict:
 
 def bench_overhead(rounds: int, clients: int, examples: int, out_dir: Path) -> dict:
     """(c) Flower simulation vs the same run in one process, start-up separated."""
-    from simulations.run import simulate
+    from simulations.launch import simulate
 
     cfg = ExperimentConfig.from_flat(
         {

@@ -61,7 +61,7 @@ def import_seconds(code: str, repeats: int = 3) -> float:
 
 def run_simulation(cfg: ExperimentConfig, root: Path) -> dict:
     """Flower's simulation engine (Ray), as ``fedpeft simulate`` runs it."""
-    from simulations.run import simulate
+    from simulations.launch import simulate
 
     return load_results(simulate(cfg, root / "sim", plot=False))
 

@@ -66,7 +66,7 @@ def run_one(cfg: ExperimentConfig, run_dir: str | Path, engine: str = "inprocess
     """
     if engine not in ENGINES:
         raise ConfigError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
-    from simulations.run import simulate
+    from simulations.launch import simulate
 
     # a fresh start of a planned run clears an earlier failed attempt's files (after the check passed)
     return simulate(cfg, run_dir, plot=False, resume=resume, in_process=engine == "inprocess", overwrite=not resume)
