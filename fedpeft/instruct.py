@@ -1,0 +1,366 @@
+"""Instruction data for the causal-LM task: loading, the embedded sets, the chat-template encoding.
+
+An :class:`Example` is the chat turns before a response plus the response itself. Sources:
+
+- ``embedded``: the Rotten Tomatoes snippets of :mod:`fedpeft.data`, with exactly the train and
+  test rows the classifier uses (so the two tasks' numbers compare); the user turn is the
+  instruction followed by ``Review: <snippet>``, the response the label word.
+- ``embedded-dialog``: the English part of ``chatterbot-corpus`` 1.3.3 (BSD-3; fedpeft/dialog.py).
+- a local ``.jsonl`` / ``.json`` / ``.csv`` / ``.tsv`` / ``.parquet`` file or an HF dataset name:
+  Alpaca-style instruction / input / response columns, or a ``messages`` column in HF chat format.
+
+:func:`encode` and :func:`encode_prompt` apply the tokenizer's own chat template; prompts are
+truncated, responses never.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedpeft.config import ConfigError, DataConfig
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DIALOG = "embedded-dialog"
+ROLES = ("system", "user", "assistant")
+IGNORE_INDEX = -100  # torch's CrossEntropyLoss ignore_index: prompt tokens are not scored
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training or test item: chat turns before the response, and the response."""
+
+    messages: tuple[dict[str, str], ...]  # HF chat format {"role", "content"}, the turns before the response
+    response: str  # the assistant reply that is trained on / scored
+    group: str = ""  # natural id (e.g. dialog category) for partitioning; "" if none
+    label: int = -1  # index into label_words for label-word tasks; -1 otherwise
+
+
+@dataclass(frozen=True)
+class InstructionSplits:
+    """A training pool and a held-out test set; ``label_words`` is ``()`` for free-form tasks."""
+
+    train: list[Example]
+    test: list[Example]
+    label_words: tuple[str, ...]
+
+
+def load_instruction_splits(
+    data_cfg: DataConfig, *, label_words: tuple[str, ...], instruction: str, seed: int
+) -> InstructionSplits:
+    """The train pool and test set named by ``data.dataset``, sized by ``data.num-*-examples``.
+
+    Parameters
+    ----------
+    data_cfg : DataConfig
+        ``dataset`` = ``embedded``, ``embedded-dialog``, a local file or an HF dataset name.
+    label_words : tuple of str
+        Word of each label. ``embedded``: one per label in the classifier's label order
+        (``fresh``, ``rotten``). Files: when every response is one of them the task is a
+        label-word task (``label`` set); otherwise the data is free-form and they are not used.
+    instruction : str
+        The user turn's opening text for ``embedded`` (the snippet follows it); unused elsewhere.
+    seed : int
+        The run seed. The test split uses :data:`fedpeft.data.TEST_SPLIT_SEED` instead, as the
+        classifier does, so every seed of an experiment is scored on the same held-out rows.
+
+    Raises
+    ------
+    ConfigError
+        A missing response column (the columns found are listed), an empty response (row
+        number), a messages list without an assistant turn, an unknown file extension, fewer
+        rows than asked, label words that do not match the labels.
+    """
+    del seed  # the split is fixed on purpose (see above); kept for the contract's signature
+    label_words = tuple(label_words)
+    if data_cfg.dataset == "embedded":
+        return _embedded_snippets(data_cfg, label_words, instruction)
+    if data_cfg.dataset == EMBEDDED_DIALOG:
+        from fedpeft.dialog import load_dialog_blocks
+
+        return _split(data_cfg, load_dialog_blocks(), ())
+    examples = _file_examples(data_cfg)
+    words = label_words if label_words and all(e.response.strip() in label_words for e in examples) else ()
+    if label_words and not words:
+        first = next(e.response for e in examples if e.response.strip() not in label_words)
+        log.info("%s: response %r is not a label word; free-form task", data_cfg.dataset, first[:40])
+    if words:
+        examples = [
+            dataclasses.replace(e, response=e.response.strip(), label=words.index(e.response.strip())) for e in examples
+        ]
+    return _split(data_cfg, [[e] for e in examples], words)
+
+
+def _embedded_snippets(cfg: DataConfig, label_words: tuple[str, ...], instruction: str) -> InstructionSplits:
+    """The classifier's splits (same rows, same order) with label words as responses."""
+    from fedpeft.data import load_splits
+
+    splits = load_splits(dataclasses.replace(cfg, text_column="text", label_column="label"))
+    names = splits.train.label_names
+    if len(label_words) != len(names) or len(set(label_words)) != len(label_words):
+        raise ConfigError(
+            f"data.dataset='embedded' has labels {list(names)}: give {len(names)} distinct label words in that "
+            f"order (e.g. positive,negative), got {list(label_words)}"
+        )
+
+    def convert(data) -> list[Example]:
+        head = f"{instruction.strip()}\n" if instruction.strip() else ""
+        return [
+            Example(
+                messages=({"role": "user", "content": f"{head}Review: {text}"},),
+                response=label_words[int(label)],
+                label=int(label),
+            )
+            for text, label in zip(data.texts, data.labels, strict=True)
+        ]
+
+    return InstructionSplits(train=convert(splits.train), test=convert(splits.test), label_words=label_words)
+
+
+def _split(cfg: DataConfig, units: list[list[Example]], label_words: tuple[str, ...]) -> InstructionSplits:
+    """Shuffle the units with the fixed split seed, cut the test set, then the training pool.
+
+    A unit is one file row, or all the examples of one dialog block, which stay on one side of
+    the cut (a test prompt never holds a training response). With one example per unit this
+    is :func:`fedpeft.data.load_splits`' rule: the same permutation, the same sizes and checks.
+    """
+    from fedpeft.data import TEST_SPLIT_SEED
+    from fedpeft.rng import numpy_rng
+
+    total = sum(len(u) for u in units)
+    order = numpy_rng(TEST_SPLIT_SEED, "data-split").permutation(len(units))
+    n_test = _fit_size_config(cfg, "num_test_examples", total // 5, f"a fifth of the {total} examples")
+    test: list[Example] = []
+    taken = 0
+    while len(test) < n_test:
+        test.extend(units[order[taken]][: n_test - len(test)])  # a block cut at the boundary loses its tail
+        taken += 1
+    pool = [e for u in order[taken:] for e in units[u]]
+    if cfg.num_train_examples:
+        left = f"the {len(pool)} examples left after the {n_test} test examples"
+        pool = pool[: _fit_size_config(cfg, "num_train_examples", len(pool), left)]
+    log.info("instruction data %s: %d train pool, %d test", cfg.dataset, len(pool), len(test))
+    return InstructionSplits(train=pool, test=test, label_words=label_words)
+
+
+def _fit_size_config(cfg: DataConfig, attr: str, maximum: int, what: str) -> int:
+    """:func:`fedpeft.data._fit_size` with its error as a :class:`ConfigError`."""
+    from fedpeft.data import _fit_size
+
+    try:
+        return _fit_size(cfg, attr, maximum, what)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _file_examples(cfg: DataConfig) -> list[Example]:
+    """Examples from a local file or an HF dataset, Alpaca columns or a messages column."""
+    table = _read_table(cfg)
+    columns = list(table.column_names)
+    name = cfg.dataset
+    if len(table) == 0:
+        raise ConfigError(f"data.dataset={name!r} has no data rows; give a file with rows")
+    groups = _column(table, cfg.group_column, "group", columns, name) if cfg.group_column else [""] * len(table)
+    if cfg.messages_column and cfg.messages_column in columns and cfg.response_column not in columns:
+        rows = table[cfg.messages_column]
+        return [_from_messages(name, i, raw, str(g)) for i, (raw, g) in enumerate(zip(rows, groups, strict=True))]
+    if cfg.response_column not in columns:
+        raise ConfigError(
+            f"data.response-column={cfg.response_column!r} is not a column of {name!r}; columns are {columns}; "
+            f"set data.response-column (with data.instruction-column) to the reply's column, or "
+            f"data.messages-column to a column of chat messages"
+        )
+    instructions = _column(table, cfg.instruction_column, "instruction", columns, name)
+    responses = table[cfg.response_column]
+    inputs = [""] * len(table)
+    if cfg.input_column and cfg.input_column in columns:
+        inputs = table[cfg.input_column]
+    elif cfg.input_column and cfg.input_column != DataConfig.input_column:
+        raise ConfigError(
+            f"data.input-column={cfg.input_column!r} is not a column of {name!r}; columns are {columns}; "
+            'set it to one of them, or to "" for none'
+        )
+    examples = []
+    for i, (ins, extra, resp, group) in enumerate(zip(instructions, inputs, responses, groups, strict=True)):
+        ins, extra, resp = _text(ins), _text(extra), _text(resp)
+        if not resp.strip():
+            raise ConfigError(
+                f"{name}: column {cfg.response_column!r} is empty in data row {i + 1}; fill or delete that row"
+            )
+        if not ins.strip() and not extra.strip():
+            raise ConfigError(
+                f"{name}: columns {cfg.instruction_column!r} and {cfg.input_column!r} are both empty in data row "
+                f"{i + 1}; fill or delete that row"
+            )
+        # Alpaca's layout: the instruction, then its input (if any) after a blank line, as one user turn.
+        content = "\n\n".join(part for part in (ins.strip(), extra.strip()) if part)
+        examples.append(Example(messages=({"role": "user", "content": content},), response=resp, group=str(group)))
+    return examples
+
+
+def _read_table(cfg: DataConfig):
+    """A ``datasets.Dataset`` from a local file (fedpeft.data's reader) or from the HF hub."""
+    from fedpeft.data import LOCAL_SUFFIXES, _load_local_table
+
+    path = Path(cfg.dataset).expanduser()
+    if path.is_file() and path.suffix not in LOCAL_SUFFIXES:
+        raise ConfigError(
+            f"data.dataset={cfg.dataset!r} has the unknown extension {path.suffix!r}; "
+            f"save it as one of {', '.join(LOCAL_SUFFIXES)}"
+        )
+    try:
+        if path.suffix in LOCAL_SUFFIXES:
+            return _load_local_table(path, cfg.dataset)
+        import datasets
+
+        return datasets.load_dataset(cfg.dataset, split=cfg.split)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from None
+
+
+def _column(table, column: str, role: str, columns: list[str], name: str) -> list:
+    if column not in columns:
+        raise ConfigError(
+            f"data.{role}-column={column!r} is not a column of {name!r}; columns are {columns}; "
+            f"set data.{role}-column to one of them"
+        )
+    return list(table[column])
+
+
+def _text(value: Any) -> str:
+    """A cell as text; None and NaN are empty."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    return str(value)
+
+
+def _from_messages(name: str, row: int, raw: Any, group: str) -> Example:
+    """An example from one HF chat-format list: the last assistant turn is the response.
+
+    Turns after the last assistant turn have nothing to answer them and are dropped. A cell
+    holding a JSON string (a CSV file) is parsed first.
+    """
+    where = f"{name}: data row {row + 1}"
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            raise ConfigError(f"{where}: the messages cell is not a JSON list of chat turns; fix that row") from None
+    if not isinstance(raw, list | tuple) or not raw:
+        raise ConfigError(f"{where}: messages must be a non-empty list of {{'role', 'content'}} turns")
+    turns = []
+    for turn in raw:
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+            raise ConfigError(
+                f"{where}: turn {turn!r} is not {{'role': one of {list(ROLES)}, 'content': text}}; fix that row"
+            )
+        turns.append({"role": turn["role"], "content": turn["content"]})
+    last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=-1)
+    if last < 0:
+        raise ConfigError(f"{where}: the messages hold no assistant turn, so there is no response; fix that row")
+    if not turns[last]["content"].strip():
+        raise ConfigError(f"{where}: the last assistant turn (the response) is empty; fill or delete that row")
+    if not any(t["role"] == "user" for t in turns[:last]):
+        raise ConfigError(f"{where}: no user turn comes before the last assistant turn; fix that row")
+    return Example(messages=tuple(turns[:last]), response=turns[last]["content"], group=group)
+
+
+# --- encoding with the tokenizer's chat template ---------------------------------------------------
+
+
+def encode(tokenizer, example: Example, max_seq_len: int) -> dict[str, list[int]]:
+    """Token ids of prompt + response and the labels that score only the response.
+
+    The targets are the tokens the chat template puts after the generation prompt: the
+    response and its end-of-turn token (the template's text after that token, SmolLM2's
+    newline, is dropped: generation stops at end-of-turn). Every prompt token's label is
+    ``-100``. The prompt is truncated to ``max_seq_len`` minus the targets as
+    :func:`encode_prompt` does; a response that cannot fit raises :class:`ConfigError`.
+    """
+    targets = _response_ids(tokenizer, example)
+    prompt = _fit_prompt(tokenizer, example, max_seq_len - len(targets), reserved=len(targets), what="the response")
+    return {"input_ids": prompt + targets, "labels": [IGNORE_INDEX] * len(prompt) + targets}
+
+
+def encode_prompt(tokenizer, example: Example, max_seq_len: int, reserve: int = 0) -> list[int]:
+    """The prompt with the generation prompt, at most ``max_seq_len - reserve`` tokens.
+
+    Truncation keeps the template intact and works on the text of the turns: first whole
+    (user, assistant) pairs of the oldest turns are dropped (system turns stay), then the
+    last user turn keeps its beginning (the instruction comes first, the review or input
+    after it) and loses its end, token by token.
+    """
+    return _fit_prompt(tokenizer, example, max_seq_len - reserve, reserved=reserve, what="the reserve")
+
+
+def _template_ids(tokenizer, messages: list[dict[str, str]], *, generation_prompt: bool) -> list[int]:
+    # The text path is used because apply_chat_template(tokenize=True) returns a list in transformers 4
+    # and a BatchEncoding in 5; the template already holds every special token.
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _response_ids(tokenizer, example: Example) -> list[int]:
+    """The template's tokens after the generation prompt, up to and including end-of-turn."""
+    prompt = _template_ids(tokenizer, list(example.messages), generation_prompt=True)
+    full = _template_ids(
+        tokenizer, [*example.messages, {"role": "assistant", "content": example.response}], generation_prompt=False
+    )
+    if full[: len(prompt)] != prompt:
+        raise ConfigError(
+            "the tokenizer's chat template does not extend the generation prompt with the reply, so the response "
+            "tokens cannot be told apart; use a model whose template does (or give the tokenizer a chat_template)"
+        )
+    targets = full[len(prompt) :]
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in targets:
+        targets = targets[: len(targets) - targets[::-1].index(eos)]
+    return targets
+
+
+def _fit_prompt(tokenizer, example: Example, budget: int, *, reserved: int, what: str) -> list[int]:
+    """The generation prompt in at most ``budget`` tokens (see :func:`encode_prompt`)."""
+    messages = [dict(m) for m in example.messages]
+    ids = _template_ids(tokenizer, messages, generation_prompt=True)
+    if len(ids) <= budget:
+        return ids
+    # 1. drop the two oldest non-system turns while a turn would remain to answer
+    while len(ids) > budget:
+        turns = [i for i, m in enumerate(messages) if m["role"] != "system"]
+        if len(turns) < 3:
+            break
+        del messages[turns[1]], messages[turns[0]]
+        ids = _template_ids(tokenizer, messages, generation_prompt=True)
+    if len(ids) <= budget:
+        return ids
+    # 2. cut the end of the last user turn
+    last = max(i for i, m in enumerate(messages) if m["role"] != "system")
+    content = messages[last]["content"]
+    empty = _template_ids(tokenizer, _with_content(messages, last, ""), generation_prompt=True)
+    if len(empty) > budget:
+        raise ConfigError(
+            f"data.max-seq-len={budget + reserved} is too small: the chat template alone takes {len(empty)} tokens "
+            f"and {what} {reserved}; raise data.max-seq-len to at least {len(empty) + reserved + 1} "
+            "(or shorten the response / the system turn)"
+        )
+    pieces = list(tokenizer(content, add_special_tokens=False)["input_ids"])
+    keep = min(len(pieces), budget - len(empty))
+    while keep >= 0:
+        # decoding a prefix and re-tokenizing it inside the template can merge tokens differently
+        text = tokenizer.decode(pieces[:keep])
+        ids = _template_ids(tokenizer, _with_content(messages, last, text), generation_prompt=True)
+        if len(ids) <= budget:
+            return ids
+        keep -= 1
+    return empty
+
+
+def _with_content(messages: list[dict[str, str]], index: int, content: str) -> list[dict[str, str]]:
+    out = [dict(m) for m in messages]
+    out[index]["content"] = content
+    return out
