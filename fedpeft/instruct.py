@@ -282,9 +282,32 @@ def encode(tokenizer, example: Example, max_seq_len: int) -> dict[str, list[int]
     ``-100``. The prompt is truncated to ``max_seq_len`` minus the targets as
     :func:`encode_prompt` does; a response that cannot fit raises :class:`ConfigError`.
     """
-    targets = _response_ids(tokenizer, example)
-    prompt = _fit_prompt(tokenizer, example, max_seq_len - len(targets), reserved=len(targets), what="the response")
+    prompt, targets = _prompt_and_targets(tokenizer, example)
+    what = f"the response {_short(example.response)}"
+    prompt = _fit_prompt(tokenizer, example, max_seq_len - len(targets), reserved=len(targets), what=what, ids=prompt)
     return {"input_ids": prompt + targets, "labels": [IGNORE_INDEX] * len(prompt) + targets}
+
+
+def encode_examples(tokenizer, examples: list[Example], max_seq_len: int) -> list[dict[str, list[int]]]:
+    """:func:`encode` of every example; responses that cannot fit are counted in one error.
+
+    The error says how many do not fit and the ``data.max-seq-len`` that holds them all, so a
+    data set is fixed in one try rather than one example at a time.
+    """
+    encoded, too_long = [], []
+    for example in examples:
+        try:
+            encoded.append(encode(tokenizer, example, max_seq_len))
+        except _ResponseTooLong as err:
+            too_long.append(err)
+    if too_long:
+        worst = max(too_long, key=lambda err: err.needed)
+        raise ConfigError(
+            f"{len(too_long)} of {len(examples)} responses cannot fit data.max-seq-len={max_seq_len} with their chat "
+            f"template (the longest, {worst.what}, needs {worst.needed}); raise data.max-seq-len to {worst.needed} "
+            "or remove the long responses from the data"
+        )
+    return encoded
 
 
 def encode_prompt(tokenizer, example: Example, max_seq_len: int, reserve: int = 0) -> list[int]:
@@ -295,7 +318,8 @@ def encode_prompt(tokenizer, example: Example, max_seq_len: int, reserve: int = 
     last user turn keeps its beginning (the instruction comes first, the review or input
     after it) and loses its end, token by token.
     """
-    return _fit_prompt(tokenizer, example, max_seq_len - reserve, reserved=reserve, what="the reserve")
+    ids = _template_ids(tokenizer, list(example.messages), generation_prompt=True)
+    return _fit_prompt(tokenizer, example, max_seq_len - reserve, reserved=reserve, what="the reserve", ids=ids)
 
 
 def _template_ids(tokenizer, messages: list[dict[str, str]], *, generation_prompt: bool) -> list[int]:
@@ -305,8 +329,20 @@ def _template_ids(tokenizer, messages: list[dict[str, str]], *, generation_promp
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _response_ids(tokenizer, example: Example) -> list[int]:
-    """The template's tokens after the generation prompt, up to and including end-of-turn."""
+class _ResponseTooLong(ConfigError):
+    """The template and the reserved tokens alone exceed data.max-seq-len (``needed``: the least that fits)."""
+
+    def __init__(self, message: str, *, needed: int, what: str) -> None:
+        super().__init__(message)
+        self.needed, self.what = needed, what
+
+
+def _short(text: str, width: int = 30) -> str:
+    return repr(text if len(text) <= width else text[:width] + "...")
+
+
+def _prompt_and_targets(tokenizer, example: Example) -> tuple[list[int], list[int]]:
+    """The full generation prompt, and the template's tokens after it up to and including end-of-turn."""
     prompt = _template_ids(tokenizer, list(example.messages), generation_prompt=True)
     full = _template_ids(
         tokenizer, [*example.messages, {"role": "assistant", "content": example.response}], generation_prompt=False
@@ -320,15 +356,14 @@ def _response_ids(tokenizer, example: Example) -> list[int]:
     eos = tokenizer.eos_token_id
     if eos is not None and eos in targets:
         targets = targets[: len(targets) - targets[::-1].index(eos)]
-    return targets
+    return prompt, targets
 
 
-def _fit_prompt(tokenizer, example: Example, budget: int, *, reserved: int, what: str) -> list[int]:
-    """The generation prompt in at most ``budget`` tokens (see :func:`encode_prompt`)."""
-    messages = [dict(m) for m in example.messages]
-    ids = _template_ids(tokenizer, messages, generation_prompt=True)
+def _fit_prompt(tokenizer, example: Example, budget: int, *, reserved: int, what: str, ids: list[int]) -> list[int]:
+    """The generation prompt (``ids`` untruncated) in at most ``budget`` tokens (see :func:`encode_prompt`)."""
     if len(ids) <= budget:
         return ids
+    messages = [dict(m) for m in example.messages]
     # 1. drop the two oldest non-system turns while a turn would remain to answer
     while len(ids) > budget:
         turns = [i for i, m in enumerate(messages) if m["role"] != "system"]
@@ -343,10 +378,13 @@ def _fit_prompt(tokenizer, example: Example, budget: int, *, reserved: int, what
     content = messages[last]["content"]
     empty = _template_ids(tokenizer, _with_content(messages, last, ""), generation_prompt=True)
     if len(empty) > budget:
-        raise ConfigError(
+        needed = len(empty) + reserved + 1  # one token of the last user turn
+        raise _ResponseTooLong(
             f"data.max-seq-len={budget + reserved} is too small: the chat template alone takes {len(empty)} tokens "
-            f"and {what} {reserved}; raise data.max-seq-len to at least {len(empty) + reserved + 1} "
-            "(or shorten the response / the system turn)"
+            f"and {what} takes {reserved}; raise data.max-seq-len to at least {needed} "
+            "(or shorten the response / the system turn)",
+            needed=needed,
+            what=what,
         )
     pieces = list(tokenizer(content, add_special_tokens=False)["input_ids"])
     keep = min(len(pieces), budget - len(empty))

@@ -12,7 +12,7 @@ import pytest
 from fedpeft.config import ConfigError, DataConfig, ExperimentConfig
 from fedpeft.data import load_splits
 from fedpeft.dialog import block_examples, merge_small_groups, read_dialog_blocks
-from fedpeft.instruct import Example, _split, encode, encode_prompt, load_instruction_splits
+from fedpeft.instruct import Example, _split, encode, encode_examples, encode_prompt, load_instruction_splits
 
 WORDS = ("positive", "negative")
 ASK = "Is this movie review positive or negative? Answer with one word."
@@ -320,5 +320,23 @@ def test_a_long_dialog_drops_its_oldest_turn_pairs_first(tokenizer):
 
 def test_a_response_that_cannot_fit_names_data_max_seq_len(tokenizer):
     example = Example(messages=({"role": "user", "content": "Tell me a story"},), response="Once upon a time " * 20)
-    with pytest.raises(ConfigError, match=r"data.max-seq-len=64 is too small: the chat template alone takes 30"):
+    targets = [t for t in encode(tokenizer, example, 256)["labels"] if t != -100]
+    needed = 30 + len(targets) + 1  # 30 template tokens around an empty user turn, one token of it, the response
+    message = (
+        r"max-seq-len=64 is too small: the chat template alone takes 30 tokens and the response "
+        rf"'Once upon a time Once upon a t\.\.\.' takes {len(targets)}; raise data.max-seq-len to at least {needed} "
+    )
+    with pytest.raises(ConfigError, match=message):
         encode(tokenizer, example, 64)
+    assert len(encode(tokenizer, example, needed)["input_ids"]) == needed
+
+
+def test_encoding_a_data_set_counts_every_response_that_cannot_fit(tokenizer):
+    short = Example(messages=({"role": "user", "content": "Hi"},), response="Hello there")
+    long = [Example(messages=({"role": "user", "content": "Go"},), response="word " * n) for n in (40, 60)]
+    longest = len([t for t in encode(tokenizer, long[1], 256)["labels"] if t != -100]) + 31
+    with pytest.raises(ConfigError, match=rf"2 of 3 responses cannot fit data.max-seq-len=48 .* needs {longest}\)"):
+        encode_examples(tokenizer, [short, *long], 48)
+    assert [e["input_ids"] for e in encode_examples(tokenizer, [short], 48)] == [
+        encode(tokenizer, short, 48)["input_ids"]
+    ]
