@@ -7,7 +7,8 @@ An :class:`Example` is the chat turns before a response plus the response itself
   instruction followed by ``Review: <snippet>``, the response the label word.
 - ``embedded-dialog``: the English part of ``chatterbot-corpus`` 1.3.3 (BSD-3; fedpeft/dialog.py).
 - a local ``.jsonl`` / ``.json`` / ``.csv`` / ``.tsv`` / ``.parquet`` file or an HF dataset name:
-  Alpaca-style instruction / input / response columns, or a ``messages`` column in HF chat format.
+  Alpaca-style instruction / input / response columns, or a ``messages`` column in HF chat format
+  (fedpeft/instruct_files.py).
 
 :func:`encode` and :func:`encode_prompt` apply the tokenizer's own chat template; prompts are
 truncated, responses never.
@@ -16,11 +17,8 @@ truncated, responses never.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from fedpeft.config import ConfigError, DataConfig
 
@@ -84,7 +82,9 @@ def load_instruction_splits(
         from fedpeft.dialog import load_dialog_blocks
 
         return _split(data_cfg, load_dialog_blocks(), ())
-    examples = _file_examples(data_cfg)
+    from fedpeft.instruct_files import load_file_examples
+
+    examples = load_file_examples(data_cfg)
     words = label_words if label_words and all(e.response.strip() in label_words for e in examples) else ()
     if label_words and not words:
         first = next(e.response for e in examples if e.response.strip() not in label_words)
@@ -158,118 +158,6 @@ def _fit_size_config(cfg: DataConfig, attr: str, maximum: int, what: str) -> int
         raise ConfigError(str(err)) from None
 
 
-def _file_examples(cfg: DataConfig) -> list[Example]:
-    """Examples from a local file or an HF dataset, Alpaca columns or a messages column."""
-    table = _read_table(cfg)
-    columns = list(table.column_names)
-    name = cfg.dataset
-    if len(table) == 0:
-        raise ConfigError(f"data.dataset={name!r} has no data rows; give a file with rows")
-    groups = _column(table, cfg.group_column, "group", columns, name) if cfg.group_column else [""] * len(table)
-    if cfg.messages_column and cfg.messages_column in columns and cfg.response_column not in columns:
-        rows = table[cfg.messages_column]
-        return [_from_messages(name, i, raw, str(g)) for i, (raw, g) in enumerate(zip(rows, groups, strict=True))]
-    if cfg.response_column not in columns:
-        raise ConfigError(
-            f"data.response-column={cfg.response_column!r} is not a column of {name!r}; columns are {columns}; "
-            f"set data.response-column (with data.instruction-column) to the reply's column, or "
-            f"data.messages-column to a column of chat messages"
-        )
-    instructions = _column(table, cfg.instruction_column, "instruction", columns, name)
-    responses = table[cfg.response_column]
-    inputs = [""] * len(table)
-    if cfg.input_column and cfg.input_column in columns:
-        inputs = table[cfg.input_column]
-    elif cfg.input_column and cfg.input_column != DataConfig.input_column:
-        raise ConfigError(
-            f"data.input-column={cfg.input_column!r} is not a column of {name!r}; columns are {columns}; "
-            'set it to one of them, or to "" for none'
-        )
-    examples = []
-    for i, (ins, extra, resp, group) in enumerate(zip(instructions, inputs, responses, groups, strict=True)):
-        ins, extra, resp = _text(ins), _text(extra), _text(resp)
-        if not resp.strip():
-            raise ConfigError(
-                f"{name}: column {cfg.response_column!r} is empty in data row {i + 1}; fill or delete that row"
-            )
-        if not ins.strip() and not extra.strip():
-            raise ConfigError(
-                f"{name}: columns {cfg.instruction_column!r} and {cfg.input_column!r} are both empty in data row "
-                f"{i + 1}; fill or delete that row"
-            )
-        # Alpaca's layout: the instruction, then its input (if any) after a blank line, as one user turn.
-        content = "\n\n".join(part for part in (ins.strip(), extra.strip()) if part)
-        examples.append(Example(messages=({"role": "user", "content": content},), response=resp, group=str(group)))
-    return examples
-
-
-def _read_table(cfg: DataConfig):
-    """A ``datasets.Dataset`` from a local file (fedpeft.data's reader) or from the HF hub."""
-    from fedpeft.data import LOCAL_SUFFIXES, _load_local_table
-
-    path = Path(cfg.dataset).expanduser()
-    if path.is_file() and path.suffix not in LOCAL_SUFFIXES:
-        raise ConfigError(
-            f"data.dataset={cfg.dataset!r} has the unknown extension {path.suffix!r}; "
-            f"save it as one of {', '.join(LOCAL_SUFFIXES)}"
-        )
-    try:
-        if path.suffix in LOCAL_SUFFIXES:
-            return _load_local_table(path, cfg.dataset)
-        import datasets
-
-        return datasets.load_dataset(cfg.dataset, split=cfg.split)
-    except (ValueError, FileNotFoundError) as err:
-        raise ConfigError(str(err)) from None
-
-
-def _column(table, column: str, role: str, columns: list[str], name: str) -> list:
-    if column not in columns:
-        raise ConfigError(
-            f"data.{role}-column={column!r} is not a column of {name!r}; columns are {columns}; "
-            f"set data.{role}-column to one of them"
-        )
-    return list(table[column])
-
-
-def _text(value: Any) -> str:
-    """A cell as text; None and NaN are empty."""
-    if value is None or (isinstance(value, float) and value != value):
-        return ""
-    return str(value)
-
-
-def _from_messages(name: str, row: int, raw: Any, group: str) -> Example:
-    """An example from one HF chat-format list: the last assistant turn is the response.
-
-    Turns after the last assistant turn have nothing to answer them and are dropped. A cell
-    holding a JSON string (a CSV file) is parsed first.
-    """
-    where = f"{name}: data row {row + 1}"
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError:
-            raise ConfigError(f"{where}: the messages cell is not a JSON list of chat turns; fix that row") from None
-    if not isinstance(raw, list | tuple) or not raw:
-        raise ConfigError(f"{where}: messages must be a non-empty list of {{'role', 'content'}} turns")
-    turns = []
-    for turn in raw:
-        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
-            raise ConfigError(
-                f"{where}: turn {turn!r} is not {{'role': one of {list(ROLES)}, 'content': text}}; fix that row"
-            )
-        turns.append({"role": turn["role"], "content": turn["content"]})
-    last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=-1)
-    if last < 0:
-        raise ConfigError(f"{where}: the messages hold no assistant turn, so there is no response; fix that row")
-    if not turns[last]["content"].strip():
-        raise ConfigError(f"{where}: the last assistant turn (the response) is empty; fill or delete that row")
-    if not any(t["role"] == "user" for t in turns[:last]):
-        raise ConfigError(f"{where}: no user turn comes before the last assistant turn; fix that row")
-    return Example(messages=tuple(turns[:last]), response=turns[last]["content"], group=group)
-
-
 # --- encoding with the tokenizer's chat template ---------------------------------------------------
 
 
@@ -325,6 +213,11 @@ def encode_prompt(tokenizer, example: Example, max_seq_len: int, reserve: int = 
 def _template_ids(tokenizer, messages: list[dict[str, str]], *, generation_prompt: bool) -> list[int]:
     # The text path is used because apply_chat_template(tokenize=True) returns a list in transformers 4
     # and a BatchEncoding in 5; the template already holds every special token.
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"the tokenizer of {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; use an instruct / "
+            "chat model (the embedded SmolLM2-135M-Instruct has one)"
+        )
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 

@@ -134,6 +134,11 @@ def test_asking_for_more_rows_than_the_file_holds_names_the_maximum(tmp_path):
         _load(path, num_train_examples=9, num_test_examples=2)
 
 
+def test_a_name_that_is_neither_a_file_nor_a_loadable_hf_dataset_says_both(tmp_path):
+    with pytest.raises(ConfigError, match=r"'no-such/dataset' is not a local file .* could not be loaded from the HF"):
+        _load("no-such/dataset")  # HF_HUB_OFFLINE=1 in the tests: refused without a download
+
+
 def test_a_missing_group_column_lists_the_columns_found(tmp_path):
     with pytest.raises(ConfigError, match=r"data.group-column='user_id' is not a column .*'response'\]"):
         _load(_jsonl(tmp_path, _alpaca_rows(10)), group_column="user_id", num_test_examples=2)
@@ -227,6 +232,21 @@ def test_natural_id_gives_one_partition_per_group_in_sorted_order():
     assert group_histograms(groups, parts).tolist() == [[2, 0, 0], [0, 3, 0], [0, 0, 1]]
 
 
+def test_the_dialog_pool_splits_naturally_into_one_client_per_category():
+    from fedpeft.config import PartitionConfig
+    from fedpeft.partition import group_histograms, partition_indices
+
+    pool = load_instruction_splits(DataConfig(dataset="embedded-dialog"), label_words=(), instruction="", seed=0).train
+    groups = np.array([e.group for e in pool])
+    parts = partition_indices(
+        np.full(len(pool), -1), PartitionConfig(num_partitions=10, scheme="natural-id"), 0, groups=groups
+    )
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(pool)))  # every example exactly once
+    hist = group_histograms(groups, parts)
+    assert np.array_equal(hist, np.diag(hist.diagonal()))  # partition i holds only the i-th category
+    assert hist.diagonal().tolist() == [85, 150, 90, 26, 31, 21, 226, 51, 827, 209]  # ai, coding, emotion, ... trivia
+
+
 def test_natural_id_needs_as_many_partitions_as_groups_and_some_groups():
     from fedpeft.config import PartitionConfig
     from fedpeft.partition import partition_indices
@@ -316,6 +336,15 @@ def test_a_long_dialog_drops_its_oldest_turn_pairs_first(tokenizer):
     text = tokenizer.decode(short["input_ids"])
     assert "France" not in text and "Paris" not in text and "And of Italy?" in text and "Spain?" in text
     assert [t for t in short["labels"] if t != -100] == [t for t in full["labels"] if t != -100]
+
+
+def test_a_tokenizer_without_a_chat_template_is_refused(tokenizer):
+    template, tokenizer.chat_template = tokenizer.chat_template, None
+    try:
+        with pytest.raises(ConfigError, match=r"has no chat template; use an instruct / chat model"):
+            encode(tokenizer, Example(messages=({"role": "user", "content": "Hi"},), response="Hello"), 64)
+    finally:
+        tokenizer.chat_template = template
 
 
 def test_a_response_that_cannot_fit_names_data_max_seq_len(tokenizer):
