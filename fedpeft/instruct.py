@@ -100,7 +100,7 @@ def _embedded_snippets(cfg: DataConfig, label_words: tuple[str, ...], instructio
     """The classifier's splits (same rows, same order) with label words as responses."""
     from fedpeft.data import load_splits
 
-    splits = load_splits(dataclasses.replace(cfg, text_column="text", label_column="label"))
+    splits = load_splits(cfg)  # the classifier's cache entry: the same rows, read once
     names = splits.train.label_names
     if len(label_words) != len(names) or len(set(label_words)) != len(label_words):
         raise ConfigError(

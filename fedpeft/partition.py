@@ -37,6 +37,8 @@ def partition_indices(
         Natural id of every row (``natural-id`` only).
     """
     if cfg.scheme == "natural-id":
+        if groups is not None and len(groups) != len(labels):
+            raise ValueError(f"{len(groups)} groups for {len(labels)} rows: give one group per row")
         return natural_id_indices(groups, cfg.num_partitions)
     import datasets
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner

@@ -182,6 +182,12 @@ def _validate_model(cfg: ExperimentConfig) -> None:
 
 def _validate_natural_id(cfg: ExperimentConfig) -> None:
     """``natural-id`` partitions by a group per example: only data that has one."""
+    if cfg.data.group_column and cfg.data.dataset in ("embedded", "embedded-dialog"):
+        has = "groups by its category" if cfg.data.dataset == "embedded-dialog" else "has no group column"
+        raise ConfigError(
+            f"data.group-column={cfg.data.group_column!r} names a column of a file or HF dataset, and "
+            f'data.dataset={cfg.data.dataset!r} {has}; set data.group-column = ""'
+        )
     if cfg.partition.scheme == "natural-id" and cfg.data.dataset != "embedded-dialog" and not cfg.data.group_column:
         raise ConfigError(
             f"partition.scheme='natural-id' needs a group per example, and data.dataset={cfg.data.dataset!r} "

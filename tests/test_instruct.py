@@ -263,6 +263,8 @@ def test_natural_id_on_data_without_groups_is_refused_by_the_config():
         ExperimentConfig.from_flat({"partition.scheme": "natural-id"})
     cfg = ExperimentConfig.from_flat({"partition.scheme": "natural-id", "data.dataset": "embedded-dialog"})
     assert cfg.data.group_column == ""
+    with pytest.raises(ConfigError, match=r"'embedded-dialog' groups by its category; set data.group-column = \"\""):
+        cfg.replace({"data.group-column": "topic"})
 
 
 def test_category_histograms_feed_label_correlated_participation():
