@@ -25,10 +25,17 @@ def load_file_examples(cfg: DataConfig) -> list[Example]:
     name = cfg.dataset
     if len(table) == 0:
         raise ConfigError(f"data.dataset={name!r} has no data rows; give a file with rows")
-    groups = _column(table, cfg.group_column, "group", columns, name) if cfg.group_column else [""] * len(table)
+    groups = [""] * len(table)
+    if cfg.group_column:
+        groups = [_text(g).strip() for g in _column(table, cfg.group_column, "group", columns, name)]
+        if "" in groups:
+            raise ConfigError(
+                f"{name}: column {cfg.group_column!r} (data.group-column) is empty in data row "
+                f"{groups.index('') + 1}; fill or delete that row"
+            )
     if cfg.messages_column and cfg.messages_column in columns and cfg.response_column not in columns:
         rows = table[cfg.messages_column]
-        return [_from_messages(name, i, raw, str(g)) for i, (raw, g) in enumerate(zip(rows, groups, strict=True))]
+        return [_from_messages(name, i, raw, g) for i, (raw, g) in enumerate(zip(rows, groups, strict=True))]
     if cfg.response_column not in columns:
         raise ConfigError(
             f"data.response-column={cfg.response_column!r} is not a column of {name!r}; columns are {columns}; "
@@ -59,7 +66,7 @@ def load_file_examples(cfg: DataConfig) -> list[Example]:
             )
         # Alpaca's layout: the instruction, then its input (if any) after a blank line, as one user turn.
         content = "\n\n".join(part for part in (ins.strip(), extra.strip()) if part)
-        examples.append(Example(messages=({"role": "user", "content": content},), response=resp, group=str(group)))
+        examples.append(Example(messages=({"role": "user", "content": content},), response=resp, group=group))
     return examples
 
 

@@ -144,6 +144,21 @@ def test_a_missing_group_column_lists_the_columns_found(tmp_path):
         _load(_jsonl(tmp_path, _alpaca_rows(10)), group_column="user_id", num_test_examples=2)
 
 
+def test_a_local_file_splits_by_its_user_id_column_and_refuses_a_row_without_one(tmp_path):
+    from fedpeft.config import PartitionConfig
+    from fedpeft.partition import partition_indices
+
+    rows = [{**r, "user_id": f"u{i % 3}"} for i, r in enumerate(_alpaca_rows(15))]
+    pool = _load(_jsonl(tmp_path, rows), group_column="user_id", num_test_examples=3).train
+    parts = partition_indices(
+        np.full(12, -1), PartitionConfig(num_partitions=3, scheme="natural-id"), 0, groups=[e.group for e in pool]
+    )
+    assert [sorted({pool[i].group for i in p}) for p in parts] == [["u0"], ["u1"], ["u2"]]
+    rows[6]["user_id"] = None
+    with pytest.raises(ConfigError, match=r"column 'user_id' \(data.group-column\) is empty in data row 7"):
+        _load(_jsonl(tmp_path, rows), group_column="user_id", num_test_examples=3)
+
+
 def test_embedded_label_words_must_match_the_labels():
     with pytest.raises(ConfigError, match=r"labels \['fresh', 'rotten'\]: give 2 distinct label words"):
         load_instruction_splits(DataConfig(), label_words=("good",), instruction=ASK, seed=0)
