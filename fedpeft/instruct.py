@@ -166,7 +166,8 @@ def encode(tokenizer, example: Example, max_seq_len: int) -> dict[str, list[int]
 
     The targets are the tokens the chat template puts after the generation prompt: the
     response and its end-of-turn token (the template's text after that token, SmolLM2's
-    newline, is dropped: generation stops at end-of-turn). Every prompt token's label is
+    newline, is dropped: generation stops at end-of-turn); whitespace around the response is
+    not trained on. Every prompt token's label is
     ``-100``. The prompt is truncated to ``max_seq_len`` minus the targets as
     :func:`encode_prompt` does; a response that cannot fit raises :class:`ConfigError`.
     """
@@ -238,7 +239,11 @@ def _prompt_and_targets(tokenizer, example: Example) -> tuple[list[int], list[in
     """The full generation prompt, and the template's tokens after it up to and including end-of-turn."""
     prompt = _template_ids(tokenizer, list(example.messages), generation_prompt=True)
     full = _template_ids(
-        tokenizer, [*example.messages, {"role": "assistant", "content": example.response}], generation_prompt=False
+        tokenizer,
+        # stripped: whitespace at the start would merge with the template's newline (SmolLM2's "\n\n" token)
+        # and hide where the response begins; many templates (Llama 3's) trim it themselves
+        [*example.messages, {"role": "assistant", "content": example.response.strip()}],
+        generation_prompt=False,
     )
     if full[: len(prompt)] != prompt:
         raise ConfigError(

@@ -66,7 +66,7 @@ def load_file_examples(cfg: DataConfig) -> list[Example]:
             )
         # Alpaca's layout: the instruction, then its input (if any) after a blank line, as one user turn.
         content = "\n\n".join(part for part in (ins.strip(), extra.strip()) if part)
-        examples.append(Example(messages=({"role": "user", "content": content},), response=resp, group=group))
+        examples.append(Example(messages=({"role": "user", "content": content},), response=resp.strip(), group=group))
     return examples
 
 
@@ -142,4 +142,4 @@ def _from_messages(name: str, row: int, raw: Any, group: str) -> Example:
         raise ConfigError(f"{where}: the last assistant turn (the response) is empty; fill or delete that row")
     if not any(t["role"] == "user" for t in turns[:last]):
         raise ConfigError(f"{where}: no user turn comes before the last assistant turn; fix that row")
-    return Example(messages=tuple(turns[:last]), response=turns[last]["content"], group=group)
+    return Example(messages=tuple(turns[:last]), response=turns[last]["content"].strip(), group=group)

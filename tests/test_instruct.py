@@ -322,6 +322,14 @@ def test_encode_masks_exactly_the_prompt_and_targets_the_response_and_end_of_tur
     assert enc["input_ids"][:31] == encode_prompt(tokenizer, example, 64)
 
 
+def test_whitespace_around_a_response_is_not_a_target(tokenizer):
+    def targets(response: str) -> list[int]:
+        enc = encode(tokenizer, Example(messages=({"role": "user", "content": "Hi"},), response=response), 64)
+        return [t for t in enc["labels"] if t != -100]
+
+    assert targets("  \n Hello\n\n") == targets("Hello") == [19556, 2]
+
+
 def test_a_system_turn_replaces_the_templates_default_one(tokenizer):
     example = Example(
         messages=({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}), response="Hello"
