@@ -20,6 +20,7 @@ import logging
 from functools import lru_cache
 from pathlib import Path
 
+from fedpeft.chat_example import Example
 from fedpeft.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -73,13 +74,11 @@ def merge_small_groups(corpus: dict[str, list[list[str]]], min_blocks: int) -> d
     return {cat: cat if len(blocks) >= min_blocks else OTHER_GROUP for cat, blocks in corpus.items()}
 
 
-def block_examples(turns: list[str], group: str) -> list:
+def block_examples(turns: list[str], group: str) -> list[Example]:
     """One :class:`~fedpeft.instruct.Example` per assistant turn (odd positions), with all earlier turns.
 
     Empty turns are not replies: an empty assistant turn gives no example.
     """
-    from fedpeft.instruct import Example
-
     messages = tuple({"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns))
     return [
         Example(messages=messages[:i], response=turns[i], group=group)
@@ -104,6 +103,6 @@ def _cached_blocks() -> tuple[tuple, ...]:
     return units
 
 
-def load_dialog_blocks() -> list[list]:
+def load_dialog_blocks() -> list[list[Example]]:
     """The corpus' examples, one list per block, in file and block order (read once per process)."""
     return [list(unit) for unit in _cached_blocks()]

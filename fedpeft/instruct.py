@@ -18,34 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 
+from fedpeft.chat_example import ROLES, Example, InstructionSplits  # noqa: F401 (the contract's names)
 from fedpeft.config import ConfigError, DataConfig
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_DIALOG = "embedded-dialog"
-ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100  # torch's CrossEntropyLoss ignore_index: prompt tokens are not scored
-
-
-@dataclass(frozen=True)
-class Example:
-    """One training or test item: chat turns before the response, and the response."""
-
-    messages: tuple[dict[str, str], ...]  # HF chat format {"role", "content"}, the turns before the response
-    response: str  # the assistant reply that is trained on / scored
-    group: str = ""  # natural id (e.g. dialog category) for partitioning; "" if none
-    label: int = -1  # index into label_words for label-word tasks; -1 otherwise
-
-
-@dataclass(frozen=True)
-class InstructionSplits:
-    """A training pool and a held-out test set; ``label_words`` is ``()`` for free-form tasks."""
-
-    train: list[Example]
-    test: list[Example]
-    label_words: tuple[str, ...]
 
 
 def load_instruction_splits(

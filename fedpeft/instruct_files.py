@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedpeft.chat_example import ROLES, Example
 from fedpeft.config import ConfigError, DataConfig
-from fedpeft.instruct import ROLES, Example
 
 
 def load_file_examples(cfg: DataConfig) -> list[Example]:
