@@ -151,30 +151,49 @@ def encode(tokenizer, example: Example, max_seq_len: int) -> dict[str, list[int]
     ``-100``. The prompt is truncated to ``max_seq_len`` minus the targets as
     :func:`encode_prompt` does; a response that cannot fit raises :class:`ConfigError`.
     """
-    prompt, targets = _prompt_and_targets(tokenizer, example)
+    return _encode(tokenizer, example, max_seq_len)[0]
+
+
+def _encode(tokenizer, example: Example, max_seq_len: int) -> tuple[dict[str, list[int]], int]:
+    """:func:`encode`'s row and the untruncated prompt's length."""
+    full, targets = _prompt_and_targets(tokenizer, example)
     what = f"the response {_short(example.response)}"
-    prompt = _fit_prompt(tokenizer, example, max_seq_len - len(targets), reserved=len(targets), what=what, ids=prompt)
-    return {"input_ids": prompt + targets, "labels": [IGNORE_INDEX] * len(prompt) + targets}
+    prompt = _fit_prompt(tokenizer, example, max_seq_len - len(targets), reserved=len(targets), what=what, ids=full)
+    return {"input_ids": prompt + targets, "labels": [IGNORE_INDEX] * len(prompt) + targets}, len(full) + len(targets)
 
 
 def encode_examples(tokenizer, examples: list[Example], max_seq_len: int) -> list[dict[str, list[int]]]:
     """:func:`encode` of every example; responses that cannot fit are counted in one error.
 
     The error says how many do not fit and the ``data.max-seq-len`` that holds them all, so a
-    data set is fixed in one try rather than one example at a time.
+    data set is fixed in one try rather than one example at a time; cut prompts are counted in
+    one warning.
     """
-    encoded, too_long = [], []
+    encoded, too_long, cut = [], [], []
     for example in examples:
         try:
-            encoded.append(encode(tokenizer, example, max_seq_len))
+            row, whole = _encode(tokenizer, example, max_seq_len)
         except _ResponseTooLong as err:
             too_long.append(err)
+            continue
+        encoded.append(row)
+        if whole > max_seq_len:
+            cut.append(whole)
     if too_long:
         worst = max(too_long, key=lambda err: err.needed)
         raise ConfigError(
             f"{len(too_long)} of {len(examples)} responses cannot fit data.max-seq-len={max_seq_len} with their chat "
             f"template (the longest, {worst.what}, needs {worst.needed}); raise data.max-seq-len to {worst.needed} "
             "or remove the long responses from the data"
+        )
+    if cut:
+        log.warning(
+            "%d of %d prompts were cut to fit data.max-seq-len=%d (the longest example takes %d tokens); "
+            "raise data.max-seq-len to keep them whole",
+            len(cut),
+            len(examples),
+            max_seq_len,
+            max(cut),
         )
     return encoded
 

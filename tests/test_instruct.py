@@ -394,3 +394,14 @@ def test_encoding_a_data_set_counts_every_response_that_cannot_fit(tokenizer):
     assert [e["input_ids"] for e in encode_examples(tokenizer, [short], 48)] == [
         encode(tokenizer, short, 48)["input_ids"]
     ]
+
+
+def test_encoding_a_data_set_warns_once_with_the_number_of_cut_prompts(tokenizer, caplog):
+    short = Example(messages=({"role": "user", "content": "Hi"},), response="Hello there")  # 34 tokens
+    long = Example(messages=({"role": "user", "content": "word " * 30},), response="Hello there")
+    whole = len(encode(tokenizer, long, 256)["input_ids"])
+    rows = encode_examples(tokenizer, [short, long, long], 40)
+    assert [len(r["input_ids"]) for r in rows] == [34, 40, 40]
+    assert (
+        f"2 of 3 prompts were cut to fit data.max-seq-len=40 (the longest example takes {whole} tokens)" in caplog.text
+    )
