@@ -102,12 +102,17 @@ def natural_id_indices(groups: np.ndarray | None, num_partitions: int) -> list[n
     import datasets
     from flwr_datasets.partitioner import NaturalIdPartitioner
 
-    ids = np.asarray([] if groups is None else groups).astype(str)
+    if groups is None:  # the classification task's data path reads no group column
+        raise ConfigError(
+            "partition.scheme='natural-id' got no group per example: it partitions instruction data (the causal-LM "
+            "task: data.dataset='embedded-dialog' or data.group-column); choose another partition.scheme here"
+        )
+    ids = np.asarray(groups).astype(str)
     distinct = sorted(set(ids.tolist()) - {""})
     if not distinct:
         raise ConfigError(
-            "partition.scheme='natural-id' needs a group per example but the data has none; set data.group-column "
-            "or use data.dataset='embedded-dialog'"
+            "partition.scheme='natural-id' needs a group per example but every group is empty; set data.group-column "
+            "to a column that holds one or use data.dataset='embedded-dialog'"
         )
     if "" in set(ids.tolist()):
         row = int(np.flatnonzero(ids == "")[0])

@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedpeft.config import ConfigError, DataConfig, ExperimentConfig
 from fedpeft.data import load_splits
@@ -269,8 +271,23 @@ def test_natural_id_needs_as_many_partitions_as_groups_and_some_groups():
     cfg = PartitionConfig(num_partitions=4, scheme="natural-id")
     with pytest.raises(ConfigError, match=r"has 3 groups \(a, b, c\); set partition.num-partitions=3"):
         partition_indices(np.zeros(6, int), cfg, 0, groups=np.array(list("abcabc")))
-    with pytest.raises(ConfigError, match=r"needs a group per example"):
+    with pytest.raises(ConfigError, match=r"needs a group per example but every group is empty"):
         partition_indices(np.zeros(6, int), cfg, 0, groups=np.array([""] * 6))
+    with pytest.raises(ConfigError, match=r"got no group per example: it partitions instruction data"):
+        partition_indices(np.zeros(6, int), cfg, 0)  # the classifier's call
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.sampled_from(["ann", "bob", "cy", "dee"]), min_size=1, max_size=40))
+def test_natural_id_partitions_cover_every_row_once_each_holding_one_group(ids):
+    from fedpeft.config import PartitionConfig
+    from fedpeft.partition import partition_indices
+
+    groups = np.array(ids)
+    cfg = PartitionConfig(num_partitions=len(set(ids)), scheme="natural-id")
+    parts = partition_indices(np.zeros(len(ids), int), cfg, 0, groups=groups)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(ids)))
+    assert [set(groups[p]) for p in parts] == [{g} for g in sorted(set(ids))]
 
 
 def test_natural_id_on_data_without_groups_is_refused_by_the_config():
