@@ -23,7 +23,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.compute-dtype": ("auto", "float32", "bfloat16", "float16"),
     "peft.method": ("lora", "ia3", "prompt", "bitfit", "head", "full"),
     "peft.lora-variant": ("lora", "ffa"),
-    "partition.scheme": ("iid", "dirichlet"),
+    "partition.scheme": ("iid", "dirichlet", "natural-id"),
     "participation.model": ("always", "uniform", "bernoulli", "markov", "cyclic", "trace"),
     "participation.p-source": ("constant", "list", "uniform", "label-correlated"),
     "train.optimizer": ("adamw", "sgd"),
