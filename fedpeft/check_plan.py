@@ -58,7 +58,24 @@ def check_plan(cfg: ExperimentConfig, splits, report) -> tuple[int, ...]:
         f"{int((online.sum(axis=1) == 0).sum())} empty rounds"
     )
     report.summary.append(f"privacy: {plan_privacy(cfg, sizes, online)}")
+    report.warnings += krum_round_warnings(cfg, online)
     return sizes
+
+
+def krum_round_warnings(cfg: ExperimentConfig, online: np.ndarray) -> list[str]:
+    """Rounds of the planned trace that put fewer than 2f + 3 clients online: Krum refuses them at run time."""
+    s = cfg.strategy
+    if s.aggregator != "krum":
+        return []
+    need = max(2 * s.krum_f + 3, s.krum_f + s.krum_m)
+    short = int((online.sum(axis=1) < need).sum())
+    if not short:
+        return []
+    return [
+        f"strategy.aggregator='krum' with strategy.krum-f={s.krum_f}, krum-m={s.krum_m} needs >= {need} clients in "
+        f"a round; {short} of {cfg.num_rounds} planned rounds have fewer online and will be refused (no update); "
+        "lower strategy.krum-f / krum-m or raise the participation probabilities"
+    ]
 
 
 @contextmanager

@@ -236,3 +236,16 @@ def test_fedadam_in_process_moves_exactly_fedavgs_bytes_and_learns_differently(t
     assert [r["payload_bytes"] for r in fedadam["ledger"]] == [r["payload_bytes"] for r in fedavg["ledger"]]
     assert fedadam["rounds"][0]["loss"] == fedavg["rounds"][0]["loss"]  # round 0: the same initial adapter
     assert fedadam["rounds"][-1]["loss"] != fedavg["rounds"][-1]["loss"]
+
+
+def test_fedpeft_check_warns_about_planned_rounds_krum_would_refuse():
+    from fedpeft.check_plan import krum_round_warnings
+
+    cfg = tiny_config(
+        **{"partition.num-partitions": 6, "participation.model": "bernoulli", "participation.p-mean": 0.5,
+           "strategy.aggregator": "krum", "strategy.weighting": "uniform"}
+    )  # fmt: skip
+    online = np.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]], dtype=bool)  # 5 then 4 online; f = 1 needs 5
+    (warning,) = krum_round_warnings(cfg, online)
+    assert "1 of 2 planned rounds have fewer online" in warning
+    assert krum_round_warnings(cfg, online[:1]) == []
