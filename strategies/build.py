@@ -58,7 +58,10 @@ def build_weighting_part(cfg, ctx: StrategyContext) -> Weighting:
         return FedAUWeights(k_cap=cfg.strategy.k_cap)
     if cfg.strategy.name == "known_p_oracle":
         if ctx.environment is None:
-            raise ValueError("strategy 'known_p_oracle' reads the true probabilities p_n from the participation model: pass ctx.environment")
+            raise ValueError(
+                "strategy 'known_p_oracle' reads the true probabilities p_n from the participation model: "
+                "pass StrategyContext(environment=...)"
+            )
         return OracleWeights(probabilities=ctx.environment.probabilities)
     return build_weighting(cfg.strategy.weighting)
 
