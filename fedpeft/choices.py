@@ -36,4 +36,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "spsa.scale-rule": ("median", "fixed"),
     "spsa.lr-schedule": ("constant", "inverse-sqrt"),
     "spsa.distribution": ("gaussian", "rademacher"),
+    "strategy.server-optimizer": ("sgd", "momentum", "adam", "yogi", "adagrad"),
+    "strategy.aggregator": ("mean", "median", "trimmed-mean", "krum"),
 }

@@ -154,12 +154,31 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    """Server strategy and its server-side step size."""
+    """Server strategy: weighting x aggregator x server update (strategies/peft_strategy.py).
+
+    ``server_optimizer`` steps on the pseudo-gradient ``-Delta`` (``Delta``: the aggregated
+    delta) with ``server_lr``: ``sgd`` (FedAvg's plain step), ``momentum`` (FedAvgM,
+    ``server_momentum``), ``adam`` / ``yogi`` / ``adagrad`` (Reddi et al. 2021, ``beta1``,
+    ``beta2``, ``tau``). ``aggregator``: ``mean`` (the strategy's own: weighted mean, FedAU's
+    over-N, HetLoRA's zero padding, FlexLoRA's SVD), or a robust one for ``fedavg``:
+    ``median``, ``trimmed-mean`` (``trim_fraction`` from each end), ``krum`` (multi-Krum,
+    ``krum_f`` Byzantine clients tolerated, ``krum_m`` deltas kept). docs/strategies.md has
+    the table of combinations.
+    """
 
     name: str = "fedavg"
     server_lr: float = 1.0
     weighting: str = "examples"
     k_cap: int = 100000  # FedAU interval cutoff K (the reference's "K = infinity" default)
+    server_optimizer: str = "sgd"  # sgd | momentum | adam | yogi | adagrad, over -Delta with server_lr
+    server_momentum: float = 0.9  # FedAvgM's beta, in [0, 1)
+    beta1: float = 0.9  # first-moment decay of adam / yogi / adagrad, in [0, 1)
+    beta2: float = 0.99  # second-moment decay of adam / yogi, in [0, 1)
+    tau: float = 1e-3  # adaptivity eps of adam / yogi / adagrad, > 0 (v starts at tau^2)
+    aggregator: str = "mean"  # mean | median | trimmed-mean | krum
+    trim_fraction: float = 0.1  # trimmed-mean: fraction dropped from each end, in [0, 0.5)
+    krum_f: int = 1  # krum: Byzantine clients tolerated; a round needs >= 2f + 3 replies
+    krum_m: int = 1  # krum: deltas kept and averaged (1 = Krum), <= n - f
 
 
 @dataclass(frozen=True)

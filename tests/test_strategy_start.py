@@ -11,57 +11,29 @@ import sys
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
+from flwr.app import Context
 from flwr.serverapp.strategy import Strategy
 from opacus.accountants import RDPAccountant
 
-from fedpeft.records import record_to_state, state_to_record
 from simulations.grids import InMemoryGrid
-from strategies.base import CONTRACT_KEY, KIND_DELTA, contract_record
+from strategies import FedAUWeights, Mean, PeftStrategy, UniformWeights
 from strategies.dp import ClientLevelDP, SampleLevelDPReport
-from strategies.fedau import FedAU
-from strategies.fedavg import FedAvgPEFT
-from tests.replies import RoundReports
-
-
-def numpy_clients(delta_of, *, num_clients: int, epsilon: float | None = None) -> InMemoryGrid:
-    """A grid of ``num_clients`` real ClientApps; partition ``p`` replies ``delta_of(p, global_state)``."""
-    app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        metrics = {"num-examples": 1, "partition-id": pid}
-        if epsilon is not None:
-            metrics["epsilon"] = epsilon * (pid + 1)
-        delta = delta_of(pid, record_to_state(msg.content["arrays"]))
-        content = RecordDict(
-            {
-                "arrays": state_to_record(delta),
-                "metrics": MetricRecord(metrics),
-                CONTRACT_KEY: contract_record(KIND_DELTA),
-            }
-        )
-        return Message(content, reply_to=msg)
-
-    configs = [{"partition-id": p, "num-partitions": num_clients} for p in range(num_clients)]
-    return InMemoryGrid(app, run_config={}, node_configs=configs)
-
-
-def run(strategy: Strategy, grid: InMemoryGrid, initial: dict, num_rounds: int) -> tuple[list[dict], object]:
-    """``strategy.start`` on ``grid``; returns the global state after round 0..num_rounds and the Result."""
-    states: list[dict] = []
-
-    def keep(server_round: int, arrays: ArrayRecord) -> None:
-        states.append(record_to_state(arrays))
-
-    result = strategy.start(grid, state_to_record(initial), num_rounds=num_rounds, timeout=60, evaluate_fn=keep)
-    return states, result
+from tests.replies import RoundReports, numpy_clients
+from tests.replies import run_rounds as run
 
 
 def node_to_partition(node: int) -> int:
     return node - 1000
+
+
+def fedau(num_clients: int, **kwargs) -> PeftStrategy:
+    """FedAU as parts: its weights and the over-N mean."""
+    return PeftStrategy(
+        weighting=FedAUWeights(k_cap=100000),
+        aggregator=Mean(num_clients=num_clients),
+        partition_of=node_to_partition,
+        **kwargs,
+    )
 
 
 def test_the_client_dp_wrapper_clips_a_malicious_delta_under_strategy_start():
@@ -69,7 +41,7 @@ def test_the_client_dp_wrapper_clips_a_malicious_delta_under_strategy_start():
     # round. Under Flower's own loop the uniform mean of clipped deltas moves the global by C / m.
     initial = {"w": np.zeros(6, np.float32)}
     evil = lambda pid, state: {"w": np.full(6, 4e5 if pid == 0 else 0.0, np.float32)}  # noqa: E731
-    inner = FedAvgPEFT(weighting="uniform", partition_of=node_to_partition)
+    inner = PeftStrategy(weighting=UniformWeights(), partition_of=node_to_partition)
     dp = ClientLevelDP(strategy=inner, noise_multiplier=0.0, clip_norm=0.5, num_clients=4, delta=1e-5, seed=0)
     states, _ = run(dp, numpy_clients(evil, num_clients=4), initial, num_rounds=2)
     for before, after in zip(states, states[1:], strict=False):
@@ -81,7 +53,7 @@ def test_the_client_dp_wrapper_adds_noise_of_the_right_std_and_reports_epsilon_u
     initial = {"w": np.zeros(20_000, np.float32)}
     zeros = lambda pid, state: {"w": np.zeros(20_000, np.float32)}  # noqa: E731
     reports = RoundReports()
-    inner = FedAvgPEFT(weighting="uniform", partition_of=node_to_partition, report=reports)
+    inner = PeftStrategy(weighting=UniformWeights(), partition_of=node_to_partition, report=reports)
     dp = ClientLevelDP(
         strategy=inner, noise_multiplier=1.5, clip_norm=2.0, num_clients=8, delta=1e-5, seed=0, report=reports
     )
@@ -96,14 +68,14 @@ def test_the_client_dp_wrapper_adds_noise_of_the_right_std_and_reports_epsilon_u
 
 
 def test_wrappers_are_strategies_that_delegate_explicitly_and_leave_the_inner_strategy_alone():
-    inner = FedAU(num_clients=4, partition_of=node_to_partition)
+    inner = fedau(4)
     dp = ClientLevelDP(strategy=inner, noise_multiplier=1.0, clip_norm=1.0, num_clients=4, delta=1e-5, seed=0)
-    report = SampleLevelDPReport(strategy=FedAvgPEFT(), delta=1e-5)
+    report = SampleLevelDPReport(strategy=PeftStrategy(), delta=1e-5)
     for wrapper in (dp, report):
         assert isinstance(wrapper, Strategy)
         assert not hasattr(type(wrapper), "__getattr__")
         assert type(wrapper).start is Strategy.start  # Flower's loop, calling the wrapper's hooks
-    assert "aggregation_weights" not in vars(inner) and "coefficients" not in vars(inner)
+    assert "aggregate_round" not in vars(inner) and "aggregate_train" not in vars(inner)  # no method patched
 
 
 def test_fedau_under_strategy_start_applies_omega_over_n_as_worked_by_hand():
@@ -112,8 +84,7 @@ def test_fedau_under_strategy_start_applies_omega_over_n_as_worked_by_hand():
     initial = {"w": np.zeros(2, np.float32)}
     ramp = lambda pid, state: {"w": np.full(2, pid + 1.0, np.float32)}  # noqa: E731
     reports = RoundReports()
-    fedau = FedAU(num_clients=3, partition_of=node_to_partition, report=reports)
-    states, _ = run(fedau, numpy_clients(ramp, num_clients=3), initial, num_rounds=2)
+    states, _ = run(fedau(3, report=reports), numpy_clients(ramp, num_clients=3), initial, num_rounds=2)
     np.testing.assert_allclose([s["w"][0] for s in states], [0.0, 2.0, 4.0])
     assert reports[2]["omega"] == {"0": 1.0, "1": 1.0, "2": 1.0}
 
@@ -123,7 +94,7 @@ def test_sample_level_dp_report_under_strategy_start_reports_the_worst_client_ep
     zeros = lambda pid, state: {"w": np.zeros(2, np.float32)}  # noqa: E731
     reports = RoundReports()
     wrapper = SampleLevelDPReport(
-        strategy=FedAvgPEFT(partition_of=node_to_partition, report=reports), delta=1e-5, report=reports
+        strategy=PeftStrategy(partition_of=node_to_partition, report=reports), delta=1e-5, report=reports
     )
     _, result = run(wrapper, numpy_clients(zeros, num_clients=3, epsilon=0.5), initial, num_rounds=1)
     assert reports[1]["epsilon"] == 1.5 and reports[1]["epsilon_mean"] == pytest.approx(1.0)
@@ -132,8 +103,8 @@ def test_sample_level_dp_report_under_strategy_start_reports_the_worst_client_ep
 
 def test_importing_the_strategies_does_not_import_torch():
     code = (
-        "import sys, strategies, strategies.fedavg, strategies.fedau, strategies.spsa, strategies.dp, "
-        "strategies.known_p_oracle; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+        "import sys, strategies, strategies.peft_strategy, strategies.fedau, strategies.spsa, strategies.dp, "
+        "strategies.build, strategies.aggregate; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
