@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from fedpeft.state import State
-from strategies import aggregate as agg
+import strategies.aggregate as agg
 
 
 @dataclass(frozen=True)

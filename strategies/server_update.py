@@ -22,7 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from fedpeft.state import State
-from strategies import aggregate as agg
+import strategies.aggregate as agg
 from strategies.aggregators import Aggregate
 
 #: ``noise(state, scale) -> state + N(0, (scale * std)^2)``: one round's Gaussian mechanism
