@@ -18,8 +18,8 @@ from typing import Protocol
 
 import numpy as np
 
-from fedpeft.state import State
 import strategies.aggregate as agg
+from fedpeft.state import State
 
 
 @dataclass(frozen=True)

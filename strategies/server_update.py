@@ -21,8 +21,8 @@ from typing import Protocol
 
 import numpy as np
 
-from fedpeft.state import State
 import strategies.aggregate as agg
+from fedpeft.state import State
 from strategies.aggregators import Aggregate
 
 #: ``noise(state, scale) -> state + N(0, (scale * std)^2)``: one round's Gaussian mechanism
