@@ -25,7 +25,7 @@ from fedpeft.results import default_run_dir, load_results
 from fedpeft.rundir import check_run_dir, prepare_run_dir
 from simulations.experiments import sweep
 from simulations.inprocess import num_nodes
-from simulations.interrupt import RunInterrupted, stop_on_sigint
+from simulations.interrupt import RunInterrupted, sigterm_as_ctrl_c, stop_on_signals
 from simulations.quiet import quiet_run_logs
 from simulations.resume import resume_config
 
@@ -87,7 +87,7 @@ def simulate(
     logging.getLogger("flwr").addFilter(_DropRunSimulationDeprecation())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
-        with stop_on_sigint():
+        with stop_on_signals():
             run_simulation(
                 server_app=build_server_app(flat, run_dir.resolve(), resume=resume, checked=True),
                 client_app=build_client_app(flat, mods=client_mods),
@@ -199,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("fedpeft").setLevel(logging.INFO)
     logging.getLogger("flwr").propagate = False  # Flower prints through its own handler already
     quiet_run_logs(verbose=getattr(args, "verbose", False))
+    with sigterm_as_ctrl_c():  # kill, a batch scheduler or a container stop: the same as Ctrl-C
+        return _run_command(args, argv)
+
+
+def _run_command(args: argparse.Namespace, argv: list[str]) -> int:
+    """One parsed subcommand; errors become exit statuses (2 bad input, 130 interrupted, 1 failed)."""
     try:
         if args.command == "plot":
             from fedpeft.plot import plot_runs, target_table  # matplotlib: only when plotting
@@ -244,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunInterrupted as err:
         print(f"fedpeft: {err}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before or after the round loop, where nothing is left to record
+        print("fedpeft: interrupted", file=sys.stderr)
         return 130
     except RunFailed as err:
         print(f"fedpeft: error: {err}", file=sys.stderr)

@@ -10,7 +10,7 @@ Each run writes its own ``results.json`` to ``OUT/<config name>/<grid label>/see
 status. A run whose results file says ``completed`` is skipped, so re-running the same
 command resumes an interrupted sweep (a run cut off mid-way continues from its last
 round's checkpoint, as ``fedpeft simulate --resume`` does; a failed one starts over;
-Ctrl-C stops the sweep, marking the current run ``interrupted``); a run folder holding results of a different config
+Ctrl-C or SIGTERM stops the sweep, marking the current run ``interrupted``); a run folder holding results of a different config
 is refused before anything starts. A run that raises is recorded as ``failed`` (its
 results file keeps the error) and the sweep goes on; ``fedpeft report`` then shows that
 group with fewer seeds.
@@ -62,7 +62,7 @@ def run_one(cfg: ExperimentConfig, run_dir: str | Path, engine: str = "inprocess
     """One run of ``cfg`` into ``run_dir``, exactly as ``fedpeft simulate [--in-process]`` runs it.
 
     Returns its results file; raises ``RunFailed`` when the run failed and ``RunInterrupted``
-    on Ctrl-C. ``resume`` continues the run in ``run_dir`` from its last checkpoint.
+    on Ctrl-C or SIGTERM. ``resume`` continues the run in ``run_dir`` from its last checkpoint.
     """
     if engine not in ENGINES:
         raise ConfigError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
