@@ -8,6 +8,8 @@ import sys
 
 #: set by ``--verbose``; inherited by Flower's Ray actors, which import the apps (and this) on their own
 VERBOSE_ENV = "FEDPEFT_VERBOSE"
+#: set by ``--quiet``; inherited by a sweep's Ray workers, which run whole experiments
+QUIET_ENV = "FEDPEFT_QUIET"
 
 
 def _filter_library_warnings() -> None:
@@ -69,13 +71,18 @@ STRATEGY_NARRATION = _DropByOrigin("flwr/serverapp/strategy/")
 ACTOR_SHUTDOWN = _DropActorShutdown()
 
 
-def quiet_run_logs(verbose: bool = False) -> None:
+def quiet_run_logs(verbose: bool = False, quiet: bool = False) -> None:
     """The launcher's log policy: progress lines and warnings by default; ``verbose`` shows all.
 
     Filters are by origin (Flower's round-loop narration) and by category (library
     FutureWarning / DeprecationWarning from Ray, torch.jit and transformers), never global.
+    ``quiet`` (CI logs) keeps warnings and errors only: no per-round, in-round or per-run lines.
     """
     flwr_logger = logging.getLogger("flwr")
+    if quiet or os.environ.get(QUIET_ENV) == "1":
+        os.environ[QUIET_ENV] = "1"
+        logging.getLogger("fedpeft").setLevel(logging.WARNING)
+        flwr_logger.setLevel(logging.WARNING)
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
         return

@@ -160,6 +160,7 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace an earlier run in the run folder (cleared after the check)"
     )
     sim.add_argument("--verbose", action="store_true", help="show every library log line and warning")
+    sim.add_argument("--quiet", action="store_true", help="warnings and errors only (CI logs): no progress lines")
     sim.add_argument("--resume", metavar="RUN_DIR", help="continue a killed or interrupted run from its last round")
     sim.add_argument("--in-process", action="store_true", help="run the same apps in this process, without Ray")
     chk = sub.add_parser("check", help="validate a config, its data, model folder, trace and privacy plan; no Ray")
@@ -198,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedpeft").setLevel(logging.INFO)
     logging.getLogger("flwr").propagate = False  # Flower prints through its own handler already
-    quiet_run_logs(verbose=getattr(args, "verbose", False))
+    if getattr(args, "verbose", False) and getattr(args, "quiet", False):
+        print("fedpeft: error: --verbose and --quiet contradict each other; pass one", file=sys.stderr)
+        return 2
+    quiet_run_logs(verbose=getattr(args, "verbose", False), quiet=getattr(args, "quiet", False))
     with sigterm_as_ctrl_c():  # kill, a batch scheduler or a container stop: the same as Ctrl-C
         return _run_command(args, argv)
 

@@ -274,6 +274,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sw.add_argument("--jobs", type=int, help="runs at once (default: cores / simulation.torch-threads)")
     sw.add_argument("--out", default="runs/sweep", help="sweep folder (default runs/sweep)")
     sw.add_argument("--engine", choices=ENGINES, default="inprocess", help="in-process runner or Flower's engine")
+    sw.add_argument("--quiet", action="store_true", help="warnings, errors and the summary only (CI logs)")
     sw.add_argument("--ray-address", help="attach to a Ray cluster (e.g. auto) instead of starting Ray locally")
 
 
