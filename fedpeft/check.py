@@ -114,6 +114,8 @@ INACTIVE_RULES: tuple[Rule, ...] = (
      ("simulation.num-gpus-per-client",)),
     ("model.quantization", lambda c: None if c.model.quantization == "int8" else "only int8 has an outlier threshold",
      ("model.int8-threshold",)),
+    ("tracking.backend", lambda c: None if c.tracking.backend == "mlflow" else "only MLflow has a store and experiments",
+     _keys("tracking", "uri experiment")),
 )  # fmt: skip
 
 
@@ -333,10 +335,12 @@ def check_experiment(cfg: ExperimentConfig, sources: Sources | None = None) -> C
     """
     from fedpeft.check_plan import check_plan, load_checked_splits
     from fedpeft.check_size import size_summary
+    from fedpeft.tracking import check_tracking
 
     t0 = time.monotonic()
     report = CheckReport()
     report.warnings += check_settings(cfg, sources or Sources())
+    tracking = check_tracking(cfg)  # a missing package or an unreachable server: before any data is read
     check_trace(cfg)
     splits = load_checked_splits(cfg, report)
     report.warnings += check_resources(cfg)
@@ -358,5 +362,7 @@ def check_experiment(cfg: ExperimentConfig, sources: Sources | None = None) -> C
         f"mean pooling {'on' if cfg.model.pooling == 'mean' else 'off'}, "
         f"prompt head {'on' if cfg.model.head_init == 'prompts' else 'off'}",
     )
+    if tracking:
+        report.summary.append(tracking)
     report.seconds = time.monotonic() - t0
     return report

@@ -50,6 +50,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "spsa.scale-rule": ("median", "fixed"),
     "spsa.lr-schedule": ("constant", "inverse-sqrt"),
     "spsa.distribution": ("gaussian", "rademacher"),
+    "tracking.backend": ("none", "tensorboard", "mlflow"),
 }
 
 
@@ -271,6 +272,22 @@ class FaultsConfig:
     slow_s: float = 0.5
 
 
+@dataclass(frozen=True)
+class TrackingConfig:
+    """An experiment tracker fed the same per-round rows as results.json (fedpeft/tracking.py).
+
+    ``backend``: ``none``; ``tensorboard`` (event files in ``<run folder>/tensorboard``);
+    ``mlflow`` (a run in an MLflow store). results.json stays the source of truth.
+    """
+
+    backend: str = "none"
+    # MLflow tracking URI: "" = sqlite:///runs/mlflow.db under the working directory (artifacts
+    # beside it in runs/mlflow-artifacts), or a server's http(s):// address.
+    uri: str = ""
+    # MLflow experiment: "" = the config's name; a sweep names one experiment for all its runs.
+    experiment: str = ""
+
+
 SECTIONS = {
     "model": ModelConfig,
     "peft": PeftConfig,
@@ -284,6 +301,7 @@ SECTIONS = {
     "simulation": SimulationConfig,
     "clients": ClientsConfig,
     "faults": FaultsConfig,
+    "tracking": TrackingConfig,
 }
 
 
@@ -309,6 +327,7 @@ class ExperimentConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         from fedpeft.validation import validate  # a module of its own: validation.py

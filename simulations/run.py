@@ -102,8 +102,10 @@ def _finish(cfg: ExperimentConfig, results_path: Path, plot: bool, t0: float) ->
     log.info("simulation finished in %.1f s: %s", time.monotonic() - t0, results_path)
     if plot:
         from fedpeft.plot import plot_runs  # matplotlib: only when plotting
+        from fedpeft.tracking import log_figure
 
         fig = plot_runs([results_path], results_path.parent / "accuracy.png", title=cfg.name)
+        log_figure(load_results(results_path), Path(fig))  # the tracker's copy (tracking.backend)
         log.info("plot: %s", fig)
     return results_path
 
