@@ -37,7 +37,16 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.compute-dtype": ("auto", "float32", "bfloat16", "float16"),
     "peft.method": ("lora", "ia3", "prompt", "bitfit", "head", "full"),
     "peft.lora-variant": ("lora", "ffa"),
-    "partition.scheme": ("iid", "dirichlet"),
+    "partition.scheme": (
+        "iid",
+        "dirichlet",
+        "shard",
+        "pathological",
+        "inner-dirichlet",
+        "size-linear",
+        "size-square",
+        "size-exponential",
+    ),
     "participation.model": ("always", "uniform", "bernoulli", "markov", "cyclic", "trace"),
     "participation.p-source": ("constant", "list", "uniform", "label-correlated"),
     "train.optimizer": ("adamw", "sgd"),
@@ -124,6 +133,9 @@ class PartitionConfig:
     scheme: str = "dirichlet"
     alpha: float = 0.5
     min_partition_size: int = 20
+    # scheme "shard": label-sorted shards per client (McMahan et al.); "pathological": labels per client
+    shards_per_client: int = 2
+    classes_per_client: int = 2
 
 
 @dataclass(frozen=True)
