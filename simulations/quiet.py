@@ -12,6 +12,26 @@ VERBOSE_ENV = "FEDPEFT_VERBOSE"
 QUIET_ENV = "FEDPEFT_QUIET"
 
 
+#: fedpeft's and Flower's lines alike: ``2026-12-04 15:00:00,000 INFO fedpeft: round 1/5: ...``
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def use_one_log_format(level: int = logging.WARNING) -> None:
+    """One handler and format for every logger: fedpeft's at INFO, Flower's through the same handler.
+
+    Flower installs its own console handler (``INFO :      message``, no logger name, no
+    time); it is removed here and Flower's records go to the root handler, so a log reads as
+    one stream. Flower's logger is set to INFO, since its DEBUG lines would now reach the handler.
+    """
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    logging.getLogger("fedpeft").setLevel(logging.INFO)
+    flwr_logger = logging.getLogger("flwr")
+    for handler in list(flwr_logger.handlers):
+        flwr_logger.removeHandler(handler)
+    flwr_logger.setLevel(logging.INFO)
+    flwr_logger.propagate = True
+
+
 def _filter_library_warnings() -> None:
     """FutureWarning / DeprecationWarning raised inside these libraries: by category and origin."""
     import warnings

@@ -26,7 +26,7 @@ from fedpeft.rundir import check_run_dir, prepare_run_dir
 from simulations.experiments import sweep
 from simulations.inprocess import num_nodes
 from simulations.interrupt import RunInterrupted, sigterm_as_ctrl_c, stop_on_signals
-from simulations.quiet import quiet_run_logs
+from simulations.quiet import quiet_run_logs, use_one_log_format
 from simulations.resume import resume_config
 
 log = logging.getLogger("fedpeft")
@@ -192,15 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "deploy":  # its own sub-commands and options
         from simulations.deploy.loopback import main as deploy_main
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        use_one_log_format(logging.INFO)
         return deploy_main(argv[1:])
     try:
         args = _parser().parse_args(argv)
     except SystemExit as done:  # argparse has printed its usage error (exit 2) or --help (exit 0)
         return int(done.code or 0)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("fedpeft").setLevel(logging.INFO)
-    logging.getLogger("flwr").propagate = False  # Flower prints through its own handler already
+    use_one_log_format()
     if getattr(args, "verbose", False) and getattr(args, "quiet", False):
         print("fedpeft: error: --verbose and --quiet contradict each other; pass one", file=sys.stderr)
         return 2
