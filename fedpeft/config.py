@@ -385,10 +385,14 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         full = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{full}."))
-        else:
-            flat[full] = value
+        for flat_key, leaf in (flatten(value, f"{full}.") if isinstance(value, dict) else {full: value}).items():
+            if flat_key in flat:  # "train.lr" = 0.1 and [train] lr = 0.2: TOML allows both, we cannot pick
+                section, _, name = flat_key.rpartition(".")
+                raise ConfigError(
+                    f'config key {flat_key!r} is given twice (as "{flat_key}" and as {name} in a [{section}] '
+                    f"table, {flat[flat_key]!r} and {leaf!r}); keep one"
+                )
+            flat[flat_key] = leaf
     return flat
 
 

@@ -24,8 +24,9 @@ from fedpeft.report import add_parser as add_report_parser
 from fedpeft.results import default_run_dir, load_results
 from fedpeft.rundir import check_run_dir, prepare_run_dir
 from simulations.experiments import sweep
+from simulations.front_door import RunFailed, run_main
 from simulations.inprocess import num_nodes
-from simulations.interrupt import RunInterrupted, sigterm_as_ctrl_c, stop_on_signals
+from simulations.interrupt import RunInterrupted, stop_on_signals
 from simulations.quiet import quiet_run_logs, use_one_log_format
 from simulations.resume import resume_config
 
@@ -118,10 +119,6 @@ def _flag(run_dir: str | Path | None) -> str:
     return "--out" if run_dir else "the default run folder (set --out to choose another)"
 
 
-class RunFailed(RuntimeError):
-    """The run ended without aggregating any client update (or without results)."""
-
-
 def check_finished(results_path: Path) -> None:
     """Raise unless ``results_path`` records a completed run (interrupted and failed runs say why)."""
     if not results_path.exists():
@@ -193,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         from simulations.deploy.loopback import main as deploy_main
 
         use_one_log_format(logging.INFO)
-        return deploy_main(argv[1:])
+        return run_main(deploy_main, argv[1:])
     try:
         args = _parser().parse_args(argv)
     except SystemExit as done:  # argparse has printed its usage error (exit 2) or --help (exit 0)
@@ -203,64 +200,48 @@ def main(argv: list[str] | None = None) -> int:
         print("fedpeft: error: --verbose and --quiet contradict each other; pass one", file=sys.stderr)
         return 2
     quiet_run_logs(verbose=getattr(args, "verbose", False), quiet=getattr(args, "quiet", False))
-    with sigterm_as_ctrl_c():  # kill, a batch scheduler or a container stop: the same as Ctrl-C
-        return _run_command(args, argv)
+    return run_main(_run_command, args, argv)  # errors: 2 bad input, 130 interrupted, 1 failed (front_door.py)
 
 
 def _run_command(args: argparse.Namespace, argv: list[str]) -> int:
-    """One parsed subcommand; errors become exit statuses (2 bad input, 130 interrupted, 1 failed)."""
-    try:
-        if args.command == "plot":
-            from fedpeft.plot import plot_runs, target_table  # matplotlib: only when plotting
+    """One parsed subcommand."""
+    if args.command == "plot":
+        from fedpeft.plot import plot_runs, target_table  # matplotlib: only when plotting
 
-            _check_plot_args(args)
-            print(plot_runs(args.runs, args.out, title=args.title, total_bytes=args.total_bytes, target=args.target))
-            if args.target is not None:
-                print(target_table(args.runs, args.target))
-            return 0
-        if args.command == "sweep":
-            return sweep.main(args, argv)
-        if args.command == "report":
-            from fedpeft.report import parse_baseline, write_report
-
-            summary = write_report(args.dir, args.out, target=args.target, baseline=parse_baseline(args.baseline))
-            print(f"{len(summary['groups'])} groups: {Path(args.out) / 'report.md'}")
-            return 0
-        if args.command == "simulate" and args.resume:
-            if args.config or args.overrides or args.out:
-                raise ConfigError(
-                    "--resume RUN_DIR takes the run's own config and folder; drop CONFIG, --set and --out"
-                )
-            cfg = resume_config(args.resume)
-            print(simulate(cfg, args.resume, plot=not args.no_plot, resume=True, in_process=args.in_process))
-            return 0
-        if not args.config:
-            raise ConfigError("fedpeft simulate needs CONFIG.toml (or --resume RUN_DIR)")
-        overrides = _parse_overrides(args.overrides)
-        cfg = load_config(args.config, overrides)
-        if args.command == "simulate":  # the cheapest check first: never start what cannot be saved
-            check_run_dir(args.out or _default_run_dir(cfg), overwrite=args.overwrite, flag=_flag(args.out))
-        report = check_experiment(cfg, config_sources(args.config, list(overrides)))
-        print(report.text(), flush=True)
-        if args.command == "check":
-            return 0
-        path = simulate(
-            cfg, args.out, plot=not args.no_plot, in_process=args.in_process, overwrite=args.overwrite, checked=report
-        )
-        print(path)
+        _check_plot_args(args)
+        print(plot_runs(args.runs, args.out, title=args.title, total_bytes=args.total_bytes, target=args.target))
+        if args.target is not None:
+            print(target_table(args.runs, args.target))
         return 0
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"fedpeft: error: {err}", file=sys.stderr)
-        return 2
-    except RunInterrupted as err:
-        print(f"fedpeft: {err}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:  # before or after the round loop, where nothing is left to record
-        print("fedpeft: interrupted", file=sys.stderr)
-        return 130
-    except RunFailed as err:
-        print(f"fedpeft: error: {err}", file=sys.stderr)
-        return 1
+    if args.command == "sweep":
+        return sweep.main(args, argv)
+    if args.command == "report":
+        from fedpeft.report import parse_baseline, write_report
+
+        summary = write_report(args.dir, args.out, target=args.target, baseline=parse_baseline(args.baseline))
+        print(f"{len(summary['groups'])} groups: {Path(args.out) / 'report.md'}")
+        return 0
+    if args.command == "simulate" and args.resume:
+        if args.config or args.overrides or args.out:
+            raise ConfigError("--resume RUN_DIR takes the run's own config and folder; drop CONFIG, --set and --out")
+        cfg = resume_config(args.resume)
+        print(simulate(cfg, args.resume, plot=not args.no_plot, resume=True, in_process=args.in_process))
+        return 0
+    if not args.config:
+        raise ConfigError("fedpeft simulate needs CONFIG.toml (or --resume RUN_DIR)")
+    overrides = _parse_overrides(args.overrides)
+    cfg = load_config(args.config, overrides)
+    if args.command == "simulate":  # the cheapest check first: never start what cannot be saved
+        check_run_dir(args.out or _default_run_dir(cfg), overwrite=args.overwrite, flag=_flag(args.out))
+    report = check_experiment(cfg, config_sources(args.config, list(overrides)))
+    print(report.text(), flush=True)
+    if args.command == "check":
+        return 0
+    path = simulate(
+        cfg, args.out, plot=not args.no_plot, in_process=args.in_process, overwrite=args.overwrite, checked=report
+    )
+    print(path)
+    return 0
 
 
 def _parse_overrides(texts: list[str]) -> dict:
