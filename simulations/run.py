@@ -23,6 +23,7 @@ from fedpeft.config import ConfigError, ExperimentConfig, load_config, parse_ove
 from fedpeft.report import add_parser as add_report_parser
 from fedpeft.results import default_run_dir, load_results
 from fedpeft.rundir import check_run_dir, prepare_run_dir
+from simulations.cluster import log_ray_target
 from simulations.experiments import sweep
 from simulations.front_door import RunFailed, run_main
 from simulations.inprocess import num_nodes
@@ -86,6 +87,7 @@ def simulate(
     # Ray starts its workers at nice 15, so any ordinary process on a shared machine starves the actors.
     os.environ.setdefault("RAY_worker_niceness", "0")
     logging.getLogger("flwr").addFilter(_DropRunSimulationDeprecation())
+    log_ray_target()  # which cluster the clients run on (simulations/cluster.py)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
         with stop_on_signals():

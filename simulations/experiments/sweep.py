@@ -97,13 +97,25 @@ def execute(flat: dict[str, Any], run_dir: str, engine: str, resume: bool = Fals
         path = run_one(ExperimentConfig.from_flat(flat), run_dir, engine, resume=resume)
         rounds = [r for r in load_results(path)["rounds"] if r.get("accuracy") is not None]
         accuracy = rounds[-1]["accuracy"] if rounds else None
-        return {"status": "completed", "wall_s": time.monotonic() - t0, "accuracy": accuracy, "resumed": resume}
+        outcome = {"status": "completed", "wall_s": time.monotonic() - t0, "accuracy": accuracy, "resumed": resume}
+        return outcome | _where()
     except RunInterrupted:
         raise
     except Exception as err:  # noqa: BLE001 - any crash of one run is recorded, the sweep goes on
         error = f"{type(err).__name__}: {err}"
         record_failure(Path(run_dir), flat, error, traceback.format_exc())
         return {"status": "failed", "wall_s": time.monotonic() - t0, "error": error}
+
+
+def _where() -> dict[str, str]:
+    """``{"ray_node": id}`` when this run is a Ray task (``--jobs N``, ``--ray-address``), else ``{}``."""
+    import sys
+
+    if "ray" not in sys.modules:  # an in-process sweep never imports Ray
+        return {}
+    import ray
+
+    return {"ray_node": ray.get_runtime_context().get_node_id()} if ray.is_initialized() else {}
 
 
 def resumable(run: PlannedRun, status: str) -> bool:
