@@ -148,3 +148,33 @@ def test_the_mlflow_store_holds_metrics_params_artifacts_and_status_of_the_run(t
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"results.json", "adapter", "figures"} <= names
     assert (tmp_path / "mlflow-artifacts").is_dir()  # beside the store, not in ./mlruns
+
+
+@pytest.mark.slow
+def test_a_resumed_run_logs_into_the_same_mlflow_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from fedpeft.results import write_results
+    from fedpeft.tracking import build_sink
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = tiny_config(**{"tracking.backend": "mlflow", "tracking.uri": uri})
+    run_dir = tmp_path / "runs" / "tiny" / "seed-0"
+    rows = [{"round": r, "accuracy": 0.5 + r / 10, "uplink_payload_bytes": 10} for r in range(3)]
+    first = build_sink(cfg, run_dir)
+    first.log_round(rows[0], rows[:1])
+    first.log_round(rows[1], rows[:2])
+    write_results(
+        run_dir, {"status": "interrupted", "config": cfg.to_flat(), "rounds": rows[:2], "tracking": first.info}
+    )
+    first.close({"status": "interrupted"}, run_dir)
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(first.run_id).info.status == "KILLED"
+    resumed = build_sink(cfg, run_dir)  # the folder's results.json names the MLflow run
+    assert resumed.run_id == first.run_id and client.get_run(first.run_id).info.status == "RUNNING"
+    resumed.log_round(rows[2], rows)
+    history = client.get_metric_history(first.run_id, "accuracy")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.5), (1, 0.6), (2, 0.7)]
+    cumulative = sorted(m.value for m in client.get_metric_history(first.run_id, "cumulative_uplink_payload_bytes"))
+    assert cumulative == [10.0, 20.0, 30.0]
+    assert client.get_run(first.run_id).info.run_name == "tiny/seed-0"
