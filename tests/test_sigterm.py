@@ -35,6 +35,19 @@ def test_sigterm_raises_keyboard_interrupt_in_the_main_thread_like_ctrl_c():
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def test_a_signal_during_the_checkpoint_renames_waits_until_both_are_done():
+    from simulations.resume import _signals_held
+
+    order = []
+    with pytest.raises(KeyboardInterrupt), sigterm_as_ctrl_c():
+        with _signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # held: no KeyboardInterrupt between the two renames
+            order.append("both renamed")
+        order.append("not reached")  # delivered as soon as the block ends
+    assert order == ["both renamed"]
+
+
 def _ignore_sigint() -> None:  # what a shell does to a job started with `&`
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
