@@ -1,16 +1,16 @@
 """Checkpoints after every round, and resuming a killed run from the last one.
 
 After each round the ServerApp writes ``checkpoint.json`` (round, strategy state, byte
-ledger) and ``checkpoint.npz`` (the global adapter and any strategy arrays, e.g. SPSA's
-fp32 master) into the run folder, atomically (both written to temporary files, then
-renamed one after the other with Ctrl-C / SIGTERM held, so the pair always belongs to one
-round). ``fedpeft simulate --resume RUN_DIR`` rebuilds the run from them: the same
-config (read back from ``results.json``), the global adapter, FedAU's intervals, SPSA's
-log / hashes / scale, the client-level DP accountant and the ledger; rounds continue at
-r + 1 with the same seeds, so every later round draws what it would have drawn. What a restart loses on the clients is rebuilt by the
-protocol (SPSA clients get the full adapter once: extra downlink, the same updates).
-Per-client DP-SGD accountants live in the clients' Flower state and are lost with it,
-so sample-level DP runs are refused rather than resumed with an understated epsilon.
+ledger) and ``checkpoint.npz`` (the global adapter and any strategy arrays, e.g. SPSA's fp32
+master) into the run folder, atomically (both written to temporary files, then renamed one
+after the other with Ctrl-C / SIGTERM held, so the pair always belongs to one round).
+``fedpeft simulate --resume RUN_DIR`` rebuilds the run from them: the same config (read back
+from ``results.json``), the global adapter, FedAU's intervals, SPSA's log / hashes / scale,
+the client-level DP accountant and the ledger; rounds continue at r + 1 with the same seeds,
+so every later round draws what it would have drawn. What a restart loses on the clients is
+rebuilt by the protocol (SPSA clients get the full adapter once: extra downlink, the same
+updates). Per-client DP-SGD accountants live in the clients' Flower state and are lost with
+it, so sample-level DP runs are refused rather than resumed with an understated epsilon.
 """
 
 from __future__ import annotations
