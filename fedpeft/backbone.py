@@ -320,14 +320,15 @@ _CACHE: dict[tuple, nn.Module] = {}
 BUILD_COUNT = {"n": 0}  # read by tests and the benchmark: how many models this process built
 
 
-def cached_model(key: tuple, build: Callable[[], nn.Module]) -> nn.Module:
+def cached_model(key: tuple, build: Callable[[], nn.Module], what: str = "") -> nn.Module:
     """Return the model cached under ``key``, building it once per process.
 
     Callers must overwrite every trainable parameter before use (``set_adapter_state``);
-    the frozen backbone inside is never mutated by training.
+    the frozen backbone inside is never mutated by training. ``what`` names the model in
+    words for the log line.
     """
     if key not in _CACHE:
-        log.info("building model for %s (process cache miss)", key[:2])
+        log.info("building model: %s", what or str(key[0]))
         _CACHE[key] = build()
         BUILD_COUNT["n"] += 1
     return _CACHE[key]

@@ -89,8 +89,15 @@ INACTIVE_RULES: tuple[Rule, ...] = (
     ("participation.p-source",
      lambda c: None if c.participation.p_source == "label-correlated" else "p_n ignore labels",
      ("participation.label-alpha",)),
-    ("partition.scheme", lambda c: "an IID split has no label skew" if c.partition.scheme == "iid" else None,
-     _keys("partition", "alpha min-partition-size")),
+    ("partition.scheme",
+     lambda c: None if c.partition.scheme in ("dirichlet", "inner-dirichlet") else "no Dirichlet label mix is drawn",
+     ("partition.alpha",)),
+    ("partition.scheme", lambda c: None if c.partition.scheme == "dirichlet" else "only 'dirichlet' redraws for a minimum",
+     ("partition.min-partition-size",)),
+    ("partition.scheme", lambda c: None if c.partition.scheme == "shard" else "only 'shard' cuts shards",
+     ("partition.shards-per-client",)),
+    ("partition.scheme", lambda c: None if c.partition.scheme == "pathological" else "only 'pathological' counts labels",
+     ("partition.classes-per-client",)),
     ("peft.method", lambda c: None if c.peft.method == "lora" else "no LoRA is injected",
      _keys("peft", "lora-rank lora-alpha lora-dropout target-modules layers")),
     ("peft.method", lambda c: None if c.peft.method == "prompt" else "no prompt is tuned",
@@ -127,6 +134,8 @@ INACTIVE_RULES: tuple[Rule, ...] = (
      ("simulation.num-gpus-per-client",)),
     ("model.quantization", lambda c: None if c.model.quantization == "int8" else "only int8 has an outlier threshold",
      ("model.int8-threshold",)),
+    ("tracking.backend", lambda c: None if c.tracking.backend == "mlflow" else "only MLflow has a store and experiments",
+     _keys("tracking", "uri experiment")),
 )  # fmt: skip
 
 
@@ -346,10 +355,12 @@ def check_experiment(cfg: ExperimentConfig, sources: Sources | None = None) -> C
     """
     from fedpeft.check_plan import check_plan, load_checked_splits
     from fedpeft.check_size import size_summary
+    from fedpeft.tracking import check_tracking
 
     t0 = time.monotonic()
     report = CheckReport()
     report.warnings += check_settings(cfg, sources or Sources())
+    tracking = check_tracking(cfg)  # a missing package or an unreachable server: before any data is read
     check_trace(cfg)
     splits = load_checked_splits(cfg, report)
     report.warnings += check_resources(cfg)
@@ -371,5 +382,7 @@ def check_experiment(cfg: ExperimentConfig, sources: Sources | None = None) -> C
         f"mean pooling {'on' if cfg.model.pooling == 'mean' else 'off'}, "
         f"prompt head {'on' if cfg.model.head_init == 'prompts' else 'off'}",
     )
+    if tracking:
+        report.summary.append(tracking)
     report.seconds = time.monotonic() - t0
     return report

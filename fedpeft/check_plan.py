@@ -52,6 +52,7 @@ def check_plan(cfg: ExperimentConfig, splits, report) -> tuple[int, ...]:
     )
     check_batch_size(cfg, sizes, report)
     hist = partition.label_histograms(splits.train.labels, parts, len(splits.train.label_names))
+    report.summary.append(label_mix(hist, splits.train.label_names))
     online = check_participation(cfg, hist)
     report.summary.append(
         f"participation: {online.sum(axis=1).mean():.1f} of {len(sizes)} clients online per round on average, "
@@ -76,6 +77,15 @@ def krum_round_warnings(cfg: ExperimentConfig, online: np.ndarray) -> list[str]:
         f"a round; {short} of {cfg.num_rounds} planned rounds have fewer online and will be refused (no update); "
         "lower strategy.krum-f / krum-m or raise the participation probabilities"
     ]
+
+
+def label_mix(hist: np.ndarray, label_names, max_clients: int = 12) -> str:
+    """``label mix (neg/pos): 0: 40 = 25/15, 1: 12 = 0/12, ...``: each client's size and label counts."""
+    shown = [
+        f"{i}: {int(row.sum())} = {'/'.join(str(int(c)) for c in row)}" for i, row in enumerate(hist[:max_clients])
+    ]
+    more = f", ... ({len(hist) - max_clients} more)" if len(hist) > max_clients else ""
+    return f"label mix ({'/'.join(label_names)}) per client: {', '.join(shown)}{more}"
 
 
 @contextmanager

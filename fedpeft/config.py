@@ -109,6 +109,9 @@ class PartitionConfig:
     scheme: str = "dirichlet"
     alpha: float = 0.5
     min_partition_size: int = 20
+    # scheme "shard": label-sorted shards per client (McMahan et al.); "pathological": labels per client
+    shards_per_client: int = 2
+    classes_per_client: int = 2
 
 
 @dataclass(frozen=True)
@@ -276,6 +279,22 @@ class FaultsConfig:
     slow_s: float = 0.5
 
 
+@dataclass(frozen=True)
+class TrackingConfig:
+    """An experiment tracker fed the same per-round rows as results.json (fedpeft/tracking.py).
+
+    ``backend``: ``none``; ``tensorboard`` (event files in ``<run folder>/tensorboard``);
+    ``mlflow`` (a run in an MLflow store). results.json stays the source of truth.
+    """
+
+    backend: str = "none"
+    # MLflow tracking URI: "" = sqlite:///runs/mlflow.db under the working directory (artifacts
+    # beside it in runs/mlflow-artifacts), or a server's http(s):// address.
+    uri: str = ""
+    # MLflow experiment: "" = the config's name; a sweep names one experiment for all its runs.
+    experiment: str = ""
+
+
 SECTIONS = {
     "model": ModelConfig,
     "peft": PeftConfig,
@@ -289,6 +308,7 @@ SECTIONS = {
     "simulation": SimulationConfig,
     "clients": ClientsConfig,
     "faults": FaultsConfig,
+    "tracking": TrackingConfig,
 }
 
 
@@ -314,6 +334,7 @@ class ExperimentConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         from fedpeft.validation import validate  # a module of its own: validation.py
@@ -359,10 +380,14 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         full = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{full}."))
-        else:
-            flat[full] = value
+        for flat_key, leaf in (flatten(value, f"{full}.") if isinstance(value, dict) else {full: value}).items():
+            if flat_key in flat:  # "train.lr" = 0.1 and [train] lr = 0.2: TOML allows both, we cannot pick
+                section, _, name = flat_key.rpartition(".")
+                raise ConfigError(
+                    f'config key {flat_key!r} is given twice (as "{flat_key}" and as {name} in a [{section}] '
+                    f"table, {flat[flat_key]!r} and {leaf!r}); keep one"
+                )
+            flat[flat_key] = leaf
     return flat
 
 

@@ -6,10 +6,16 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import numpy as np
 
+from fedpeft import partitioners
 from fedpeft.config import ConfigError, PartitionConfig
 from fedpeft.rng import derive_seed
+
+log = logging.getLogger("fedpeft")
 
 
 def partition_indices(
@@ -27,8 +33,9 @@ def partition_indices(
     labels : np.ndarray
         Integer label of every row of the pool.
     cfg : PartitionConfig
-        ``iid``, ``dirichlet`` (label skew with concentration ``alpha``) or ``natural-id``
-        (one partition per distinct value of ``groups``; see :func:`natural_id_indices`).
+        ``iid``, ``dirichlet`` (label skew with concentration ``alpha``), ``natural-id``
+        (one partition per distinct value of ``groups``; see :func:`natural_id_indices`), or a
+        scheme of fedpeft/partitioners.py (shard, pathological, inner-dirichlet, size-*).
     seed : int
         Run seed; the partitioner's seed is derived from it.
     allow_empty : bool
@@ -39,7 +46,7 @@ def partition_indices(
     if cfg.scheme == "natural-id":
         if groups is not None and len(groups) != len(labels):
             raise ValueError(f"{len(groups)} groups for {len(labels)} rows: give one group per row")
-        return natural_id_indices(groups, cfg.num_partitions)
+        return _checked(natural_id_indices(groups, cfg.num_partitions), len(labels), allow_empty)
     import datasets
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
@@ -54,6 +61,10 @@ def partition_indices(
     if cfg.scheme == "iid":
         partitioner = IidPartitioner(num_partitions=n)
         table = table.shuffle(seed=part_seed)
+    elif cfg.scheme in OTHER_SCHEMES:
+        partitioner, table = _other_partitioner(labels, cfg, part_seed, table, allow_empty)
+        if partitioner is None:  # shard: computed here, not by a flwr-datasets partitioner
+            return _checked(partitioners.shard_partitions(labels, cfg, part_seed), len(labels), allow_empty)
     else:
         min_size = cfg.min_partition_size
         if min_size * n > len(labels):
@@ -71,17 +82,62 @@ def partition_indices(
             seed=part_seed,
         )
     partitioner.dataset = table
-    try:
-        parts = [np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64) for i in range(n)]
-    except ValueError as err:  # the Dirichlet draw could not meet min_partition_size
+    # flwr-datasets warns once per Dirichlet redraw (a paragraph each); one line that names our keys instead
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            parts = [np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64) for i in range(n)]
+        except ValueError as err:  # the Dirichlet draw could not meet min_partition_size
+            raise ValueError(
+                f"Dirichlet partitioning of {len(labels)} examples into {n} partitions failed ({err}); "
+                "lower partition.min-partition-size, raise partition.alpha or use more data"
+            ) from err
+    redraws = sum("min_partition_size" in str(w.message) for w in caught)
+    for w in caught:
+        if "min_partition_size" not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if redraws:
+        log.info(
+            "partition: the Dirichlet split needed many draws (%d warnings) to give every client "
+            "partition.min-partition-size=%d rows; lower it or raise partition.alpha (%g) to draw once",
+            redraws, cfg.min_partition_size, cfg.alpha,
+        )  # fmt: skip
+    return _checked(parts, len(labels), allow_empty)
+
+
+def _checked(parts: list[np.ndarray], num_rows: int, allow_empty: bool) -> list[np.ndarray]:
+    """``parts`` once every row is in exactly one of them and (unless ``allow_empty``) none is empty."""
+    rows = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    if len(rows) != num_rows or len(np.unique(rows)) != num_rows:
         raise ValueError(
-            f"Dirichlet partitioning of {len(labels)} examples into {n} partitions failed ({err}); "
-            "lower partition.min-partition-size, raise partition.alpha or use more data"
-        ) from err
+            f"the partitions hold {len(np.unique(rows))} distinct of {num_rows} rows; "
+            "use partition.scheme='dirichlet' or 'iid', or report this scheme's setting"
+        )
     for i, part in enumerate(parts):
         if len(part) == 0 and not allow_empty:
             raise ValueError(f"partition {i} is empty; lower partition.num-partitions or raise partition.alpha")
     return parts
+
+
+OTHER_SCHEMES = ("shard", "pathological", "inner-dirichlet", *partitioners.SIZE_SCHEMES)
+
+
+def _other_partitioner(labels: np.ndarray, cfg: PartitionConfig, seed: int, table, allow_empty: bool):
+    """``(flwr-datasets partitioner or None for shard, table)`` for a scheme of fedpeft/partitioners.py."""
+    if cfg.scheme == "pathological":
+        return partitioners.pathological_partitioner(labels, cfg, seed), table
+    if cfg.scheme == "inner-dirichlet":
+        return partitioners.inner_dirichlet_partitioner(labels, cfg, seed), table
+    if cfg.scheme in partitioners.SIZE_SCHEMES:
+        sizes = partitioners.size_shares(cfg.scheme, cfg.num_partitions, len(labels))
+        if min(sizes) < 1:
+            raise ValueError(
+                f"partition.scheme={cfg.scheme!r} gives {len(labels)} rows to {cfg.num_partitions} clients as "
+                f"{sizes[:4]}...: client 0 gets none; lower partition.num-partitions, use more data, "
+                "or a flatter scheme (size-linear)"
+            )
+        return partitioners.size_partitioner(cfg), table.shuffle(seed=seed)  # sizes by position: shuffle first
+    return None, table
 
 
 def label_histograms(labels: np.ndarray, parts: list[np.ndarray], num_labels: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from fedpeft.results import (  # noqa: E402
     group_by_experiment,
     group_labels,
     load_results,
+    require_metric,
     round_metrics,
 )
 from fedpeft.stats import curve_band  # noqa: E402
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 def run_label(results: dict) -> str:
     """``name: strategy / peft method / quantization`` for the legend."""
     c = results["config"]
-    return f"{c['name']}: {c['strategy.name']} / {c['peft.method']} / {c['model.quantization']}"
+    parts = [str(c[k]) for k in ("strategy.name", "peft.method", "model.quantization") if k in c]
+    return f"{c.get('name', '?')}: {' / '.join(parts)}" if parts else str(c.get("name", "?"))
 
 
 def plot_runs(
@@ -49,6 +51,8 @@ def plot_runs(
         raise ValueError("give at least one run folder or results.json to plot")
     files = list(dict.fromkeys((Path(p) / "results.json" if Path(p).is_dir() else Path(p)).resolve() for p in paths))
     loaded = [load_results(p) for p in files]  # a run given twice (folder and file) is one run
+    for path, results in zip(files, loaded, strict=True):
+        require_metric(results, path)  # never an empty figure
     groups = [[loaded[i] for i in idx] for idx in group_by_experiment(loaded)]
     labels = [run_label(g[0]) for g in groups]
     if len(set(labels)) < len(labels):  # same name/strategy/method/quantization: name what differs
@@ -163,6 +167,7 @@ def target_table(paths: list[str | Path], target: float) -> str:
     lines = [f"accuracy target {target:g}", "run | round | uplink bytes | uplink+downlink bytes"]
     for path in paths:
         results = load_results(path)
+        require_metric(results, path)
         hit = bytes_to_target(results, target)
         label = run_label(results)
         if hit is None:

@@ -31,6 +31,7 @@ from fedpeft.results import (
     group_by_experiment,
     group_labels,
     load_results,
+    require_metric,
 )
 from fedpeft.stats import CI_DESCRIPTION, format_ci, mean_ci
 
@@ -369,6 +370,15 @@ def write_report(
     from fedpeft.plot import plot_groups
 
     runs = load_runs(root)
+    completed = [(p, res) for p, res in runs if res.get("status") == "completed"]
+    if not completed and not any(res.get("status") == "failed" for _, res in runs):  # failures are worth a report
+        states = sorted({str(res.get("status")) for _, res in runs})
+        raise ValueError(
+            f"none of the {len(runs)} runs under {root} has finished (status: {', '.join(states)}); "
+            "finish them first (rerun the sweep command, or fedpeft simulate --resume RUN_DIR)"
+        )
+    for path, res in completed:
+        require_metric(res, path / RESULTS_FILE)
     summary = summarize(runs, target, level)
     summary["paired"] = paired_differences(summary, baseline or {}, level)
     summary["baseline"] = baseline or {}

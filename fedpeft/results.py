@@ -97,6 +97,25 @@ def load_results(path: str | Path) -> dict[str, Any]:
     return results
 
 
+def require_metric(results: dict[str, Any], path: str | Path, metric: str = "accuracy") -> None:
+    """Raise ``ValueError`` naming the fix unless some round of ``results`` has a number under ``metric``.
+
+    A results file of another layout, or one whose metric is named differently, would
+    otherwise draw an empty figure or report and exit 0.
+    """
+    if any(isinstance(r.get(metric), int | float) for r in results.get("rounds", [])):
+        return
+    rows = results.get("rounds", [])
+    if not rows:
+        raise ValueError(f"{path} has no rounds yet (status {results.get('status')!r}); nothing to plot or report")
+    found = sorted({k for r in rows for k, v in r.items() if isinstance(v, int | float) and k != "round"})
+    raise ValueError(
+        f"{path} has no {metric!r} in any round (its rows have: {', '.join(found[:12]) or 'no numbers'}); "
+        "fedpeft plot and report read results.json as fedpeft simulate writes it: rerun the run, or rename "
+        f"the column to {metric!r}"
+    )
+
+
 def round_metrics(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Per-round rows (round 0 is the initial evaluation), each with cumulative byte counts."""
     rows, up, down = [], 0, 0

@@ -163,6 +163,20 @@ def model_key(cfg: ExperimentConfig, num_labels: int) -> tuple:
     return (cfg.model, cfg.peft, num_labels, cfg.seed)
 
 
+def describe_model(cfg: ExperimentConfig, num_labels: int) -> str:
+    """The model in words: ``embedded, NF4-quantized, LoRA r=8 on query,value, 2 labels``."""
+    quant = {"none": "not quantized", "int8": "int8-quantized", "nf4": "NF4-quantized"}[cfg.model.quantization]
+    method = {"lora": "LoRA", "ia3": "IA3", "prompt": "prompt tuning", "bitfit": "BitFit", "head": "head only"}
+    peft = method.get(cfg.peft.method, "full fine-tuning")
+    if cfg.peft.method == "lora":
+        peft += f" r={cfg.peft.lora_rank} on {cfg.peft.target_modules}" + (
+            " (FFA: A frozen)" if cfg.peft.lora_variant == "ffa" else ""
+        )
+    elif cfg.peft.method == "prompt":
+        peft += f" ({cfg.peft.num_virtual_tokens} virtual tokens)"
+    return f"{cfg.model.name}, {quant}, {peft}, {num_labels} labels"
+
+
 def load_task(cfg: ExperimentConfig) -> Task:
     """Build (or fetch from the process cache) everything a client or server needs."""
     splits = data.load_splits(cfg.data)
@@ -180,7 +194,7 @@ def load_task(cfg: ExperimentConfig) -> Task:
         model.eval()
         return model
 
-    model = backbone.cached_model(model_key(cfg, num_labels), build)
+    model = backbone.cached_model(model_key(cfg, num_labels), build, describe_model(cfg, num_labels))
     tokenizer = data.load_tokenizer(backbone.resolve_model_path(cfg.model.name))
     return Task(cfg, model, tokenizer, splits, model.fedpeft_weight_bytes, model.fedpeft_initial_state)
 

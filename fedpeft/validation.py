@@ -48,6 +48,10 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(
         cfg.partition.min_partition_size >= 1, "partition.min-partition-size", ">= 1", cfg.partition.min_partition_size
     )
+    _check(cfg.partition.shards_per_client >= 1, "partition.shards-per-client", ">= 1", cfg.partition.shards_per_client)
+    _check(
+        cfg.partition.classes_per_client >= 1, "partition.classes-per-client", ">= 1", cfg.partition.classes_per_client
+    )
     _check(0 < cfg.participation.fraction <= 1, "participation.fraction", "in (0, 1]", cfg.participation.fraction)
     _check(cfg.participation.min_clients >= 0, "participation.min-clients", ">= 0", cfg.participation.min_clients)
     _validate_participation(cfg)

@@ -30,6 +30,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.comm import DOWN, UP, Ledger
 from simulations.interrupt import check_stop
+from simulations.progress import RoundProgress
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class MeteringGrid(DelegatingGrid):
             return []
         self._record_sent(messages)
         pending = set(self.grid.push_messages(messages))
+        progress = RoundProgress(total=len(messages), server_round=message_round(messages[0]))
         deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
         received: list[Message] = []
         while pending:
@@ -115,6 +117,7 @@ class MeteringGrid(DelegatingGrid):
             got = list(self.grid.pull_messages(pending))
             received.extend(got)
             pending -= {m.metadata.reply_to_message_id for m in got}
+            progress.add(len(got))
             if not pending or time.monotonic() >= deadline:
                 break
             time.sleep(self.poll_interval_s)
@@ -212,7 +215,9 @@ class InMemoryGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Deliver each message now; its reply waits for :meth:`pull_messages`."""
+        messages = list(messages)
         ids = []
+        progress = RoundProgress(total=len(messages), server_round=message_round(messages[0]) if messages else 0)
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # as Flower's own grids do
             t0 = time.monotonic()
@@ -224,6 +229,7 @@ class InMemoryGrid(Grid):
                     "node %d replied after the %.1f s timeout; dropped", msg.metadata.dst_node_id, self.reply_timeout_s
                 )
             ids.append(msg.metadata.message_id)
+            progress.add(1)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:

@@ -21,8 +21,10 @@ from fedpeft.check import CheckReport, check_experiment
 from fedpeft.config import ExperimentConfig
 from fedpeft.results import default_run_dir, load_results
 from fedpeft.rundir import check_run_dir, prepare_run_dir
+from simulations.cluster import log_ray_target
+from simulations.front_door import RunFailed
 from simulations.inprocess import num_nodes
-from simulations.interrupt import RunInterrupted, stop_on_sigint
+from simulations.interrupt import RunInterrupted, stop_on_signals
 
 log = logging.getLogger("fedpeft")
 
@@ -80,9 +82,10 @@ def simulate(
     # Ray starts its workers at nice 15, so any ordinary process on a shared machine starves the actors.
     os.environ.setdefault("RAY_worker_niceness", "0")
     logging.getLogger("flwr").addFilter(_DropRunSimulationDeprecation())
+    log_ray_target()  # which cluster the clients run on (simulations/cluster.py)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
-        with stop_on_sigint():
+        with stop_on_signals():
             run_simulation(
                 server_app=build_server_app(flat, run_dir.resolve(), resume=resume, checked=True),
                 client_app=build_client_app(flat, mods=client_mods),
@@ -97,8 +100,10 @@ def _finish(cfg: ExperimentConfig, results_path: Path, plot: bool, t0: float) ->
     log.info("simulation finished in %.1f s: %s", time.monotonic() - t0, results_path)
     if plot:
         from fedpeft.plot import plot_runs  # matplotlib: only when plotting
+        from fedpeft.tracking import log_figure
 
         fig = plot_runs([results_path], results_path.parent / "accuracy.png", title=cfg.name)
+        log_figure(load_results(results_path), Path(fig))  # the tracker's copy (tracking.backend)
         log.info("plot: %s", fig)
     return results_path
 
@@ -109,10 +114,6 @@ def default_run_dir_of(cfg: ExperimentConfig) -> Path:
 
 def run_dir_flag(run_dir: str | Path | None) -> str:
     return "--out" if run_dir else "the default run folder (set --out to choose another)"
-
-
-class RunFailed(RuntimeError):
-    """The run ended without aggregating any client update (or without results)."""
 
 
 def check_finished(results_path: Path) -> None:

@@ -8,6 +8,28 @@ import sys
 
 #: set by ``--verbose``; inherited by Flower's Ray actors, which import the apps (and this) on their own
 VERBOSE_ENV = "FEDPEFT_VERBOSE"
+#: set by ``--quiet``; inherited by a sweep's Ray workers, which run whole experiments
+QUIET_ENV = "FEDPEFT_QUIET"
+
+
+#: fedpeft's and Flower's lines alike: ``2026-12-04 15:00:00,000 INFO fedpeft: round 1/5: ...``
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def use_one_log_format(level: int = logging.WARNING) -> None:
+    """One handler and format for every logger: fedpeft's at INFO, Flower's through the same handler.
+
+    Flower installs its own console handler (``INFO :      message``, no logger name, no
+    time); it is removed here and Flower's records go to the root handler, so a log reads as
+    one stream. Flower's logger is set to INFO, since its DEBUG lines would now reach the handler.
+    """
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    logging.getLogger("fedpeft").setLevel(logging.INFO)
+    flwr_logger = logging.getLogger("flwr")
+    for handler in list(flwr_logger.handlers):
+        flwr_logger.removeHandler(handler)
+    flwr_logger.setLevel(logging.INFO)
+    flwr_logger.propagate = True
 
 
 def _filter_library_warnings() -> None:
@@ -69,13 +91,18 @@ STRATEGY_NARRATION = _DropByOrigin("flwr/serverapp/strategy/")
 ACTOR_SHUTDOWN = _DropActorShutdown()
 
 
-def quiet_run_logs(verbose: bool = False) -> None:
+def quiet_run_logs(verbose: bool = False, quiet: bool = False) -> None:
     """The launcher's log policy: progress lines and warnings by default; ``verbose`` shows all.
 
     Filters are by origin (Flower's round-loop narration) and by category (library
     FutureWarning / DeprecationWarning from Ray, torch.jit and transformers), never global.
+    ``quiet`` (CI logs) keeps warnings and errors only: no per-round, in-round or per-run lines.
     """
     flwr_logger = logging.getLogger("flwr")
+    if quiet or os.environ.get(QUIET_ENV) == "1":
+        os.environ[QUIET_ENV] = "1"
+        logging.getLogger("fedpeft").setLevel(logging.WARNING)
+        flwr_logger.setLevel(logging.WARNING)
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
         return

@@ -21,6 +21,7 @@ from fedpeft.config import ExperimentConfig
 from fedpeft.records import record_to_state
 from fedpeft.results import write_results
 from fedpeft.task import Task
+from fedpeft.tracking import Sink, build_sink
 from simulations.resume import write_checkpoint
 
 log = logging.getLogger("fedpeft")
@@ -37,6 +38,22 @@ class RunRecorder:
         self.pending: dict[int, dict[str, Any]] = {}
         self.strategy = None  # set by the ServerApp: its state is saved with every row
         self._t_round = time.monotonic()
+        self.sink = build_sink(cfg, run_dir)  # tracking.backend: TensorBoard / MLflow view of the same rows
+        if cfg.tracking.backend != "none":
+            results["tracking"] = self.sink.info
+
+    def _track(self, hook: str, *args: Any) -> None:
+        """Call the sink; a tracker that fails is warned about once and dropped (results.json is the record)."""
+        try:
+            getattr(self.sink, hook)(*args)
+        except Exception as err:  # noqa: BLE001 - any tracker failure; the run goes on without it
+            log.warning("tracking.backend=%r failed (%s: %s); results.json goes on without it",
+                        self.cfg.tracking.backend, type(err).__name__, err)  # fmt: skip
+            self.sink = Sink()
+
+    def close(self) -> None:
+        """The run ended (completed or failed, as written in results.json): close the tracker."""
+        self._track("close", self.results, self.run_dir)
 
     def report(self, server_round: int, fields: dict[str, Any]) -> None:
         """Merge one report into round ``server_round`` (list fields are extended, others set)."""
@@ -81,6 +98,7 @@ class RunRecorder:
         if self.strategy is not None and server_round > 0:  # what `fedpeft simulate --resume` continues from
             write_checkpoint(self.run_dir, server_round, record_to_state(arrays), self.strategy, self.ledger.to_json())
         write_results(self.run_dir, self.results)
+        self._track("log_round", row, self.results["rounds"])
         self._log_progress(row)
         self._t_round = time.monotonic()
         if scores is None:
@@ -94,6 +112,7 @@ class RunRecorder:
         self.results["ledger"] = self.ledger.to_json()
         self.results["wall_s"] = time.monotonic() - t_start
         write_results(self.run_dir, self.results)
+        self.close()
         log.warning(
             "interrupted: %s written with the %s completed round(s)",
             self.run_dir / "results.json",

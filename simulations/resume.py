@@ -1,23 +1,26 @@
 """Checkpoints after every round, and resuming a killed run from the last one.
 
 After each round the ServerApp writes ``checkpoint.json`` (round, strategy state, byte
-ledger) and ``checkpoint.npz`` (the global adapter and any strategy arrays, e.g. SPSA's
-fp32 master) into the run folder, atomically (temporary file, then rename; the npz
-first, so a JSON always has its arrays). ``fedpeft simulate --resume RUN_DIR`` rebuilds
-the run from them: the same config (read back from ``results.json``), the global
-adapter, FedAU's intervals, SPSA's log / hashes / scale, the client-level DP accountant
-and the ledger; rounds continue at r + 1 with the same seeds, so every later round
-draws what it would have drawn. What a restart loses on the clients is rebuilt by the
-protocol (SPSA clients get the full adapter once: extra downlink, the same updates).
-Per-client DP-SGD accountants live in the clients' Flower state and are lost with it,
-so sample-level DP runs are refused rather than resumed with an understated epsilon.
+ledger) and ``checkpoint.npz`` (the global adapter and any strategy arrays, e.g. SPSA's fp32
+master) into the run folder, atomically (both written to temporary files, then renamed one
+after the other with Ctrl-C / SIGTERM held, so the pair always belongs to one round).
+``fedpeft simulate --resume RUN_DIR`` rebuilds the run from them: the same config (read back
+from ``results.json``), the global adapter, FedAU's intervals, SPSA's log / hashes / scale,
+the client-level DP accountant and the ledger; rounds continue at r + 1 with the same seeds,
+so every later round draws what it would have drawn. What a restart loses on the clients is
+rebuilt by the protocol (SPSA clients get the full adapter once: extra downlink, the same
+updates). Per-client DP-SGD accountants live in the clients' Flower state and are lost with
+it, so sample-level DP runs are refused rather than resumed with an understated epsilon.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+import signal
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +45,25 @@ def write_checkpoint(
     payload = {f"global/{k}": v for k, v in global_state.items()} | {f"strategy/{k}": v for k, v in arrays.items()}
     tmp = run_dir / (ARRAYS + ".tmp.npz")
     np.savez(tmp, **payload)
-    os.replace(tmp, run_dir / ARRAYS)
     tmp_meta = run_dir / (META + ".tmp")
     tmp_meta.write_text(json.dumps({"round": server_round, "strategy": meta, "ledger": ledger_rows}))
-    os.replace(tmp_meta, run_dir / META)
+    with _signals_held():  # a Ctrl-C / SIGTERM between the two renames would pair round r+1's arrays with r's JSON
+        os.replace(tmp, run_dir / ARRAYS)
+        os.replace(tmp_meta, run_dir / META)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM for the block (main thread: the in-process runner's KeyboardInterrupt)."""
+    if threading.current_thread() is not threading.main_thread():  # Flower's engine: the handler only sets a flag
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a held signal is delivered now
 
 
 def read_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray]]:

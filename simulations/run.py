@@ -17,10 +17,12 @@ from fedpeft.config import ConfigError, load_config, parse_override
 from fedpeft.report import add_parser as add_report_parser
 from fedpeft.rundir import check_run_dir
 from simulations.experiments import sweep
-from simulations.interrupt import RunInterrupted
-from simulations.launch import RunFailed, default_run_dir_of, run_dir_flag, simulate
-from simulations.quiet import quiet_run_logs
+from simulations.front_door import run_main
+from simulations.launch import default_run_dir_of, run_dir_flag, simulate
+from simulations.quiet import quiet_run_logs, use_one_log_format
 from simulations.resume import resume_config
+
+log = logging.getLogger("fedpeft")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace an earlier run in the run folder (cleared after the check)"
     )
     sim.add_argument("--verbose", action="store_true", help="show every library log line and warning")
+    sim.add_argument("--quiet", action="store_true", help="warnings and errors only (CI logs): no progress lines")
     sim.add_argument("--resume", metavar="RUN_DIR", help="continue a killed or interrupted run from its last round")
     sim.add_argument("--in-process", action="store_true", help="run the same apps in this process, without Ray")
     chk = sub.add_parser("check", help="validate a config, its data, model folder, trace and privacy plan; no Ray")
@@ -66,65 +69,59 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "deploy":  # its own sub-commands and options
         from simulations.deploy.loopback import main as deploy_main
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        return deploy_main(argv[1:])
+        use_one_log_format(logging.INFO)
+        return run_main(deploy_main, argv[1:])
     try:
         args = _parser().parse_args(argv)
     except SystemExit as done:  # argparse has printed its usage error (exit 2) or --help (exit 0)
         return int(done.code or 0)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("fedpeft").setLevel(logging.INFO)
-    logging.getLogger("flwr").propagate = False  # Flower prints through its own handler already
-    quiet_run_logs(verbose=getattr(args, "verbose", False))
-    try:
-        if args.command == "plot":
-            from fedpeft.plot import plot_runs, target_table  # matplotlib: only when plotting
-
-            _check_plot_args(args)
-            print(plot_runs(args.runs, args.out, title=args.title, total_bytes=args.total_bytes, target=args.target))
-            if args.target is not None:
-                print(target_table(args.runs, args.target))
-            return 0
-        if args.command == "sweep":
-            return sweep.main(args, argv)
-        if args.command == "report":
-            from fedpeft.report import parse_baseline, write_report
-
-            summary = write_report(args.dir, args.out, target=args.target, baseline=parse_baseline(args.baseline))
-            print(f"{len(summary['groups'])} groups: {Path(args.out) / 'report.md'}")
-            return 0
-        if args.command == "simulate" and args.resume:
-            if args.config or args.overrides or args.out:
-                raise ConfigError(
-                    "--resume RUN_DIR takes the run's own config and folder; drop CONFIG, --set and --out"
-                )
-            cfg = resume_config(args.resume)
-            print(simulate(cfg, args.resume, plot=not args.no_plot, resume=True, in_process=args.in_process))
-            return 0
-        if not args.config:
-            raise ConfigError("fedpeft simulate needs CONFIG.toml (or --resume RUN_DIR)")
-        overrides = _parse_overrides(args.overrides)
-        cfg = load_config(args.config, overrides)
-        if args.command == "simulate":  # the cheapest check first: never start what cannot be saved
-            check_run_dir(args.out or default_run_dir_of(cfg), overwrite=args.overwrite, flag=run_dir_flag(args.out))
-        report = check_experiment(cfg, config_sources(args.config, list(overrides)))
-        print(report.text(), flush=True)
-        if args.command == "check":
-            return 0
-        path = simulate(
-            cfg, args.out, plot=not args.no_plot, in_process=args.in_process, overwrite=args.overwrite, checked=report
-        )
-        print(path)
-        return 0
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"fedpeft: error: {err}", file=sys.stderr)
+    use_one_log_format()
+    if getattr(args, "verbose", False) and getattr(args, "quiet", False):
+        print("fedpeft: error: --verbose and --quiet contradict each other; pass one", file=sys.stderr)
         return 2
-    except RunInterrupted as err:
-        print(f"fedpeft: {err}", file=sys.stderr)
-        return 130
-    except RunFailed as err:
-        print(f"fedpeft: error: {err}", file=sys.stderr)
-        return 1
+    quiet_run_logs(verbose=getattr(args, "verbose", False), quiet=getattr(args, "quiet", False))
+    return run_main(_run_command, args, argv)  # errors: 2 bad input, 130 interrupted, 1 failed (front_door.py)
+
+
+def _run_command(args: argparse.Namespace, argv: list[str]) -> int:
+    """One parsed subcommand."""
+    if args.command == "plot":
+        from fedpeft.plot import plot_runs, target_table  # matplotlib: only when plotting
+
+        _check_plot_args(args)
+        print(plot_runs(args.runs, args.out, title=args.title, total_bytes=args.total_bytes, target=args.target))
+        if args.target is not None:
+            print(target_table(args.runs, args.target))
+        return 0
+    if args.command == "sweep":
+        return sweep.main(args, argv)
+    if args.command == "report":
+        from fedpeft.report import parse_baseline, write_report
+
+        summary = write_report(args.dir, args.out, target=args.target, baseline=parse_baseline(args.baseline))
+        print(f"{len(summary['groups'])} groups: {Path(args.out) / 'report.md'}")
+        return 0
+    if args.command == "simulate" and args.resume:
+        if args.config or args.overrides or args.out:
+            raise ConfigError("--resume RUN_DIR takes the run's own config and folder; drop CONFIG, --set and --out")
+        cfg = resume_config(args.resume)
+        print(simulate(cfg, args.resume, plot=not args.no_plot, resume=True, in_process=args.in_process))
+        return 0
+    if not args.config:
+        raise ConfigError("fedpeft simulate needs CONFIG.toml (or --resume RUN_DIR)")
+    overrides = _parse_overrides(args.overrides)
+    cfg = load_config(args.config, overrides)
+    if args.command == "simulate":  # the cheapest check first: never start what cannot be saved
+        check_run_dir(args.out or default_run_dir_of(cfg), overwrite=args.overwrite, flag=run_dir_flag(args.out))
+    report = check_experiment(cfg, config_sources(args.config, list(overrides)))
+    print(report.text(), flush=True)
+    if args.command == "check":
+        return 0
+    path = simulate(
+        cfg, args.out, plot=not args.no_plot, in_process=args.in_process, overwrite=args.overwrite, checked=report
+    )
+    print(path)
+    return 0
 
 
 def _parse_overrides(texts: list[str]) -> dict:

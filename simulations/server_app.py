@@ -202,6 +202,7 @@ def run_experiment(
         results["error"] = "no client update was aggregated in any round; clients reported: " + "; ".join(errors[:5])
         log(WARNING, "%s", results["error"])
     path = write_results(run_dir, results)
+    recorder.close()
     log(INFO, "wrote %s (final accuracy %.4f)", path, results["rounds"][-1]["accuracy"])
     return results
 

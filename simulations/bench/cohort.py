@@ -132,4 +132,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from simulations.front_door import run_main
+
+    raise SystemExit(run_main(main))

@@ -183,4 +183,6 @@ def print_overhead(o: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from simulations.front_door import run_main
+
+    raise SystemExit(run_main(main))

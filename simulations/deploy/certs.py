@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from simulations.front_door import positive_int
+
 DEFAULT_SANS = ("127.0.0.1", "localhost")
 VALID_DAYS = 365
 
@@ -126,6 +128,12 @@ def write_node_key(path: Path) -> Path:
 
 def make_deployment_certs(out_dir: str | Path, *, num_nodes: int, sans: list[str] | None = None) -> DeploymentCerts:
     """Write the CA, the SuperLink certificate and ``num_nodes`` node key pairs to ``out_dir``."""
+    if num_nodes < 1:
+        raise ValueError(
+            f"num_nodes={num_nodes}: a deployment needs at least one SuperNode key pair; pass --nodes >= 1"
+        )
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"{out_dir} is a file; pass a folder for the certificates")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hosts = list(DEFAULT_SANS) + [h for h in (sans or []) if h not in DEFAULT_SANS]
@@ -145,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: ``python -m simulations.deploy.certs OUT_DIR --nodes N [--san HOST ...]``."""
     parser = argparse.ArgumentParser(prog="fedpeft deploy certs", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--nodes", type=int, default=2, help="how many SuperNode key pairs (default 2)")
+    parser.add_argument("--nodes", type=positive_int, default=2, help="how many SuperNode key pairs (default 2)")
     parser.add_argument(
         "--san", action="append", default=[], help="extra host name or IP of the SuperLink (repeatable)"
     )
@@ -158,4 +166,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from simulations.front_door import run_main
+
+    raise SystemExit(run_main(main))

@@ -206,4 +206,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from simulations.front_door import run_main
+
+    raise SystemExit(run_main(main))

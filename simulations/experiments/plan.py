@@ -148,6 +148,8 @@ def plan_sweep(
                     cfg = ExperimentConfig.from_flat({**base, **fixed, **combo, "seed": seed})
                 except ConfigError as err:
                     raise ConfigError(f"{source} with {label or 'no grid'}, seed {seed}: {err}") from err
+                if cfg.tracking.backend == "mlflow" and not cfg.tracking.experiment:  # one experiment per sweep
+                    cfg = cfg.replace({"tracking.experiment": f"sweep {Path(out).resolve().name}"})
                 run_dir = Path(out) / _SAFE.sub("-", cfg.name) / label / f"seed-{seed}"
                 run = PlannedRun(str(source), label, seed, run_dir, cfg)
                 other = plan.get(run_dir)

@@ -149,4 +149,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from simulations.front_door import run_main
+
+    raise SystemExit(run_main(main))

@@ -10,7 +10,7 @@ Each run writes its own ``results.json`` to ``OUT/<config name>/<grid label>/see
 status. A run whose results file says ``completed`` is skipped, so re-running the same
 command resumes an interrupted sweep (a run cut off mid-way continues from its last
 round's checkpoint, as ``fedpeft simulate --resume`` does; a failed one starts over;
-Ctrl-C stops the sweep, marking the current run ``interrupted``); a run folder holding results of a different config
+Ctrl-C or SIGTERM stops the sweep, marking the current run ``interrupted``); a run folder holding results of a different config
 is refused before anything starts. A run that raises is recorded as ``failed`` (its
 results file keeps the error) and the sweep goes on; ``fedpeft report`` then shows that
 group with fewer seeds.
@@ -62,7 +62,7 @@ def run_one(cfg: ExperimentConfig, run_dir: str | Path, engine: str = "inprocess
     """One run of ``cfg`` into ``run_dir``, exactly as ``fedpeft simulate [--in-process]`` runs it.
 
     Returns its results file; raises ``RunFailed`` when the run failed and ``RunInterrupted``
-    on Ctrl-C. ``resume`` continues the run in ``run_dir`` from its last checkpoint.
+    on Ctrl-C or SIGTERM. ``resume`` continues the run in ``run_dir`` from its last checkpoint.
     """
     if engine not in ENGINES:
         raise ConfigError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
@@ -97,13 +97,25 @@ def execute(flat: dict[str, Any], run_dir: str, engine: str, resume: bool = Fals
         path = run_one(ExperimentConfig.from_flat(flat), run_dir, engine, resume=resume)
         rounds = [r for r in load_results(path)["rounds"] if r.get("accuracy") is not None]
         accuracy = rounds[-1]["accuracy"] if rounds else None
-        return {"status": "completed", "wall_s": time.monotonic() - t0, "accuracy": accuracy, "resumed": resume}
+        outcome = {"status": "completed", "wall_s": time.monotonic() - t0, "accuracy": accuracy, "resumed": resume}
+        return outcome | _where()
     except RunInterrupted:
         raise
     except Exception as err:  # noqa: BLE001 - any crash of one run is recorded, the sweep goes on
         error = f"{type(err).__name__}: {err}"
         record_failure(Path(run_dir), flat, error, traceback.format_exc())
         return {"status": "failed", "wall_s": time.monotonic() - t0, "error": error}
+
+
+def _where() -> dict[str, str]:
+    """``{"ray_node": id}`` when this run is a Ray task (``--jobs N``, ``--ray-address``), else ``{}``."""
+    import sys
+
+    if "ray" not in sys.modules:  # an in-process sweep never imports Ray
+        return {}
+    import ray
+
+    return {"ray_node": ray.get_runtime_context().get_node_id()} if ray.is_initialized() else {}
 
 
 def resumable(run: PlannedRun, status: str) -> bool:
@@ -274,6 +286,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sw.add_argument("--jobs", type=int, help="runs at once (default: cores / simulation.torch-threads)")
     sw.add_argument("--out", default="runs/sweep", help="sweep folder (default runs/sweep)")
     sw.add_argument("--engine", choices=ENGINES, default="inprocess", help="in-process runner or Flower's engine")
+    sw.add_argument("--quiet", action="store_true", help="warnings, errors and the summary only (CI logs)")
     sw.add_argument("--ray-address", help="attach to a Ray cluster (e.g. auto) instead of starting Ray locally")
 
 
