@@ -27,7 +27,9 @@ class ConfigError(ValueError):
 
 
 # Allowed values for string fields: "<section>.<field>" -> choices.
-FAULT_KINDS = ("crash", "hang", "nan", "inf", "shape", "metrics", "slow")
+FAULT_KINDS = ("crash", "hang", "nan", "inf", "shape", "metrics", "slow", "scaled", "sign-flip", "noise")
+#: the fault kinds a Byzantine client applies to its delta (simulations/faults.py)
+BYZANTINE_KINDS = ("scaled", "sign-flip", "noise")
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.quantization": ("none", "int8", "nf4"),
@@ -44,12 +46,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.prefix-cache": ("auto", "off"),
     "strategy.name": ("fedavg", "fedau", "known_p_oracle", "spsa", "hetlora", "flexlora"),
     "strategy.weighting": ("examples", "uniform"),
+    "strategy.control-variates": ("none", "scaffold"),
     "dp.mode": ("none", "sample", "client"),
     "dp.grad-sample-mode": ("hooks", "functorch"),
     "spsa.codec": ("int8", "log8"),
     "spsa.scale-rule": ("median", "fixed"),
     "spsa.lr-schedule": ("constant", "inverse-sqrt"),
     "spsa.distribution": ("gaussian", "rademacher"),
+    "faults.byzantine-kind": BYZANTINE_KINDS,
 }
 
 
@@ -164,6 +168,9 @@ class TrainConfig:
     eval_batch_size: int = 128
     eval_every: int = 1
     prefix_cache: str = "auto"
+    # FedProx (Li et al. 2020): mu of the proximal term mu/2 ||w - w_global||^2 over the trained PEFT tensors,
+    # sent by the strategy in each train message (fedpeft/drift.py); 0 = off (plain local steps)
+    prox_mu: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -174,6 +181,9 @@ class StrategyConfig:
     server_lr: float = 1.0
     weighting: str = "examples"
     k_cap: int = 100000  # FedAU interval cutoff K (the reference's "K = infinity" default)
+    # "scaffold": SCAFFOLD's control variates (Karimireddy et al. 2020, option II; fedpeft/drift.py): the server's c
+    # travels with every train message, each client's delta c_i with its reply (both counted in the ledger)
+    control_variates: str = "none"
 
 
 @dataclass(frozen=True)
@@ -269,6 +279,26 @@ class FaultsConfig:
     rate: float = 0.0
     kinds: str = "crash,hang,nan,inf,shape,metrics,slow"
     slow_s: float = 0.5
+    # Byzantine clients: round(fraction x N) partitions, drawn once from derive_seed(seed, "byzantine"), send a
+    # corrupted delta every round they train: "scaled" (x byzantine-scale), "sign-flip" (x -byzantine-scale) or
+    # "noise" (Gaussian, std = byzantine-scale x the honest delta's RMS). 0 = none.
+    byzantine_fraction: float = 0.0
+    byzantine_kind: str = "sign-flip"
+    byzantine_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Per-client evaluation through Flower's evaluate round (simulations/client_app.py ``evaluate``).
+
+    With ``fraction_clients`` > 0, every client keeps ``holdout_fraction`` of its own rows out of
+    training (drawn once per client from ``derive_seed(seed, "client-holdout", partition)``), and
+    each evaluated round asks that fraction of all clients (drawn per round) to score the global
+    adapter on them; results rows get the mean, the worst 10% and the spread of their accuracies.
+    """
+
+    fraction_clients: float = 0.0
+    holdout_fraction: float = 0.2
 
 
 SECTIONS = {
@@ -284,6 +314,7 @@ SECTIONS = {
     "simulation": SimulationConfig,
     "clients": ClientsConfig,
     "faults": FaultsConfig,
+    "evaluate": EvaluateConfig,
 }
 
 
@@ -309,6 +340,7 @@ class ExperimentConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def __post_init__(self) -> None:
         from fedpeft.validation import validate  # a module of its own: validation.py
