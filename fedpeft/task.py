@@ -42,11 +42,30 @@ class Task:
     def client_rows(self, partition_id: int, data_path: str = "") -> data.TextData:
         """This client's training rows: its own file if ``data_path`` is set, else its partition.
 
-        ``data_path`` comes from a SuperNode's ``--node-config data-path=/path/file.csv``.
+        ``data_path`` comes from a SuperNode's ``--node-config data-path=/path/file.csv``. With
+        ``evaluate.fraction-clients`` > 0 the client's held-out rows (fedpeft/holdout.py) are left out.
         """
+        rows = self._own_rows(partition_id, data_path)
+        if self.cfg.evaluate.fraction_clients <= 0:
+            return rows
+        return rows.subset(self._holdout_split(rows, partition_id)[0])
+
+    def client_holdout(self, partition_id: int, data_path: str = "") -> data.TextData:
+        """This client's held-out rows for per-client evaluation (``evaluate.fraction-clients`` > 0)."""
+        rows = self._own_rows(partition_id, data_path)
+        return rows.subset(self._holdout_split(rows, partition_id)[1])
+
+    def _own_rows(self, partition_id: int, data_path: str) -> data.TextData:
         if data_path:
             return _node_data(data_path, self.cfg.data, self.splits.train.label_names)
         return self.partition(partition_id)
+
+    def _holdout_split(self, rows: data.TextData, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+        from fedpeft.holdout import split_holdout
+
+        return split_holdout(
+            len(rows), self.cfg.evaluate.holdout_fraction, seed=self.cfg.seed, partition_id=partition_id
+        )
 
     def label_histograms(self) -> np.ndarray:
         """(partitions, labels) label counts, e.g. for label-correlated participation."""

@@ -204,6 +204,12 @@ def _validate_evaluate(cfg: ExperimentConfig) -> None:
     )
     if ev.fraction_clients > 0:
         _check(
+            cfg.strategy.name != "spsa",
+            "evaluate.fraction-clients",
+            "0 with strategy.name='spsa' (SPSA's local update reads the whole partition, held-out rows included)",
+            ev.fraction_clients,
+        )
+        _check(
             cfg.partition.min_partition_size >= 2,
             "partition.min-partition-size",
             ">= 2 when evaluate.fraction-clients > 0 (each client keeps >= 1 row to train and >= 1 to score)",

@@ -138,19 +138,28 @@ def query(content: RecordDict, context: Context, cfg: ExperimentConfig) -> Recor
 
 
 def evaluate(content: RecordDict, context: Context, cfg: ExperimentConfig) -> RecordDict:
-    """Score the global adapter on this client's own training rows."""
+    """Score the global adapter on this client's own held-out rows (fedpeft/holdout.py).
+
+    Without per-client evaluation (``evaluate.fraction-clients = 0``) no client holds rows out,
+    and an evaluate message (from a strategy of your own) scores the client's training rows.
+    """
     from fedpeft.records import record_to_state
     from fedpeft.task import load_task
 
     pid = partition_id(context, cfg)
     task = load_task(cfg)
-    loader = task.train_loader(task.client_rows(pid, node_data_path(context)), 0, pid)
+    if cfg.evaluate.fraction_clients > 0:
+        rows = task.client_holdout(pid, node_data_path(context))
+    else:
+        rows = task.client_rows(pid, node_data_path(context))
+    loader = task.train_loader(rows, 0, pid)
     scores = task.evaluate(record_to_state(content["arrays"]), loader)
     metrics = MetricRecord(
         {
             "num-examples": int(scores["num_examples"]),
             "eval-loss": scores["loss"],
             "eval-accuracy": scores["accuracy"],
+            "eval-balanced-accuracy": scores["balanced_accuracy"],
             "partition-id": pid,
         }
     )

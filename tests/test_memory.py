@@ -1,0 +1,67 @@
+"""MIFA and FedVarp keep each client's latest update: hand-computed over 3 clients and 3 rounds."""
+
+import numpy as np
+import pytest
+
+from strategies.memory import (
+    fedvarp_update,
+    memory_bytes,
+    memory_from_arrays,
+    memory_to_arrays,
+    mifa_update,
+)
+
+# (participants, their deltas) per round; N = 3, one tensor "w" = [x, -x]
+ROUNDS = [([0, 1], [1.0, 2.0]), ([1, 2], [4.0, 3.0]), ([0], [-2.0])]
+
+
+def _state(x: float) -> dict:
+    return {"w": np.array([x, -x], dtype=np.float32)}
+
+
+def _run(update_fn) -> list[float]:
+    memory, out = {}, []
+    for participants, values in ROUNDS:
+        update, memory = update_fn(memory, participants, [_state(v) for v in values], 3)
+        np.testing.assert_allclose(update["w"][1], -update["w"][0], rtol=1e-6)
+        out.append(float(update["w"][0]))
+    return out, memory
+
+
+def test_mifa_averages_every_stored_update_over_all_clients():
+    # memory after each round: {0: 1, 1: 2}, {0: 1, 1: 4, 2: 3}, {0: -2, 1: 4, 2: 3}; divided by N = 3
+    updates, memory = _run(mifa_update)
+    np.testing.assert_allclose(updates, [3 / 3, 8 / 3, 5 / 3], rtol=1e-6)
+    assert sorted(memory) == [0, 1, 2] and float(memory[0]["w"][0]) == -2.0
+
+
+def test_fedvarp_uses_the_stored_updates_as_a_control_variate():
+    # round 1: 0 + ((1 - 0) + (2 - 0)) / 2 = 1.5
+    # round 2: (1 + 2 + 0) / 3 + ((4 - 2) + (3 - 0)) / 2 = 3.5
+    # round 3: (1 + 4 + 3) / 3 + (-2 - 1) / 1 = -1/3
+    updates, memory = _run(fedvarp_update)
+    np.testing.assert_allclose(updates, [1.5, 3.5, -1 / 3], rtol=1e-6)
+    assert float(memory[1]["w"][0]) == 4.0
+
+
+def test_fedvarp_with_every_client_every_round_is_the_plain_mean():
+    memory = {0: _state(5.0), 1: _state(-7.0)}
+    update, _ = fedvarp_update(memory, [0, 1], [_state(1.0), _state(2.0)], 2)
+    np.testing.assert_allclose(update["w"], [1.5, -1.5], rtol=1e-6)
+
+
+def test_memory_is_counted_in_bytes_and_survives_a_checkpoint_round_trip():
+    _, memory = _run(mifa_update)
+    assert memory_bytes(memory) == 3 * 2 * 4  # three clients, two float32 each
+    back = memory_from_arrays(memory_to_arrays(memory))
+    assert sorted(back) == sorted(memory)
+    assert all(np.array_equal(back[p]["w"], memory[p]["w"]) for p in memory)
+
+
+def test_memory_stores_copies_not_the_callers_arrays():
+    delta = _state(1.0)
+    _, memory = mifa_update({}, [0], [delta], 1)
+    delta["w"][0] = 99.0
+    assert float(memory[0]["w"][0]) == 1.0
+    with pytest.raises(ValueError):
+        mifa_update({}, [0, 1], [delta], 2)
