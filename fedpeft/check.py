@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedpeft.config import ConfigError, ExperimentConfig, prompts_for_labels, read_config_file
+from fedpeft.config import BYZANTINE_KINDS, ConfigError, ExperimentConfig, prompts_for_labels, read_config_file
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,18 @@ INACTIVE_RULES: tuple[Rule, ...] = (
      ("simulation.num-gpus-per-client",)),
     ("model.quantization", lambda c: None if c.model.quantization == "int8" else "only int8 has an outlier threshold",
      ("model.int8-threshold",)),
+    ("faults.byzantine-fraction", lambda c: None if c.faults.byzantine_fraction > 0 else "no client is Byzantine",
+     ("faults.byzantine-kind",)),
+    ("faults.byzantine-fraction", lambda c: None if _byzantine_kinds_on(c) else "no Byzantine kind is injected",
+     ("faults.byzantine-scale",)),
+    ("evaluate.fraction-clients", lambda c: None if c.evaluate.fraction_clients > 0 else "per-client evaluation is off",
+     ("evaluate.holdout-fraction",)),
 )  # fmt: skip
+
+
+def _byzantine_kinds_on(cfg: ExperimentConfig) -> bool:
+    random_kinds = {k.strip() for k in cfg.faults.kinds.split(",")} & set(BYZANTINE_KINDS)
+    return cfg.faults.byzantine_fraction > 0 or (cfg.faults.rate > 0 and bool(random_kinds))
 
 
 def _is_file_or_embedded(cfg: ExperimentConfig) -> bool:
