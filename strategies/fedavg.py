@@ -30,6 +30,8 @@ from flwr.serverapp.strategy import FedAvg
 from fedpeft.records import record_to_state, state_to_record
 from fedpeft.state import DeltaError, State, apply_delta, check_metric, check_state, linear_combination
 from strategies.base import KIND_DELTA, ContractError, Reporter, client_error, contract_violation, no_report
+from strategies.client_drift import ClientDrift
+from strategies.client_eval import PerClientEvaluation
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,8 @@ class FedAvgPEFT(FedAvg):
         max_weight: float | None = None,
         fraction_train: float = 1.0,
         min_train_nodes: int = 1,
+        client_drift: ClientDrift | None = None,
+        client_evaluation: PerClientEvaluation | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -105,6 +109,9 @@ class FedAvgPEFT(FedAvg):
         self.current: State = {}
         self.expected: list[int] = []  # partitions sent a train message this round
         self.outcome: dict[str, list] = {"failed": [], "rejected": []}
+        self.client_drift = client_drift or ClientDrift()
+        self.client_evaluation = client_evaluation
+        self._delta_c: dict[int, State] = {}
 
     @classmethod
     def from_config(cls, cfg, ctx) -> FedAvgPEFT:
@@ -116,6 +123,8 @@ class FedAvgPEFT(FedAvg):
             partition_of=ctx.partition_of,
             report=ctx.report,
             max_weight=(cfg.dp.max_weight or None) if cfg.dp.mode == "client" else None,
+            client_drift=build_client_drift(cfg, ctx),
+            client_evaluation=build_client_evaluation(cfg, ctx),
         )
 
     def summary(self) -> None:
@@ -135,12 +144,16 @@ class FedAvgPEFT(FedAvg):
     ) -> Iterable[Message]:
         """Send the global adapter to this round's online nodes."""
         self.current = record_to_state(arrays)
-        config = ConfigRecord({**dict(config), "mode": self.client_mode, "server-round": server_round})
-        if self.node_selector is None:
+        config = ConfigRecord(
+            {**dict(config), "mode": self.client_mode, "server-round": server_round, **self.client_drift.train_config()}
+        )
+        extra = self.client_drift.train_arrays(self.current)  # SCAFFOLD's c travels beside the adapter
+        if self.node_selector is None and not extra:
             messages = list(super().configure_train(server_round, arrays, config, grid))
         else:
-            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-            messages = self._construct_messages(record, self.node_selector(server_round, grid), MessageType.TRAIN)
+            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config, **extra})
+            nodes = self.node_selector(server_round, grid) if self.node_selector else sorted(grid.get_node_ids())
+            messages = self._construct_messages(record, nodes, MessageType.TRAIN)
         self.expected = [self.partition_of(m.metadata.dst_node_id) for m in messages]
         return messages
 
@@ -156,6 +169,8 @@ class FedAvgPEFT(FedAvg):
             return None, None
         weights = self.capped_weights(server_round, accepted)
         new_state, coefficients, stats = self.combine(accepted, weights)
+        delta_cs = [self._delta_c[pid] for pid, _, _ in accepted if pid in self._delta_c]  # SCAFFOLD only
+        stats = {**stats, **self.client_drift.after_round(delta_cs)}
         metrics = self.summarise_metrics(accepted, coefficients)
         for key, value in stats.items():
             metrics[key] = float(value)
@@ -206,11 +221,28 @@ class FedAvgPEFT(FedAvg):
     # --- checkpoints (simulations/resume.py) ---------------------------------------------
 
     def checkpoint_state(self) -> tuple[dict, dict[str, np.ndarray]]:
-        """What a resumed run needs beyond the global adapter: JSON fields and named arrays (none here)."""
-        return {}, {}
+        """What a resumed run needs beyond the global adapter: JSON fields and named arrays (SCAFFOLD's c)."""
+        meta, arrays = self.client_drift.checkpoint_state()
+        return ({"client_drift": meta} if meta else {}), arrays
 
     def restore_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         """Undo :meth:`checkpoint_state` (the clients restarted too: they hold nothing)."""
+        if "client_drift" in meta:
+            self.client_drift.restore_state(meta["client_drift"], arrays)
+
+    # --- per-client evaluation (strategies/client_eval.py) -------------------------------
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        """Evaluate messages to this round's drawn clients (none when per-client evaluation is off)."""
+        if self.client_evaluation is None:
+            return []
+        return self.client_evaluation.configure(server_round, arrays, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """The clients' own-row accuracies: mean, worst 10%, spread (reported in the round's row)."""
+        if self.client_evaluation is None:
+            return None
+        return self.client_evaluation.aggregate(server_round, replies)
 
     # --- validation and reports ----------------------------------------------------------
 
@@ -229,8 +261,12 @@ class FedAvgPEFT(FedAvg):
             delta = record_to_state(msg.content.array_records[self.arrayrecord_key])
             check_state(delta, shapes)
             check_metric(metrics, "num-examples", low=1, high=MAX_EXAMPLES, required=self.weighting == "examples")
+            delta_c = self.client_drift.parse_reply(msg, shapes)
+            if delta_c is not None:
+                self._delta_c[self.partition_of(msg.metadata.src_node_id)] = delta_c
             return delta
 
+        self._delta_c = {}
         return self.screen_replies(server_round, replies, parse)
 
     def screen_replies(
@@ -300,6 +336,28 @@ class FedAvgPEFT(FedAvg):
         if eps:
             out["epsilon"] = max(eps)
         return MetricRecord(out)
+
+
+def build_client_drift(cfg, ctx) -> ClientDrift:
+    """FedProx's mu and SCAFFOLD's control variates from ``train.prox-mu`` and ``strategy.control-variates``."""
+    return ClientDrift(
+        prox_mu=cfg.train.prox_mu, scaffold=cfg.strategy.control_variates == "scaffold", num_clients=ctx.num_clients
+    )
+
+
+def build_client_evaluation(cfg, ctx) -> PerClientEvaluation | None:
+    """Per-client evaluation when ``evaluate.fraction-clients`` > 0 (on the rounds the server scores)."""
+    if cfg.evaluate.fraction_clients <= 0:
+        return None
+    every, last = cfg.train.eval_every, cfg.num_rounds
+    return PerClientEvaluation(
+        fraction=cfg.evaluate.fraction_clients,
+        num_clients=ctx.num_clients,
+        seed=cfg.seed,
+        eval_rounds=lambda r: r % every == 0 or r == last,
+        partition_of=ctx.partition_of,
+        report=ctx.report,
+    )
 
 
 def _numbers(metrics: dict) -> dict:
