@@ -123,6 +123,21 @@ INACTIVE_RULES: tuple[Rule, ...] = (
 )  # fmt: skip
 
 
+#: aggregators that bound a minority of corrupted deltas' influence (strategies/aggregators.py)
+ROBUST_AGGREGATORS = ("median", "trimmed-mean", "krum")
+
+
+def byzantine_warnings(cfg: ExperimentConfig) -> list[str]:
+    """A warning when Byzantine clients attack an aggregator that does not resist them (allowed: a baseline)."""
+    if not _byzantine_kinds_on(cfg) or cfg.strategy.aggregator in ROBUST_AGGREGATORS:
+        return []
+    return [
+        f"Byzantine clients (faults.byzantine-fraction={cfg.faults.byzantine_fraction:g}) attack "
+        f"strategy.aggregator={cfg.strategy.aggregator!r}, which averages every delta: one attacker can move "
+        f"the global adapter arbitrarily (fine as a baseline; robust: {', '.join(ROBUST_AGGREGATORS)})"
+    ]
+
+
 def _byzantine_kinds_on(cfg: ExperimentConfig) -> bool:
     random_kinds = {k.strip() for k in cfg.faults.kinds.split(",")} & set(BYZANTINE_KINDS)
     return cfg.faults.byzantine_fraction > 0 or (cfg.faults.rate > 0 and bool(random_kinds))
@@ -352,6 +367,7 @@ def check_experiment(cfg: ExperimentConfig, sources: Sources | None = None) -> C
     splits = load_checked_splits(cfg, report)
     report.warnings += check_resources(cfg)
     report.warnings += _int8_cuda_warnings(cfg)
+    report.warnings += byzantine_warnings(cfg)
     names = splits.train.label_names
     facts = check_model(cfg, len(names))  # before partitioning: a module-name typo fails a few seconds sooner
     check_prompts(cfg, names)

@@ -47,6 +47,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "strategy.name": ("fedavg", "fedau", "known_p_oracle", "spsa", "hetlora", "flexlora"),
     "strategy.weighting": ("examples", "uniform"),
     "strategy.control-variates": ("none", "scaffold"),
+    "strategy.server-optimizer": ("sgd", "momentum", "adam", "yogi", "adagrad"),
+    "strategy.aggregator": ("mean", "median", "trimmed-mean", "krum", "mifa", "fedvarp"),
     "dp.mode": ("none", "sample", "client"),
     "dp.grad-sample-mode": ("hooks", "functorch"),
     "spsa.codec": ("int8", "log8"),
@@ -175,7 +177,17 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    """Server strategy and its server-side step size."""
+    """Server strategy: weighting x aggregator x server update (strategies/peft_strategy.py).
+
+    ``server_optimizer`` steps on the pseudo-gradient ``-Delta`` (``Delta``: the aggregated
+    delta) with ``server_lr``: ``sgd`` (FedAvg's plain step), ``momentum`` (FedAvgM,
+    ``server_momentum``), ``adam`` / ``yogi`` / ``adagrad`` (Reddi et al. 2021, ``beta1``,
+    ``beta2``, ``tau``). ``aggregator``: ``mean`` (the strategy's own: weighted mean, FedAU's
+    over-N, HetLoRA's zero padding, FlexLoRA's SVD), or a robust one for ``fedavg``:
+    ``median``, ``trimmed-mean`` (``trim_fraction`` from each end), ``krum`` (multi-Krum,
+    ``krum_f`` Byzantine clients tolerated, ``krum_m`` deltas kept). docs/strategies.md has
+    the table of combinations.
+    """
 
     name: str = "fedavg"
     server_lr: float = 1.0
@@ -184,6 +196,15 @@ class StrategyConfig:
     # "scaffold": SCAFFOLD's control variates (Karimireddy et al. 2020, option II; fedpeft/drift.py): the server's c
     # travels with every train message, each client's delta c_i with its reply (both counted in the ledger)
     control_variates: str = "none"
+    server_optimizer: str = "sgd"  # sgd | momentum | adam | yogi | adagrad, over -Delta with server_lr
+    server_momentum: float = 0.9  # FedAvgM's beta, in [0, 1)
+    beta1: float = 0.9  # first-moment decay of adam / yogi / adagrad, in [0, 1)
+    beta2: float = 0.99  # second-moment decay of adam / yogi, in [0, 1)
+    tau: float = 1e-3  # adaptivity eps of adam / yogi / adagrad, > 0 (v starts at tau^2)
+    aggregator: str = "mean"  # mean | median | trimmed-mean | krum | mifa | fedvarp (strategies/memory.py)
+    trim_fraction: float = 0.1  # trimmed-mean: fraction dropped from each end, in [0, 0.5)
+    krum_f: int = 1  # krum: Byzantine clients tolerated; a round needs >= 2f + 3 replies
+    krum_m: int = 1  # krum: deltas kept and averaged (1 = Krum), <= n - f
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,7 @@ def validate(cfg: ExperimentConfig) -> None:
         cfg.simulation.cohort_size,
     )
     _validate_drift(cfg)
+    _validate_memory(cfg)
     _validate_byzantine(cfg)
     _validate_evaluate(cfg)
 
@@ -163,6 +164,34 @@ def _validate_drift(cfg: ExperimentConfig) -> None:
             "to have the server's shapes)",
             cv,
         )
+
+
+def _validate_memory(cfg: ExperimentConfig) -> None:
+    # MIFA / FedVarp (strategies/memory.py) reuse absent clients' stored updates every round.
+    agg = cfg.strategy.aggregator
+    if agg not in ("mifa", "fedvarp"):
+        return
+    _check(
+        cfg.dp.mode != "client",
+        "strategy.aggregator",
+        f"not {agg!r} with dp.mode='client': reusing absent clients' stored updates breaks the subsampling "
+        "amplification the client-level accountant relies on (set strategy.aggregator=mean, or dp.mode=none)",
+        agg,
+    )
+    _check(
+        cfg.strategy.weighting == "uniform",
+        "strategy.weighting",
+        f"'uniform' with strategy.aggregator={agg!r} (it weighs clients 1/N or 1/|S| as in its paper; "
+        "set strategy.weighting=uniform)",
+        cfg.strategy.weighting,
+    )
+    _check(
+        cfg.strategy.name == "fedavg",
+        "strategy.name",
+        f"'fedavg' with strategy.aggregator={agg!r} (its memory is the unknown-participation correction; "
+        "FedAU's weights or unequal ranks do not combine with it)",
+        cfg.strategy.name,
+    )
 
 
 def _validate_byzantine(cfg: ExperimentConfig) -> None:

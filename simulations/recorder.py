@@ -75,8 +75,9 @@ class RunRecorder:
             row["per_class_accuracy"] = scores["per_class_accuracy"]
         row.update(fields)  # per-client train metrics, strategy extras, epsilon
         self.results["rounds"].append(row)
-        if self.strategy is not None and hasattr(self.strategy, "state_for_results"):
-            self.results["strategy_state"] = self.strategy.state_for_results()
+        state = self.strategy.state_for_results() if self.strategy is not None else {}
+        if state:
+            self.results["strategy_state"] = state
         if self.strategy is not None and server_round > 0:  # what `fedpeft simulate --resume` continues from
             write_checkpoint(self.run_dir, server_round, record_to_state(arrays), self.strategy, self.ledger.to_json())
         write_results(self.run_dir, self.results)

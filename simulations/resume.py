@@ -24,19 +24,21 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from fedpeft.config import ConfigError, ExperimentConfig
-from fedpeft.records import state_to_record
 from fedpeft.results import load_results
+from strategies.base import FedPeftStrategy
+from strategies.delegating import Delegating
 
 META = "checkpoint.json"
 ARRAYS = "checkpoint.npz"
 
 
-def write_checkpoint(run_dir: Path, server_round: int, global_state: dict, strategy, ledger_rows: list) -> None:
+def write_checkpoint(
+    run_dir: Path, server_round: int, global_state: dict, strategy: FedPeftStrategy, ledger_rows: list
+) -> None:
     """Write round ``server_round``'s checkpoint (see the module docstring)."""
-    meta, arrays = strategy.checkpoint_state() if hasattr(strategy, "checkpoint_state") else ({}, {})
+    meta, arrays = strategy.checkpoint_state()
     payload = {f"global/{k}": v for k, v in global_state.items()} | {f"strategy/{k}": v for k, v in arrays.items()}
     tmp = run_dir / (ARRAYS + ".tmp.npz")
     np.savez(tmp, **payload)
@@ -81,7 +83,7 @@ def resume_config(run_dir: str | Path) -> ExperimentConfig:
     return cfg
 
 
-class Resumed(Strategy):
+class Resumed(Delegating):
     """Runs ``strategy`` from round ``offset + 1``: every hook sees the true round number.
 
     ``Strategy.start`` always counts rounds from 1; this wrapper adds ``offset`` to the
@@ -89,8 +91,8 @@ class Resumed(Strategy):
     r + 1 where the killed run stopped after round r.
     """
 
-    def __init__(self, *, strategy: Strategy, offset: int) -> None:
-        self.strategy = strategy
+    def __init__(self, *, strategy: FedPeftStrategy, offset: int) -> None:
+        super().__init__(strategy=strategy)
         self.offset = offset
 
     def summary(self) -> None:
@@ -112,11 +114,3 @@ class Resumed(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         """Delegated with the true round."""
         return self.strategy.aggregate_evaluate(server_round + self.offset, replies)
-
-
-def restore(run_dir: Path, strategy) -> tuple[int, ArrayRecord, list, list]:
-    """Load the checkpoint into ``strategy``: ``(last round, global arrays, ledger rows, result rows)``."""
-    meta, state, extra = read_checkpoint(run_dir)
-    strategy.restore_state(meta["strategy"], extra)
-    rows = [r for r in load_results(run_dir / "results.json")["rounds"] if r["round"] <= meta["round"]]
-    return meta["round"], state_to_record(state), meta["ledger"], rows

@@ -156,7 +156,8 @@ def run_experiment(
         num_clients=cfg.partition.num_partitions,
         environment=env,
         report=recorder.report,
-        extras={"initial_state": dict(task.initial_state), "client-ranks": results.get("client_ranks")},
+        initial_state=dict(task.initial_state),
+        client_ranks=results.get("client_ranks"),
     )
     strategy = build_strategy(cfg, ctx)
     recorder.strategy = strategy

@@ -1,48 +1,50 @@
-"""Server strategies: one file each, registered here by the name used in configs.
+"""Server strategies: a :class:`PeftStrategy` built from parts, SPSA, and the wrappers.
 
-Every strategy class has ``from_config(cfg, ctx)``; ``ctx`` is a :class:`StrategyContext`
-holding what the ServerApp knows (node selection, partition ids, client count).
-Adding a strategy: write ``strategies/<name>.py``, add one line below and the name to
-``CHOICES["strategy.name"]`` in ``fedpeft/config.py``.
+``build_strategy(cfg, ctx)`` wires a config (strategies/build.py); ``ctx`` is a
+:class:`StrategyContext` holding what the ServerApp knows (node selection, partition ids,
+client count). Importing this package does not import torch (SPSA and DP import it when
+built). Adding a strategy part: a pure function in strategies/aggregate.py, a part class
+(weighting.py, aggregators.py or server_update.py), a hand-computed test, one line in
+build.py and the config choice in ``CHOICES`` (fedpeft/config.py).
 """
 
-from strategies.base import StrategyContext
+from strategies.aggregators import Aggregate, Krum, Mean, Median, TrimmedMean
+from strategies.base import FedPeftStrategy, StrategyContext
+from strategies.build import NAMES, build_strategy
+from strategies.delegating import Delegating
 from strategies.dp import ClientLevelDP, SampleLevelDPReport, wrap_privacy
-from strategies.fedau import FedAU
-from strategies.fedavg import FedAvgPEFT
-from strategies.flexlora import FlexLoRA
-from strategies.hetlora import HetLoRA
-from strategies.known_p_oracle import KnownPOracle
+from strategies.fedau import FedAUWeights
+from strategies.flexlora import FlexSVD
+from strategies.hetlora import ZeroPad
+from strategies.known_p_oracle import OracleWeights
+from strategies.peft_strategy import PeftStrategy
+from strategies.server_update import Adaptive, Momentum, Step
 from strategies.spsa import SharedSeedSPSA
-
-REGISTRY = {
-    "fedavg": FedAvgPEFT,
-    "fedau": FedAU,
-    "known_p_oracle": KnownPOracle,  # an oracle: reads the true p_n
-    "spsa": SharedSeedSPSA,
-    "hetlora": HetLoRA,  # unequal LoRA ranks, zero padding
-    "flexlora": FlexLoRA,  # unequal LoRA ranks, SVD of the averaged update
-}
-
-
-def build_strategy(cfg, ctx: StrategyContext):
-    """The registered strategy named by ``cfg.strategy.name``, built from the config."""
-    if cfg.strategy.name not in REGISTRY:
-        raise ValueError(f"unknown strategy.name {cfg.strategy.name!r}; registered: {sorted(REGISTRY)}")
-    # dp.mode wraps any strategy (client-level DP-FedAvg, or DP-SGD epsilon reports); see strategies/dp.py
-    return wrap_privacy(REGISTRY[cfg.strategy.name].from_config(cfg, ctx), cfg, ctx)
-
+from strategies.weighting import ExampleWeights, UniformWeights
 
 __all__ = [
-    "REGISTRY",
+    "NAMES",
+    "Adaptive",
+    "Aggregate",
     "ClientLevelDP",
-    "FedAU",
-    "FedAvgPEFT",
-    "FlexLoRA",
-    "HetLoRA",
-    "KnownPOracle",
+    "Delegating",
+    "ExampleWeights",
+    "FedAUWeights",
+    "FedPeftStrategy",
+    "FlexSVD",
+    "Krum",
+    "Mean",
+    "Median",
+    "Momentum",
+    "OracleWeights",
+    "PeftStrategy",
     "SampleLevelDPReport",
     "SharedSeedSPSA",
+    "Step",
     "StrategyContext",
+    "TrimmedMean",
+    "UniformWeights",
+    "ZeroPad",
     "build_strategy",
+    "wrap_privacy",
 ]

@@ -25,9 +25,10 @@ function to collect them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+import numpy as np
 from flwr.app import ConfigRecord, Message
 
 #: the reply ConfigRecord that says what the reply carries
@@ -90,7 +91,7 @@ def contract_violation(msg: Message, expected: str) -> str:
 
 @dataclass
 class StrategyContext:
-    """Server-side wiring for a strategy.
+    """Server-side wiring for a strategy: what the ServerApp knows, in typed fields.
 
     Attributes
     ----------
@@ -101,12 +102,15 @@ class StrategyContext:
     num_clients : int
         N, the total number of clients (partitions).
     environment : object
-        The participation model. Only oracle baselines may read it (they say so in
-        their name); adaptive strategies must not.
+        The participation model (``fedpeft.participation``). Only oracle baselines may read
+        it (they say so in their name); adaptive strategies must not.
     report : callable
         Round-report callback ``(server_round, fields)`` (see the module docstring).
-    extras : dict
-        Anything else a strategy needs from the server (e.g. the initial state).
+    initial_state : dict, optional
+        The seeded initial adapter (SPSA replays from it).
+    client_ranks : list of int, optional
+        Every partition's LoRA rank when the ServerApp measured them (``mem:`` budgets);
+        ``None``: read ``clients.rank-profile``.
     """
 
     node_selector: Callable[[int, Any], list[int]]
@@ -114,4 +118,38 @@ class StrategyContext:
     num_clients: int
     environment: Any = None
     report: Reporter = no_report
-    extras: dict[str, Any] = field(default_factory=dict)
+    initial_state: dict[str, np.ndarray] | None = None
+    client_ranks: list[int] | None = None
+
+
+class FedPeftStrategy(Protocol):
+    """What the apps, the checkpoint writer and the wrappers read from any fedpeft strategy.
+
+    :class:`~strategies.peft_strategy.PeftStrategy`, :class:`~strategies.spsa.SharedSeedSPSA`
+    and every wrapper (:class:`~strategies.delegating.Delegating`) provide all of it, so no
+    caller probes a strategy with ``getattr``/``hasattr``.
+    """
+
+    #: what the ClientApp does with a train message (its config's ``"mode"``)
+    client_mode: str
+    #: what a train reply must carry (the message contract)
+    expected_kind: str
+
+    @property
+    def server_lr(self) -> float:
+        """The server step size."""
+
+    def partition_of(self, node_id: int) -> int:
+        """The partition id of a Flower node."""
+
+    def checkpoint_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """JSON fields and named arrays a resumed run needs beyond the global adapter."""
+
+    def restore_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Undo :meth:`checkpoint_state`."""
+
+    def state_for_results(self) -> dict:
+        """The strategy's state for results.json (``strategy_state``); ``{}`` when it keeps none."""
+
+    def client_dp_refusal(self) -> str:
+        """Why client-level DP cannot wrap this strategy; ``""`` when it can."""

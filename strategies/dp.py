@@ -2,11 +2,17 @@
 
 Client-level DP (DP-FedAvg, McMahan et al. 2018, "Learning Differentially Private
 Recurrent Language Models", Alg. 1 with a fixed-size mean): each accepted client delta
-is clipped to L2 norm ``C``, the wrapped strategy averages the clipped deltas with equal
+is clipped to L2 norm ``C`` (a copy: the replies are not touched), the wrapped
+:class:`~strategies.peft_strategy.PeftStrategy` aggregates the clipped deltas with equal
 weights, and Gaussian noise of std ``sigma * C / m`` (``m`` clients aggregated) is added
-to that mean before the server step::
+to that mean *before* the server update::
 
-    theta <- theta + server_lr * (mean_i clip(delta_i, C) + N(0, (sigma C / m)^2 I)).
+    Delta~ = mean_i clip(delta_i, C) + N(0, (sigma C / m)^2 I);   theta <- server_update(theta, Delta~).
+
+A server optimizer (FedAvgM, FedAdam, ...) therefore steps on the noised mean: everything
+after the release is post-processing. For the plain step ``theta + server_lr Delta~`` the
+noise is added to the stepped state scaled by ``server_lr`` (the same release, and the
+bits fedpeft always drew; strategies/server_update.py).
 
 Why not Flower's ``DifferentialPrivacyServerSideFixedClipping``: it clips
 ``reply - current_global``, i.e. it assumes replies are full weights; our replies are
@@ -15,7 +21,7 @@ the inner strategy returns (here the new global state, so the noise would not sc
 with ``server_lr``), draws it from the global ``np.random``, and its accountant needs a
 fixed ``num_sampled_clients`` and no subsampling amplification. This wrapper keeps its
 shape (wrap, clip replies, delegate, add noise) and fixes those four points: deltas are
-clipped as they are, the noise is ``server_lr`` times the noise on the mean, it comes
+clipped as they are, the noise is added to the mean before the server update, it comes
 from ``numpy_rng(seed, "dp-client-noise", round)``, and epsilon comes from Opacus' RDP
 accountant with the realised sample rate ``q_t = m_t / N`` of each round.
 
@@ -23,17 +29,17 @@ Weighting: equal weights are required (``strategy.weighting = "uniform"``, enfor
 the config): example counts are private and would make the sensitivity unbounded.
 The wrapper calibrates the noise to the largest aggregation coefficient ``c_i`` in
 ``update = sum_i c_i delta_i``, which every fedpeft strategy reports in the metric
-``max-coefficient`` of its ``aggregate_train`` (the strategy's ``coefficients`` hook):
-``1/m`` for the uniform mean of FedAvgPEFT, ``omega_max / N`` for FedAU, whose update
+``max-coefficient`` (the aggregator part's ``Aggregate.max_coefficient``):
+``1/m`` for the uniform mean, ``omega_max / N`` for FedAU, whose update
 ``(1/N) sum_i omega_i delta_i`` is not normalised (per-client sensitivity
 ``omega_max * C / N``). The noise therefore grows with the largest omega, so omega must
 be capped when client-level DP is on: ``dp.max-weight`` is passed to the strategy, which
-caps every weight before aggregating, on top of FedAU's own ``k_cap`` (omega <= K). A
-strategy that does not report ``max-coefficient`` is refused (the round raises): the
-noise would otherwise be calibrated to nothing.
+caps every weight before aggregating, on top of FedAU's own ``k_cap`` (omega <= K). An
+aggregator without a sensitivity bound (median, trimmed mean, Krum, the rank-sliced ones)
+is refused when the wrapper is built: the noise would otherwise be calibrated to nothing.
 
-Both wrappers are real ``flwr.serverapp.strategy.Strategy`` objects that delegate each
-hook explicitly, as Flower's ``DifferentialPrivacyServerSideFixedClipping`` does, so
+Both wrappers are :class:`~strategies.delegating.Delegating` strategies (each hook
+delegated by name, as Flower's ``DifferentialPrivacyServerSideFixedClipping`` does), so
 ``ClientLevelDP(strategy=...).start(grid, ...)`` runs Flower's own round loop with
 clipping, noise and accounting on every round.
 
@@ -52,18 +58,19 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from fedpeft.config import ConfigError
-from fedpeft.records import record_to_state, state_to_record
 from fedpeft.rng import numpy_rng
 from fedpeft.state import State
-from strategies.base import KIND_DELTA, Reporter, no_report, reply_kind
+from strategies.base import FedPeftStrategy, Reporter, no_report
+from strategies.delegating import Delegating
+from strategies.peft_strategy import PeftStrategy
+from strategies.server_update import Noise
 
 log = logging.getLogger(__name__)
 
@@ -87,56 +94,16 @@ def add_noise(state: State, std: float, rng: np.random.Generator) -> State:
     return {k: (v.astype(np.float64) + rng.normal(0.0, std, v.shape)).astype(np.float32) for k, v in state.items()}
 
 
-class _Delegating(Strategy):
-    """Explicit delegation of every ``Strategy`` hook to ``strategy`` (no attribute forwarding)."""
-
-    def __init__(self, *, strategy: Strategy, report: Reporter | None = None) -> None:
-        self.strategy = strategy
-        self.report = report if report is not None else no_report
-
-    def summary(self) -> None:
-        """The wrapper's settings, then the wrapped strategy's."""
-        log.info("%s around:", type(self).__name__)
-        self.strategy.summary()
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        """The wrapped strategy's train messages."""
-        return list(self.strategy.configure_train(server_round, arrays, config, grid))
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        """The wrapped strategy's aggregation (subclasses add privacy)."""
-        return self.strategy.aggregate_train(server_round, replies)
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        """The wrapped strategy's evaluate messages."""
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
-        """The wrapped strategy's evaluate aggregation."""
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def state_for_results(self) -> dict:
-        """The wrapped strategy's state for results.json (if it has any)."""
-        inner = getattr(self.strategy, "state_for_results", None)
-        return inner() if callable(inner) else {}
-
-    def checkpoint_state(self) -> tuple[dict, dict[str, np.ndarray]]:
-        """The wrapped strategy's checkpoint under ``inner`` (subclasses add their own fields)."""
-        meta, arrays = self.strategy.checkpoint_state()
-        return {"inner": meta}, arrays
-
-    def restore_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
-        """Restore the wrapped strategy."""
-        self.strategy.restore_state(meta["inner"], arrays)
-
-
-class ClientLevelDP(_Delegating):
+class ClientLevelDP(Delegating):
     """DP-FedAvg around a strategy whose replies are PEFT deltas (see the module docstring).
+
+    It is the :class:`~strategies.peft_strategy.Privacy` the strategy's ``aggregate_round``
+    calls: :meth:`clip` for each accepted delta, :meth:`noise` once the aggregate is known.
 
     Parameters
     ----------
-    strategy : FedAvgPEFT or subclass
-        Aggregates the clipped deltas and reports ``max-coefficient`` in its metrics.
+    strategy : PeftStrategy
+        Aggregates the clipped deltas; its aggregator reports the largest coefficient.
     noise_multiplier, clip_norm : float
         ``sigma`` and ``C``.
     num_clients : int
@@ -149,10 +116,12 @@ class ClientLevelDP(_Delegating):
         Round-report callback (strategies/base.py): clip norms, noise std, epsilon.
     """
 
+    strategy: PeftStrategy
+
     def __init__(
         self,
         *,
-        strategy: Strategy,
+        strategy: PeftStrategy,
         noise_multiplier: float,
         clip_norm: float,
         num_clients: int,
@@ -160,14 +129,13 @@ class ClientLevelDP(_Delegating):
         seed: int,
         report: Reporter | None = None,
     ) -> None:
-        super().__init__(strategy=strategy, report=report)
-        if getattr(strategy, "expected_kind", None) != KIND_DELTA:
-            raise ConfigError(
-                f"client-level DP clips delta replies; {type(strategy).__name__} aggregates "
-                f"{getattr(strategy, 'expected_kind', 'unknown')!r} replies (use dp.mode='sample' for SPSA)"
-            )
+        super().__init__(strategy=strategy)
+        refusal = strategy.client_dp_refusal()
+        if refusal:
+            raise ConfigError(refusal)
         if noise_multiplier < 0 or clip_norm <= 0 or num_clients < 1:
             raise ValueError("need noise_multiplier >= 0, clip_norm > 0 and num_clients >= 1")
+        self.report = report if report is not None else no_report
         self.noise_multiplier = noise_multiplier
         self.clip_norm = clip_norm
         self.num_clients = num_clients
@@ -175,6 +143,8 @@ class ClientLevelDP(_Delegating):
         self.seed = seed
         self.history: list[tuple[float, float, int]] = []
         self._num_sampled = 0
+        self._norms: list[float] = []
+        self._std = 0.0
 
     def summary(self) -> None:
         """Log sigma, C and delta, then the wrapped strategy's settings."""
@@ -187,34 +157,33 @@ class ClientLevelDP(_Delegating):
         self._num_sampled = len(messages)
         return messages
 
+    def clip(self, delta: State) -> State:
+        """A copy of ``delta`` clipped to ``C`` (its norm is reported); the reply itself is untouched."""
+        clipped, norm = clip_delta(delta, self.clip_norm)
+        self._norms.append(norm)
+        return clipped
+
+    def noise(self, server_round: int, max_coefficient: float) -> Noise:
+        """Round ``server_round``'s noise: std ``sigma * C * max_i c_i`` on the mean, from the round's seed."""
+        self._std = noise_std(self.noise_multiplier, self.clip_norm, max_coefficient)
+        rng = numpy_rng(self.seed, "dp-client-noise", server_round)
+        std = self._std
+        return lambda state, scale: add_noise(state, scale * std, rng)
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Clip every delta, let the strategy aggregate, add calibrated noise, account the release."""
+        """The strategy aggregates clipped copies, noise enters before its server update; account the release."""
         from fedpeft.privacy import epsilon_from_history  # Opacus' accountant (imports torch)
 
-        replies = list(replies)
-        norms = []
-        for msg in replies:
-            if msg.has_error() or reply_kind(msg) != KIND_DELTA or "arrays" not in msg.content.array_records:
-                continue  # the strategy rejects and reports these
-            clipped, norm = clip_delta(record_to_state(msg.content.array_records["arrays"]), self.clip_norm)
-            norms.append(norm)
-            msg.content["arrays"] = state_to_record(clipped)
-        new_arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        self._norms = []
+        new_arrays, metrics = self.strategy.aggregate_round(server_round, replies, privacy=self)
+        norms = list(self._norms)
         fields: dict = {"dp_clip_norms": norms, "delta": self.delta}
         if new_arrays is None:
             self.report(server_round, fields)
             return None, metrics
-        if metrics is None or "max-coefficient" not in metrics:
-            raise RuntimeError(
-                f"{type(self.strategy).__name__} did not report 'max-coefficient'; client-level DP cannot "
-                "calibrate its noise, so the round is refused rather than released with too little noise"
-            )
-        std = noise_std(self.noise_multiplier, self.clip_norm, float(metrics["max-coefficient"]))
-        server_lr = float(getattr(self.strategy, "server_lr", 1.0))
-        rng = numpy_rng(self.seed, "dp-client-noise", server_round)
-        noisy = add_noise(record_to_state(new_arrays), server_lr * std, rng)
+        std = self._std
         rate = min(1.0, max(self._num_sampled, int(metrics.get("num-clients", 0))) / self.num_clients)
         self.history.append((self.noise_multiplier, rate, 1))
         epsilon = epsilon_from_history(self.history, self.delta)
@@ -232,7 +201,7 @@ class ClientLevelDP(_Delegating):
             "round %d: client-level DP noise std %.4g, epsilon %.3f at delta %g", server_round, std, epsilon, self.delta
         )
         metrics = MetricRecord({**dict(metrics), "epsilon": epsilon, "dp-noise-std": std})
-        return state_to_record(noisy), metrics
+        return new_arrays, metrics
 
     def checkpoint_state(self) -> tuple[dict, dict[str, np.ndarray]]:
         """The accountant history (every released round) beside the wrapped strategy's checkpoint."""
@@ -249,18 +218,18 @@ class ClientLevelDP(_Delegating):
         return {**super().state_for_results(), "dp_accountant_history": [list(h) for h in self.history]}
 
 
-class SampleLevelDPReport(_Delegating):
+class SampleLevelDPReport(Delegating):
     """Reports the epsilons that DP-SGD / DPZero clients report (metric ``epsilon``) each round.
 
     The clients do the privacy work (fedpeft/privacy.py); the server only keeps each
     partition's latest epsilon and reports this round's max and mean and the worst so far.
     """
 
-    def __init__(self, *, strategy: Strategy, delta: float, report: Reporter | None = None) -> None:
-        super().__init__(strategy=strategy, report=report)
+    def __init__(self, *, strategy: FedPeftStrategy, delta: float, report: Reporter | None = None) -> None:
+        super().__init__(strategy=strategy)
+        self.report = report if report is not None else no_report
         self.delta = delta
         self.latest: dict[int, float] = {}
-        self.partition_of: Callable[[int], int] = getattr(strategy, "partition_of", lambda node: node)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         """Delegate, then report max/mean epsilon of this round and the worst so far."""
@@ -296,19 +265,16 @@ def planned_client_rate(cfg, ctx) -> float:
     return float(max(matrix.sum(axis=1).max(), 1) / ctx.num_clients)
 
 
-def wrap_privacy(strategy: Strategy, cfg, ctx) -> Strategy:
+def wrap_privacy(strategy: FedPeftStrategy, cfg, ctx) -> FedPeftStrategy:
     """``strategy`` wrapped for ``cfg.dp.mode`` (unchanged for ``none``); checks budgets up front."""
     dp = cfg.dp
     if dp.mode == "none":
         return strategy
     from fedpeft import privacy  # Opacus (imports torch); only when privacy is on
 
-    zeroth_order = getattr(strategy, "client_mode", "first-order") == "spsa"
-    if dp.mode == "client" and zeroth_order:
-        raise ConfigError(
-            "dp.mode='client' clips array deltas, but SPSA clients send one-byte codes; "
-            "use dp.mode='sample' with strategy.name='spsa' (DPZero: clip + noise each projected gradient)"
-        )
+    zeroth_order = strategy.client_mode == "spsa"
+    if dp.mode == "client" and strategy.client_dp_refusal():
+        raise ConfigError(strategy.client_dp_refusal())
     if dp.mode == "client":
         sigma = dp.noise_multiplier
         if dp.target_epsilon > 0:
@@ -328,7 +294,7 @@ def wrap_privacy(strategy: Strategy, cfg, ctx) -> Strategy:
             seed=cfg.seed,
             report=ctx.report,
         )
-    if getattr(strategy, "client_mode", "first-order") not in ("first-order", "spsa"):
+    if strategy.client_mode not in ("first-order", "spsa"):
         raise ConfigError(f"dp.mode='sample' has no recipe for strategy.name={cfg.strategy.name!r}")
     from fedpeft.task import partitions
 

@@ -35,9 +35,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from fedpeft.state import State
-from strategies.fedavg import FedAvgPEFT
-
 
 def fedau_weight_trace(participation: np.ndarray, k_cap: int) -> np.ndarray:
     """The omega each client receives in each round it participates (0 elsewhere).
@@ -111,7 +108,19 @@ def advance_interval(state: IntervalState, server_round: int, k_cap: int) -> tup
 
 
 class FedAUWeights:
-    """FedAU's per-client interval state, keyed by partition id; O(1) memory and work per participant."""
+    """The FedAU weighting part: per-client interval state keyed by partition id; O(1) per participant.
+
+    Pair it with the over-N mean (``Mean(num_clients=N)``, strategies/aggregators.py): FedAU's
+    update is ``(1/N) sum_i omega_i delta_i``, not a weighted mean.
+
+    Parameters
+    ----------
+    k_cap : int
+        Interval cutoff K.
+    """
+
+    name = "fedau"
+    needs_examples = False
 
     def __init__(self, *, k_cap: int) -> None:
         if k_cap < 1:
@@ -119,77 +128,37 @@ class FedAUWeights:
         self.k_cap = k_cap
         self.clients: dict[int, IntervalState] = {}
 
-    def weights(self, server_round: int, participants: list[int]) -> list[float]:
-        """omega of each participant (partition ids) in this round; advances their state."""
+    def weights(self, server_round: int, participants: list[int], metrics: list[dict] | None = None) -> np.ndarray:
+        """omega of each participant (partition ids) in this round; advances their state.
+
+        Only replies that passed validation reach here: a failed client's interval keeps growing.
+        """
         out = []
         for pid in participants:
             omega, self.clients[pid] = advance_interval(
                 self.clients.get(pid, IntervalState()), server_round, self.k_cap
             )
             out.append(omega)
-        return out
+        return np.asarray(out, dtype=np.float64)
+
+    def round_extras(self, participants: list[int], weights: np.ndarray) -> dict:
+        """The omega each participant received (after any ``max_weight`` cap)."""
+        return {"omega": {str(pid): float(w) for pid, w in zip(participants, weights, strict=True)}}
 
     def to_json(self) -> dict:
         """JSON-ready state: K and ``{partition id: {last_round, total, count}}``."""
         return {"k_cap": self.k_cap, "clients": {str(p): asdict(s) for p, s in sorted(self.clients.items())}}
 
-
-class FedAU(FedAvgPEFT):
-    """FedAvg over PEFT deltas with FedAU weights, divided by the total client count N.
-
-    Parameters
-    ----------
-    num_clients : int
-        N, every client that could ever participate (not the number online).
-    k_cap : int
-        Interval cutoff K.
-    server_lr, node_selector, partition_of, report, max_weight
-        As for :class:`~strategies.fedavg.FedAvgPEFT`.
-    """
-
-    def __init__(self, *, num_clients: int, k_cap: int = 100000, server_lr: float = 1.0, **kwargs) -> None:
-        super().__init__(server_lr=server_lr, weighting="uniform", **kwargs)
-        if num_clients < 1:
-            raise ValueError(f"num_clients must be >= 1, got {num_clients}")
-        self.num_clients = num_clients
-        self.estimator = FedAUWeights(k_cap=k_cap)
-
-    @classmethod
-    def from_config(cls, cfg, ctx) -> FedAU:
-        """Build from an ``ExperimentConfig`` and a :class:`~strategies.base.StrategyContext`."""
-        return cls(
-            num_clients=ctx.num_clients,
-            k_cap=cfg.strategy.k_cap,
-            server_lr=cfg.strategy.server_lr,
-            node_selector=ctx.node_selector,
-            partition_of=ctx.partition_of,
-            report=ctx.report,
-            max_weight=(cfg.dp.max_weight or None) if cfg.dp.mode == "client" else None,
-        )
-
-    def aggregation_weights(self, server_round: int, accepted: list[tuple[int, State, dict]]) -> list[float]:
-        """FedAU's omega for each accepted reply (failed and rejected replies never get here)."""
-        return self.estimator.weights(server_round, [pid for pid, _, _ in accepted])
-
-    def normalisation(self, weights: np.ndarray) -> tuple[float, float]:
-        """``omega_n * (1/N)``: FedAU's update is not a weighted mean (the paper's Alg. 1)."""
-        return 1.0 / self.num_clients, 1.0
-
-    def round_extras(self, accepted: list[tuple[int, State, dict]], weights: list[float]) -> dict:
-        """The omega each participant received (after any ``max_weight`` cap)."""
-        return {"omega": {str(pid): w for (pid, _, _), w in zip(accepted, weights, strict=True)}}
-
     def state_for_results(self) -> dict:
         """The interval state, saved in results.json as ``strategy_state``."""
-        return self.estimator.to_json()
+        return self.to_json()
 
-    def checkpoint_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+    def checkpoint_state(self) -> dict:
         """Every client's (last round, interval sum, count): all FedAU needs to continue exactly."""
-        return {"fedau": self.estimator.to_json()}, {}
+        return self.to_json()
 
-    def restore_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    def restore_state(self, meta: dict) -> None:
         """Reload the interval state of :meth:`checkpoint_state`."""
-        saved = meta["fedau"]
-        if saved["k_cap"] != self.estimator.k_cap:
-            raise ValueError(f"checkpoint has k_cap {saved['k_cap']}, the config {self.estimator.k_cap}")
-        self.estimator.clients = {int(p): IntervalState(**s) for p, s in saved["clients"].items()}
+        if meta["k_cap"] != self.k_cap:
+            raise ValueError(f"checkpoint has k_cap {meta['k_cap']}, the config {self.k_cap}")
+        self.clients = {int(p): IntervalState(**s) for p, s in meta["clients"].items()}

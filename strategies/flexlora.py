@@ -12,28 +12,55 @@ rank-r_k truncated SVD. The head is averaged as in FedAvg. The SVDs' wall time i
 reported each round (``flex-svd-seconds``), with the share of G's energy the rank-R
 truncation keeps (``flex-energy-kept``).
 
-Sending, validation and rank bookkeeping are HetLoRA's (strategies/hetlora.py); only the
-aggregation differs.
+Sending, validation and rank bookkeeping are HetLoRA's (:class:`~strategies.hetlora.RankSlices`);
+only the aggregation differs. Because it re-factorises every round, FlexLoRA is its own server
+step: a stateful server optimizer (momentum, Adam moments over A and B) would mean nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
+
 from fedpeft.state import State
-from strategies.fedavg import Accepted
-from strategies.hetlora import HetLoRA
-from strategies.lora_hetero import flex_average
+from strategies.aggregators import Aggregate
+from strategies.hetlora import RankSlices
+from strategies.lora_hetero import flex_average, normalised
 
 
-class FlexLoRA(HetLoRA):
-    """Unequal-rank LoRA aggregated through the averaged full update and its truncated SVD."""
+class FlexSVD(RankSlices):
+    """FlexLoRA's aggregator: the rank-R truncated SVD of the averaged products, the head averaged.
 
-    def aggregate_factors(self, accepted: Accepted, weights: list[float], rule) -> tuple[State, dict[str, float]]:
-        """Rank-R truncated SVD of the averaged products; the head averaged as in FedAvg."""
-        return flex_average(
-            self.current,
-            [d for _, d, _ in accepted],
-            weights,
-            self.max_rank,
-            server_lr=self.server_lr,
-            coefficients=rule,
+    Parameters
+    ----------
+    ranks, max_rank
+        As :class:`~strategies.hetlora.RankSlices`.
+    server_lr : float
+        ``G = G_old + server_lr (sum_k c_k B_k A_k - G_old)`` (1: the paper).
+    coefficients : callable, optional
+        Coefficients of the weights; default ``w / sum w``.
+    """
+
+    name = "flex-svd"
+    refactorises = True
+
+    def __init__(
+        self,
+        *,
+        ranks: list[int],
+        max_rank: int | None = None,
+        server_lr: float = 1.0,
+        coefficients: Callable[[list[float]], list[float]] = normalised,
+    ) -> None:
+        super().__init__(ranks=ranks, max_rank=max_rank)
+        self.server_lr = server_lr
+        self.coefficients = coefficients
+
+    def aggregate(self, current: State, participants: list[int], deltas: list[State], weights: np.ndarray) -> Aggregate:
+        """The new rank-R global state; SVD wall time and energy kept in the stats."""
+        w = [float(x) for x in weights]
+        state, stats = flex_average(
+            current, deltas, w, self.max_rank, server_lr=self.server_lr, coefficients=self.coefficients
         )
+        return Aggregate(update=None, state=state, coefficients=self.coefficients(w), max_coefficient=None, stats=stats)

@@ -17,21 +17,17 @@ every client's own rank.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
 
-from fedpeft.ranks import client_ranks
-from fedpeft.records import record_to_state, state_to_record
-from fedpeft.state import DeltaError, State, apply_delta, check_metric, check_state
-from strategies.fedavg import MAX_EXAMPLES, Accepted, FedAvgPEFT
-from strategies.lora_hetero import slice_coefficients, slice_rank, state_rank, zero_pad_average
+from fedpeft.state import State
+from strategies.aggregators import Aggregate, StatelessAggregator
+from strategies.lora_hetero import normalised, slice_coefficients, slice_rank, state_rank, zero_pad_average
 
 
-class HetLoRA(FedAvgPEFT):
-    """FedAvg over LoRA factors of unequal rank, by zero padding.
+class RankSlices(StatelessAggregator):
+    """Every partition's LoRA rank and the slice of the rank-R global adapter it is sent.
 
     Parameters
     ----------
@@ -39,29 +35,15 @@ class HetLoRA(FedAvgPEFT):
         LoRA rank of every partition, indexed by partition id (fedpeft/ranks.py).
     max_rank : int, optional
         The global adapter's rank R (``peft.lora-rank``); default ``max(ranks)``.
-    **kwargs
-        As :class:`~strategies.fedavg.FedAvgPEFT`.
     """
 
-    def __init__(self, *, ranks: list[int], max_rank: int | None = None, **kwargs) -> None:
-        super().__init__(**kwargs)
+    bounded = False  # per-rank-slice coefficients: no client-level DP calibration (the config refuses it)
+
+    def __init__(self, *, ranks: list[int], max_rank: int | None = None) -> None:
         self.ranks = [int(r) for r in ranks]
         self.max_rank = int(max_rank or max(self.ranks))
         if min(self.ranks) <= 0 or max(self.ranks) > self.max_rank:
             raise ValueError(f"client ranks {self.ranks} must lie in 1..{self.max_rank} (the global rank)")
-
-    @classmethod
-    def from_config(cls, cfg, ctx) -> HetLoRA:
-        """Ranks from ``ctx.extras["client-ranks"]`` (the ServerApp measures ``mem:`` budgets) or the config."""
-        return cls(
-            ranks=ctx.extras.get("client-ranks") or client_ranks(cfg),
-            max_rank=cfg.peft.lora_rank,
-            server_lr=cfg.strategy.server_lr,
-            weighting=cfg.strategy.weighting,
-            node_selector=ctx.node_selector,
-            partition_of=ctx.partition_of,
-            report=ctx.report,
-        )
 
     def rank_of(self, partition_id: int) -> int:
         """The LoRA rank of a partition."""
@@ -69,55 +51,59 @@ class HetLoRA(FedAvgPEFT):
             raise ValueError(f"partition {partition_id} has no rank; ranks are known for 0..{len(self.ranks) - 1}")
         return self.ranks[partition_id]
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Send every online client its rank's slice of the global adapter."""
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        by_rank: dict[int, ArrayRecord] = {}
-        out = []
-        for msg in messages:
-            rank = self.rank_of(self.partition_of(msg.metadata.dst_node_id))
-            if rank not in by_rank:
-                by_rank[rank] = state_to_record(slice_rank(self.current, rank))
-            content = RecordDict(
-                {self.arrayrecord_key: by_rank[rank], self.configrecord_key: msg.content[self.configrecord_key]}
-            )
-            out.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=msg.metadata.dst_node_id))
-        return out
+    def view_key(self, partition_id: int) -> Hashable:
+        """Clients of one rank share a view."""
+        return self.rank_of(partition_id)
 
-    def accept_replies(self, server_round: int, replies: Iterable[Message]) -> Accepted:
-        """As FedAvgPEFT, but each delta must have its client's rank's shapes."""
+    def view(self, current: State, partition_id: int) -> State:
+        """The partition's rank slice (rows of A, columns of B) and the head."""
+        return slice_rank(current, self.rank_of(partition_id))
 
-        def parse(msg: Message, metrics: dict) -> State:
-            rank = self.rank_of(self.partition_of(msg.metadata.src_node_id))
-            if self.arrayrecord_key not in msg.content.array_records:
-                raise DeltaError(f"reply has no {self.arrayrecord_key!r} ArrayRecord")
-            delta = record_to_state(msg.content.array_records[self.arrayrecord_key])
-            check_state(delta, {k: v.shape for k, v in slice_rank(self.current, rank).items()})
-            check_metric(metrics, "num-examples", low=1, high=MAX_EXAMPLES, required=self.weighting == "examples")
-            metrics["lora-rank"] = rank
-            return delta
+    def client_fields(self, partition_id: int) -> dict:
+        """The partition's rank, in its row of the round report."""
+        return {"lora-rank": self.rank_of(partition_id)}
 
-        return self.screen_replies(server_round, replies, parse)
+    def refusal(self, num_clients: int) -> str:
+        """Never refuses."""
+        return ""
 
-    def combine(self, accepted: Accepted, weights: np.ndarray) -> tuple[State, list[float], dict[str, float]]:
-        """The rank-aware aggregate on the rank-R global state; every partition's rank goes in the report."""
-        rule = self.coefficient_rule
-        new_state, stats = self.aggregate_factors(accepted, [float(w) for w in weights], rule)
-        return new_state, rule([float(w) for w in weights]), stats
-
-    def round_extras(self, accepted: Accepted, weights: list[float]) -> dict:
+    def round_extras(self) -> dict:
         """Every partition's LoRA rank."""
-        return {**super().round_extras(accepted, weights), "client-ranks": list(self.ranks)}
+        return {"client-ranks": list(self.ranks)}
 
-    def coefficient_rule(self, weights: list[float]) -> list[float]:
-        """Coefficients of a subset of the weights (a rank slice's clients), by the strategy's normalisation."""
-        return [float(c) for c in self.normalise(np.asarray(weights, dtype=np.float64))]
 
-    def aggregate_factors(self, accepted: Accepted, weights: list[float], rule) -> tuple[State, dict[str, float]]:
-        """Zero-padded, per-slice weighted average of the deltas, applied with ``server_lr``."""
-        deltas = [d for _, d, _ in accepted]
-        update = zero_pad_average(deltas, weights, self.max_rank, coefficients=rule)
-        table = slice_coefficients([state_rank(d) for d in deltas], weights, self.max_rank, rule)
-        return apply_delta(self.current, update, self.server_lr), {"max-slice-coefficient": float(table.max())}
+class ZeroPad(RankSlices):
+    """HetLoRA's aggregator: zero-padded, per-rank-slice weighted mean of the deltas.
+
+    Parameters
+    ----------
+    ranks, max_rank
+        As :class:`RankSlices`.
+    coefficients : callable, optional
+        Coefficients of a subset of the weights (a rank slice's clients); default ``w / sum w``.
+    """
+
+    name = "zero-pad"
+    refactorises = False
+
+    def __init__(
+        self,
+        *,
+        ranks: list[int],
+        max_rank: int | None = None,
+        coefficients: Callable[[list[float]], list[float]] = normalised,
+    ) -> None:
+        super().__init__(ranks=ranks, max_rank=max_rank)
+        self.coefficients = coefficients
+
+    def aggregate(self, current: State, participants: list[int], deltas: list[State], weights: np.ndarray) -> Aggregate:
+        """Slice j averages over the clients whose rank exceeds j; the largest slice coefficient is reported."""
+        w = [float(x) for x in weights]
+        update = zero_pad_average(deltas, w, self.max_rank, coefficients=self.coefficients)
+        table = slice_coefficients([state_rank(d) for d in deltas], w, self.max_rank, self.coefficients)
+        return Aggregate(
+            update=update,
+            coefficients=self.coefficients(w),
+            max_coefficient=None,
+            stats={"max-slice-coefficient": float(table.max())},
+        )

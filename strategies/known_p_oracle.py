@@ -12,47 +12,41 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedpeft.state import State
-from strategies.fedau import FedAU
 
+class OracleWeights:
+    """The oracle weighting part: ``omega_n = 1/p_n`` read from the environment.
 
-class KnownPOracle(FedAU):
-    """FedAU's update with omega_n = 1/p_n read from the environment (an oracle).
+    Pair it with the over-N mean, as FedAU.
 
     Parameters
     ----------
     probabilities : np.ndarray
         p_n of every partition id (all > 0).
-    num_clients, server_lr, node_selector, partition_of
-        As for :class:`~strategies.fedau.FedAU`.
     """
 
-    def __init__(self, *, probabilities: np.ndarray, num_clients: int, **kwargs) -> None:
-        super().__init__(num_clients=num_clients, **kwargs)
+    name = "oracle"
+    needs_examples = False
+
+    def __init__(self, *, probabilities: np.ndarray) -> None:
         probabilities = np.asarray(probabilities, dtype=np.float64)
-        if probabilities.shape != (num_clients,) or not np.all(probabilities > 0):
-            raise ValueError(f"need {num_clients} probabilities > 0, got {probabilities}")
+        if probabilities.ndim != 1 or not np.all(probabilities > 0):
+            raise ValueError(f"need probabilities > 0, one per partition, got {probabilities}")
         self.probabilities = probabilities
 
-    @classmethod
-    def from_config(cls, cfg, ctx) -> KnownPOracle:
-        """Build from the config; p_n come from ``ctx.environment.probabilities``."""
-        probabilities = getattr(ctx.environment, "probabilities", None)
-        if probabilities is None:
-            raise ValueError("strategy 'known_p_oracle' needs a participation model that exposes .probabilities")
-        return cls(
-            probabilities=probabilities,
-            num_clients=ctx.num_clients,
-            server_lr=cfg.strategy.server_lr,
-            node_selector=ctx.node_selector,
-            partition_of=ctx.partition_of,
-            report=ctx.report,
-            max_weight=(cfg.dp.max_weight or None) if cfg.dp.mode == "client" else None,
-        )
-
-    def aggregation_weights(self, server_round: int, accepted: list[tuple[int, State, dict]]) -> list[float]:
+    def weights(self, server_round: int, participants: list[int], metrics: list[dict]) -> np.ndarray:
         """1/p_n for each accepted reply."""
-        return [float(1.0 / self.probabilities[pid]) for pid, _, _ in accepted]
+        return np.array([float(1.0 / self.probabilities[pid]) for pid in participants], dtype=np.float64)
+
+    def round_extras(self, participants: list[int], weights: np.ndarray) -> dict:
+        """The omega each participant received (after any cap), as FedAU reports it."""
+        return {"omega": {str(pid): float(w) for pid, w in zip(participants, weights, strict=True)}}
+
+    def checkpoint_state(self) -> dict:
+        """No state: p_n come from the config."""
+        return {}
+
+    def restore_state(self, meta: dict) -> None:
+        """No state."""
 
     def state_for_results(self) -> dict:
         """The p_n used (the oracle's only state)."""

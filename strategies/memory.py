@@ -17,13 +17,22 @@ The memory is what these methods cost: ``N`` adapter-sized arrays on the server,
 as ``memory_bytes`` every round. Reusing absent clients' updates breaks the subsampling
 amplification client-level DP's accounting relies on, so both are refused under
 ``dp.mode = "client"`` (fedpeft/validation.py). Numpy only.
+
+:class:`MIFA` and :class:`FedVarp` are aggregator parts of a
+:class:`~strategies.peft_strategy.PeftStrategy` (``strategy.aggregator = "mifa" | "fedvarp"``):
+any server update steps along their update; their memory is checkpointed (resume stays
+bit-identical). Both weigh clients uniformly, as in their papers (``strategy.weighting =
+"uniform"``): the weights the strategy passes are not used.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import numpy as np
 
 from fedpeft.state import State
+from strategies.aggregators import Aggregate
 
 Memory = dict[int, State]
 
@@ -82,3 +91,71 @@ def memory_from_arrays(arrays: dict[str, np.ndarray]) -> Memory:
         pid, _, name = key.partition("/")
         memory.setdefault(int(pid), {})[name] = np.array(value, dtype=np.float32, copy=True)
     return memory
+
+
+class _MemoryAggregator:
+    """Shared wiring of MIFA and FedVarp: the whole adapter travels, any ``n >= 1`` aggregates."""
+
+    name = "memory"
+    bounded = False  # absent clients' stored updates enter every round: refused under client-level DP
+    refactorises = False
+
+    def __init__(self, *, num_clients: int) -> None:
+        if num_clients < 1:
+            raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+        self.num_clients = num_clients
+        self.memory: Memory = {}
+
+    def view_key(self, partition_id: int) -> Hashable:
+        """One view for all."""
+        return None
+
+    def view(self, current: State, partition_id: int) -> State:
+        """The global adapter."""
+        return current
+
+    def client_fields(self, partition_id: int) -> dict:
+        """Nothing to add to a client's row."""
+        return {}
+
+    def refusal(self, num_clients: int) -> str:
+        """Never refuses."""
+        return ""
+
+    def round_extras(self) -> dict:
+        """How many clients the memory holds and its bytes (what these methods cost the server)."""
+        return {"memory_clients": len(self.memory), "memory_bytes": memory_bytes(self.memory)}
+
+    def checkpoint_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """The stored updates, one array per (client, tensor)."""
+        if not self.memory:
+            return {}, {}
+        return {"clients": sorted(self.memory)}, memory_to_arrays(self.memory)
+
+    def restore_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Undo :meth:`checkpoint_state`."""
+        self.memory = memory_from_arrays(arrays)
+
+
+class MIFA(_MemoryAggregator):
+    """MIFA's aggregate: the mean over all ``N`` clients of each one's latest update (module docstring)."""
+
+    name = "mifa"
+
+    def aggregate(self, current: State, participants: list[int], deltas: list[State], weights: np.ndarray) -> Aggregate:
+        """Store this round's deltas, then average the memory over ``N``."""
+        update, self.memory = mifa_update(self.memory, participants, deltas, self.num_clients)
+        coefs = [1.0 / self.num_clients] * len(deltas)
+        return Aggregate(update=update, coefficients=coefs, max_coefficient=None)
+
+
+class FedVarp(_MemoryAggregator):
+    """FedVarp's aggregate: the stored mean plus this round's corrections (module docstring)."""
+
+    name = "fedvarp"
+
+    def aggregate(self, current: State, participants: list[int], deltas: list[State], weights: np.ndarray) -> Aggregate:
+        """``mean_j y_j + mean_{i in S} (delta_i - y_i)``, then store this round's deltas."""
+        update, self.memory = fedvarp_update(self.memory, participants, deltas, self.num_clients)
+        coefs = [1.0 / len(deltas)] * len(deltas)
+        return Aggregate(update=update, coefficients=coefs, max_coefficient=None)

@@ -38,13 +38,14 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
 
 from fedpeft import onebyte
 from fedpeft.records import record_to_state, state_to_record
 from fedpeft.state import DeltaError, State
 from fedpeft.zo_log import RoundLog, f32, pack_header, pack_log, replay_round
-from strategies.base import KIND_SPSA, Reporter
-from strategies.fedavg import FedAvgPEFT
+from strategies.base import KIND_SPSA, Reporter, no_report
+from strategies.screening import ReplyScreen, summarise_metrics
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def next_scale(g_hat: np.ndarray, scale: float, *, rule: str, multiplier: float)
     return f32(multiplier * centre)
 
 
-class SharedSeedSPSA(FedAvgPEFT):
+class SharedSeedSPSA(FedAvg):
     """Server side of shared-seed SPSA; holds theta, the log and what each client holds.
 
     Parameters
@@ -75,8 +76,8 @@ class SharedSeedSPSA(FedAvgPEFT):
         See ``SpsaConfig`` in ``fedpeft/config.py``.
     server_lr : float
         Multiplies the 1/m average (1.0 is plain FedAvg of the ZO updates).
-    node_selector, partition_of
-        As in :class:`~strategies.fedavg.FedAvgPEFT`.
+    node_selector, partition_of, report
+        As in :class:`~strategies.peft_strategy.PeftStrategy`.
     """
 
     client_mode = "spsa"
@@ -100,13 +101,12 @@ class SharedSeedSPSA(FedAvgPEFT):
         partition_of: Callable[[int], int] | None = None,
         report: Reporter | None = None,
     ) -> None:
-        super().__init__(
-            server_lr=server_lr,
-            weighting="uniform",
-            node_selector=node_selector,
-            partition_of=partition_of,
-            report=report,
-        )
+        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
+        self.server_lr = server_lr
+        self.node_selector = node_selector
+        self.partition_of = partition_of or (lambda node_id: node_id)
+        self.report = report if report is not None else no_report
+        self.screen = ReplyScreen(expected_kind=self.expected_kind, partition_of=self.partition_of, report=self.report)
         from fedpeft.zo import lr_at, state_hash, to_master, to_state  # torch: see the module docstring
 
         self._lr_at, self._state_hash, self._to_master, self._to_state = lr_at, state_hash, to_master, to_state
@@ -126,9 +126,11 @@ class SharedSeedSPSA(FedAvgPEFT):
     @classmethod
     def from_config(cls, cfg, ctx) -> SharedSeedSPSA:
         """Build from an ``ExperimentConfig`` and a :class:`~strategies.base.StrategyContext`."""
+        if ctx.initial_state is None:
+            raise ValueError("SPSA replays from the initial adapter: pass StrategyContext(initial_state=...)")
         s = cfg.spsa
         return cls(
-            initial_state=ctx.extras["initial_state"],
+            initial_state=ctx.initial_state,
             run_seed=cfg.seed,
             local_steps=s.local_steps,
             lr=s.lr,
@@ -142,6 +144,20 @@ class SharedSeedSPSA(FedAvgPEFT):
             node_selector=ctx.node_selector,
             partition_of=ctx.partition_of,
             report=ctx.report,
+        )
+
+    def summary(self) -> None:
+        """Log the settings (called by ``Strategy.start``)."""
+        log.info(
+            "SharedSeedSPSA: %d local steps, lr %g (%s), codec %s, server_lr %g",
+            self.local_steps, self.lr, self.lr_schedule, self.codec, self.server_lr,
+        )  # fmt: skip
+
+    def client_dp_refusal(self) -> str:
+        """SPSA replies are one-byte codes, not deltas a client-level DP wrapper could clip."""
+        return (
+            "dp.mode='client' clips array deltas, but SPSA clients send one-byte codes; "
+            "use dp.mode='sample' with strategy.name='spsa' (DPZero: clip + noise each projected gradient)"
         )
 
     def round_lr(self, server_round: int) -> float:
@@ -179,7 +195,7 @@ class SharedSeedSPSA(FedAvgPEFT):
                 self.downloads["log"] += 1
             self.synced[pid] = None  # known again only once its reply is accepted
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
-        self.expected = [self.partition_of(node) for node in nodes]
+        self.screen.sent(messages)
         return messages
 
     def aggregate_train(
@@ -209,8 +225,8 @@ class SharedSeedSPSA(FedAvgPEFT):
             "spsa_log_downloads": self.downloads["log"],
             "spsa_full_downloads": self.downloads["full"],
         }
-        metrics = self.summarise_metrics(accepted, [weight] * len(accepted)) if accepted else None
-        self.finish_round(server_round, accepted, train_metrics=dict(metrics or {}), **extras)
+        metrics = summarise_metrics(accepted, [weight] * len(accepted)) if accepted else None
+        self.screen.finish(server_round, accepted, train_metrics=dict(metrics or {}), **extras)
         return state_to_record(self._to_state(self.master)), metrics
 
     def accept_codes(self, server_round: int, replies: Iterable[Message]) -> list[tuple[int, bytes, dict]]:
@@ -222,7 +238,7 @@ class SharedSeedSPSA(FedAvgPEFT):
                 raise DeltaError(reason)
             return bytes(msg.content["spsa"]["codes"])
 
-        return self.screen_replies(server_round, replies, parse)
+        return self.screen.screen(server_round, replies, parse)
 
     def _check_reply(self, msg: Message, metrics: dict) -> str:
         if metrics.get("spsa-desync"):

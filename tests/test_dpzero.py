@@ -66,7 +66,7 @@ def _ctx(cfg):
         node_selector=lambda r, g: [],
         partition_of=lambda n: n,
         num_clients=3,
-        extras={"initial_state": load_task(tiny_config()).initial_state},
+        initial_state=load_task(tiny_config()).initial_state,
     )
 
 

@@ -42,7 +42,7 @@ def test_scaffold_doubles_both_directions_and_its_control_is_the_negated_mean_st
     # Round 1 by hand: c = c_i = 0, so c_i+ = -delta_i / (K lr) and c = (1/N) sum_i c_i+; all N = 3
     # clients train and weigh 1/3, so x1 - x0 = (1/3) sum_i delta_i and c = -(x1 - x0) / (K lr).
     x0 = load_task(cfg).initial_state
-    c = {k.removeprefix("scaffold-c/"): v for k, v in extra.items()}
+    c = {k.removeprefix("client_drift/scaffold-c/"): v for k, v in extra.items()}
     assert sorted(c) == sorted(x0)
     for key in x0:
         np.testing.assert_allclose(c[key], -(x1[key] - x0[key]) / (3 * 0.05), rtol=1e-4, atol=1e-6)

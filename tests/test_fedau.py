@@ -7,9 +7,8 @@ import pytest
 from flwr.app import ConfigRecord
 
 from fedpeft.records import record_to_state, state_to_record
-from strategies import REGISTRY, StrategyContext, build_strategy
-from strategies.fedau import FedAU, FedAUWeights, IntervalState, advance_interval, fedau_weight_trace
-from strategies.known_p_oracle import KnownPOracle
+from strategies import Mean, OracleWeights, PeftStrategy, Step, StrategyContext, build_strategy
+from strategies.fedau import FedAUWeights, IntervalState, advance_interval, fedau_weight_trace
 from tests.helpers import tiny_config
 from tests.replies import RoundReports, fake_reply
 
@@ -74,7 +73,7 @@ def test_the_incremental_state_equals_fedau_weight_trace_on_random_traces(k_cap)
     np.testing.assert_allclose(got, fedau_weight_trace(part, k_cap))
 
 
-def _drive(strategy: FedAU, server_round: int, nodes: list[int], deltas=None, errors=None):
+def _drive(strategy: PeftStrategy, server_round: int, nodes: list[int], deltas=None, errors=None):
     """One round with fake replies; node id = partition id + 100. Returns the new global state."""
     strategy.node_selector = lambda rnd, grid: nodes
     queries = list(strategy.configure_train(server_round, state_to_record(GLOBAL), ConfigRecord(), grid=None))
@@ -87,9 +86,17 @@ def _drive(strategy: FedAU, server_round: int, nodes: list[int], deltas=None, er
     return None if arrays is None else record_to_state(arrays)
 
 
-def _fedau(num_clients=3, **kw):
+def _fedau(num_clients=3, k_cap=100000, server_lr=1.0):
+    """FedAU as parts: FedAU weights x the over-N mean x the plain step."""
     reports = RoundReports()
-    return FedAU(num_clients=num_clients, partition_of=lambda node: node - 100, report=reports, **kw), reports
+    strategy = PeftStrategy(
+        weighting=FedAUWeights(k_cap=k_cap),
+        aggregator=Mean(num_clients=num_clients),
+        server_update=Step(lr=server_lr),
+        partition_of=lambda node: node - 100,
+        report=reports,
+    )
+    return strategy, reports
 
 
 def test_fedau_with_full_participation_applies_one_over_n_times_the_sum_of_deltas(task_identity):
@@ -154,22 +161,27 @@ def test_a_failed_or_rejected_reply_counts_as_absence(task_identity, bad):
 
 def test_the_known_p_oracle_weights_by_one_over_p_and_divides_by_n(task_identity):
     # N = 2, p = (0.25, 0.5): new = g + (4 d0 + 2 d1) / 2 = g + 2 d0 + d1
-    strategy = KnownPOracle(probabilities=np.array([0.25, 0.5]), num_clients=2, partition_of=lambda n: n - 100)
+    strategy = PeftStrategy(
+        weighting=OracleWeights(probabilities=np.array([0.25, 0.5])),
+        aggregator=Mean(num_clients=2),
+        partition_of=lambda n: n - 100,
+    )
     new = _drive(strategy, 1, [100, 101], {100: DELTAS[0], 101: DELTAS[1]})
     np.testing.assert_allclose(new["lora_A"], [[3.0, 4.0]], atol=1e-6)
     np.testing.assert_allclose(new["head.bias"], [3.5, 5.5], atol=1e-6)
 
 
-def test_fedau_and_the_oracle_are_registered_and_built_from_the_config():
+def test_fedau_and_the_oracle_are_built_from_the_config_as_parts():
     class Env:
         probabilities = np.array([0.2, 0.4, 0.8])
 
     ctx = StrategyContext(node_selector=lambda r, g: [], partition_of=lambda n: n, num_clients=3, environment=Env())
     fedau = build_strategy(tiny_config(**{"strategy.name": "fedau", "strategy.k-cap": 9}), ctx)
-    assert isinstance(fedau, FedAU) and fedau.estimator.k_cap == 9 and fedau.num_clients == 3
+    assert isinstance(fedau.weighting, FedAUWeights) and fedau.weighting.k_cap == 9
+    assert fedau.aggregator.num_clients == 3
     oracle = build_strategy(tiny_config(**{"strategy.name": "known_p_oracle"}), ctx)
-    np.testing.assert_allclose(oracle.probabilities, [0.2, 0.4, 0.8])
-    assert {"fedau", "known_p_oracle"} <= set(REGISTRY)
+    np.testing.assert_allclose(oracle.weighting.probabilities, [0.2, 0.4, 0.8])
+    assert oracle.aggregator.num_clients == 3
     with pytest.raises(ValueError, match="probabilities"):
         build_strategy(
             tiny_config(**{"strategy.name": "known_p_oracle"}), StrategyContext(ctx.node_selector, ctx.partition_of, 3)

@@ -3,8 +3,9 @@ import pytest
 from flwr.app import ConfigRecord, MessageType
 
 from fedpeft.records import record_to_state, state_to_record
+from strategies import PeftStrategy, Step, UniformWeights
+from strategies.aggregate import combine, mean_normalisation
 from strategies.base import ContractError
-from strategies.fedavg import FedAvgPEFT, weighted_average
 from tests.replies import RoundReports, fake_reply
 
 GLOBAL = {"lora_A": np.array([[1.0, 2.0]], np.float32), "head.bias": np.array([0.5, -0.5], np.float32)}
@@ -21,19 +22,21 @@ def _deltas():
 def test_weighted_average_of_three_deltas_matches_the_hand_computation():
     # weights 1, 2, 1 (sum 4): lora_A = (1*[1,0] + 2*[0,2] + 1*[4,4]) / 4 = [1.25, 2.0]
     #                          bias   = (1*[0,3] + 2*[3,0] + 1*[-3,3]) / 4 = [0.75, 1.5]
-    avg = weighted_average(_deltas(), [1.0, 2.0, 1.0])
+    weights = np.array([1.0, 2.0, 1.0])
+    scale, divisor = mean_normalisation(weights)
+    avg = combine(_deltas(), weights, scale=scale, divisor=divisor)
     np.testing.assert_array_equal(avg["lora_A"], np.array([[1.25, 2.0]], np.float32))
     np.testing.assert_array_equal(avg["head.bias"], np.array([0.75, 1.5], np.float32))
 
 
-def _round(strategy: FedAvgPEFT, nodes: list[int]):
+def _round(strategy: PeftStrategy, nodes: list[int]):
     strategy.node_selector = lambda rnd, grid: nodes
     return list(strategy.configure_train(1, state_to_record(GLOBAL), ConfigRecord(), grid=None))
 
 
 def test_strategy_applies_server_lr_times_the_example_weighted_delta(task_identity):
     reports = RoundReports()
-    strategy = FedAvgPEFT(server_lr=0.5, partition_of=lambda node: node - 100, report=reports)
+    strategy = PeftStrategy(server_update=Step(lr=0.5), partition_of=lambda node: node - 100, report=reports)
     queries = _round(strategy, [100, 101])
     assert [q.metadata.dst_node_id for q in queries] == [100, 101]
     assert queries[0].metadata.message_type == MessageType.TRAIN
@@ -50,7 +53,7 @@ def test_strategy_applies_server_lr_times_the_example_weighted_delta(task_identi
 
 
 def test_uniform_weighting_ignores_example_counts(task_identity):
-    strategy = FedAvgPEFT(weighting="uniform")
+    strategy = PeftStrategy(weighting=UniformWeights())
     queries = _round(strategy, [1, 2])
     d = _deltas()
     arrays, _ = strategy.aggregate_train(1, [fake_reply(queries[0], d[0], n=30), fake_reply(queries[1], d[1], n=10)])
@@ -68,7 +71,7 @@ def test_uniform_weighting_ignores_example_counts(task_identity):
 )
 def test_bad_deltas_are_rejected_and_never_reach_the_global_state(task_identity, bad, reason):
     reports = RoundReports()
-    strategy = FedAvgPEFT(partition_of=lambda node: node, report=reports)
+    strategy = PeftStrategy(partition_of=lambda node: node, report=reports)
     queries = _round(strategy, [1, 2])
     good = _deltas()[0]
     arrays, _ = strategy.aggregate_train(1, [fake_reply(queries[0], good, n=5), fake_reply(queries[1], bad, n=5)])
@@ -79,7 +82,7 @@ def test_bad_deltas_are_rejected_and_never_reach_the_global_state(task_identity,
 
 def test_failed_replies_are_recorded_and_the_rest_aggregated(task_identity):
     reports = RoundReports()
-    strategy = FedAvgPEFT(partition_of=lambda node: node, report=reports)
+    strategy = PeftStrategy(partition_of=lambda node: node, report=reports)
     queries = _round(strategy, [1, 2])
     good = _deltas()[1]
     replies = [fake_reply(queries[0], error="client raised RuntimeError"), fake_reply(queries[1], good, n=3)]
@@ -89,7 +92,7 @@ def test_failed_replies_are_recorded_and_the_rest_aggregated(task_identity):
 
 
 def test_a_round_where_every_reply_is_bad_leaves_the_global_state_alone(task_identity):
-    strategy = FedAvgPEFT(partition_of=lambda node: node)
+    strategy = PeftStrategy(partition_of=lambda node: node)
     queries = _round(strategy, [1])
     arrays, metrics = strategy.aggregate_train(1, [fake_reply(queries[0], error="boom")])
     assert arrays is None and metrics is None
@@ -98,7 +101,7 @@ def test_a_round_where_every_reply_is_bad_leaves_the_global_state_alone(task_ide
 @pytest.mark.parametrize("count", [float("inf"), float("nan"), 0, -3, 1e13])
 def test_an_absurd_example_count_is_rejected_and_never_reaches_the_global_state(task_identity, count):
     reports = RoundReports()
-    strategy = FedAvgPEFT(partition_of=lambda node: node, report=reports)
+    strategy = PeftStrategy(partition_of=lambda node: node, report=reports)
     queries = _round(strategy, [1, 2])
     good = _deltas()[0]
     arrays, _ = strategy.aggregate_train(1, [fake_reply(queries[0], good, n=5), fake_reply(queries[1], good, n=count)])
@@ -108,7 +111,7 @@ def test_an_absurd_example_count_is_rejected_and_never_reaches_the_global_state(
 
 
 def test_full_weights_are_refused_with_a_message_naming_the_contract(task_identity):
-    strategy = FedAvgPEFT(partition_of=lambda node: node)
+    strategy = PeftStrategy(partition_of=lambda node: node)
     queries = _round(strategy, [1, 2])
     weights = {k: v + 1 for k, v in GLOBAL.items()}
     replies = [fake_reply(queries[0], weights, n=5, kind="arrays"), fake_reply(queries[1], weights, n=5, kind=None)]
@@ -118,7 +121,7 @@ def test_full_weights_are_refused_with_a_message_naming_the_contract(task_identi
 
 def test_one_reply_breaking_the_contract_is_rejected_and_the_others_aggregated(task_identity):
     reports = RoundReports()
-    strategy = FedAvgPEFT(partition_of=lambda node: node, report=reports)
+    strategy = PeftStrategy(partition_of=lambda node: node, report=reports)
     queries = _round(strategy, [1, 2])
     good = _deltas()[0]
     arrays, _ = strategy.aggregate_train(1, [fake_reply(queries[0], good), fake_reply(queries[1], good, kind="arrays")])
@@ -128,7 +131,7 @@ def test_one_reply_breaking_the_contract_is_rejected_and_the_others_aggregated(t
 
 def test_a_partition_that_never_answers_is_reported_as_failed(task_identity):
     reports = RoundReports()
-    strategy = FedAvgPEFT(partition_of=lambda node: node, report=reports)
+    strategy = PeftStrategy(partition_of=lambda node: node, report=reports)
     queries = _round(strategy, [1, 2])
     strategy.aggregate_train(1, [fake_reply(queries[0], _deltas()[0])])
     assert reports.last["aggregated"] == [1]
@@ -137,7 +140,7 @@ def test_a_partition_that_never_answers_is_reported_as_failed(task_identity):
 
 def test_train_metrics_are_aggregated_meaningfully_and_per_client_rows_kept(task_identity):
     reports = RoundReports()
-    strategy = FedAvgPEFT(partition_of=lambda node: node, report=reports)
+    strategy = PeftStrategy(partition_of=lambda node: node, report=reports)
     queries = _round(strategy, [1, 2])
     d = _deltas()
     m1 = {"train-loss": 1.0, "num-steps": 3, "partition-id": 1}

@@ -8,9 +8,7 @@ from flwr.app import ConfigRecord, Message
 
 from fedpeft.comm import payload_bytes
 from fedpeft.records import record_to_state, state_to_record
-from strategies.fedavg import FedAvgPEFT
-from strategies.flexlora import FlexLoRA
-from strategies.hetlora import HetLoRA
+from strategies import FlexSVD, PeftStrategy, UniformWeights, ZeroPad
 from strategies.lora_hetero import factor_bytes, slice_rank
 from tests.helpers import tiny_config
 from tests.replies import RoundReports, fake_reply
@@ -28,7 +26,7 @@ def _send(strategy, state: dict, nodes: list[int]) -> list[Message]:
 def test_ffa_fedavg_over_b_applies_exactly_the_mean_of_the_clients_b_times_a(task_identity):
     a = np.array([[1.0, 2.0]], np.float32)  # frozen, identical on both clients, never sent
     state = {B: np.zeros((2, 1), np.float32), HEAD: np.zeros(2, np.float32)}
-    strategy = FedAvgPEFT(weighting="uniform", partition_of=lambda node: node)
+    strategy = PeftStrategy(weighting=UniformWeights(), partition_of=lambda node: node)
     queries = _send(strategy, state, [0, 1])
     assert all(set(q.content["arrays"].keys()) == {B, HEAD} for q in queries)
     b1, b2 = np.array([[1.0], [2.0]], np.float32), np.array([[3.0], [4.0]], np.float32)
@@ -48,7 +46,7 @@ def _het_state() -> dict[str, np.ndarray]:
 
 def test_hetlora_sends_each_client_its_ranks_slice_and_averages_each_slice_over_its_owners(task_identity):
     reports = RoundReports()
-    strategy = HetLoRA(ranks=[1, 2], partition_of=lambda node: node - 10, report=reports)
+    strategy = PeftStrategy(aggregator=ZeroPad(ranks=[1, 2]), partition_of=lambda node: node - 10, report=reports)
     queries = _send(strategy, _het_state(), [10, 11])
     assert record_to_state(queries[0].content["arrays"])[A].shape == (1, 2)
     assert record_to_state(queries[0].content["arrays"])[B].shape == (2, 1)
@@ -74,17 +72,19 @@ def test_hetlora_sends_each_client_its_ranks_slice_and_averages_each_slice_over_
 
 
 def test_hetlora_rejects_a_reply_whose_rank_is_not_its_clients(task_identity):
-    strategy = HetLoRA(ranks=[1, 2], partition_of=lambda node: node)
+    strategy = PeftStrategy(aggregator=ZeroPad(ranks=[1, 2]), partition_of=lambda node: node)
     queries = _send(strategy, _het_state(), [0, 1])
     wrong = {A: np.ones((2, 2), np.float32), B: np.ones((2, 2), np.float32), HEAD: np.ones(1, np.float32)}
     good = {A: np.ones((2, 2), np.float32), B: np.ones((2, 2), np.float32), HEAD: np.ones(1, np.float32)}
     strategy.aggregate_train(1, [fake_reply(queries[0], wrong), fake_reply(queries[1], good)])
-    assert [r["partition_id"] for r in strategy.outcome["rejected"]] == [0]
-    assert "shape" in strategy.outcome["rejected"][0]["reason"]
+    assert [r["partition_id"] for r in strategy.screen.outcome["rejected"]] == [0]
+    assert "shape" in strategy.screen.outcome["rejected"][0]["reason"]
 
 
 def test_flexlora_global_product_is_the_average_of_the_clients_products_at_full_rank(task_identity):
-    strategy = FlexLoRA(ranks=[1, 2], weighting="uniform", partition_of=lambda node: node)
+    strategy = PeftStrategy(
+        weighting=UniformWeights(), aggregator=FlexSVD(ranks=[1, 2]), partition_of=lambda node: node
+    )
     start = {
         A: np.array([[1, 0], [0, 1]], np.float32),
         B: np.array([[1, 0], [0, 1]], np.float32),

@@ -65,3 +65,67 @@ def test_memory_stores_copies_not_the_callers_arrays():
     assert float(memory[0]["w"][0]) == 1.0
     with pytest.raises(ValueError):
         mifa_update({}, [0, 1], [delta], 2)
+
+
+# --- as aggregator parts of PeftStrategy, under Flower's own round loop ---------------------
+
+ONLINE = {1: [0, 1], 2: [1, 2], 3: [0]}  # partitions online per round
+
+
+def _memory_strategy(aggregator, reports=None):
+    from strategies import PeftStrategy, UniformWeights
+    from tests.test_strategy_start import node_to_partition
+
+    return PeftStrategy(
+        weighting=UniformWeights(),
+        aggregator=aggregator,
+        node_selector=lambda rnd, grid: [1000 + p for p in ONLINE[rnd]],
+        partition_of=node_to_partition,
+        report=reports,
+    )
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        # client p always sends p + 1. MIFA: (1+2)/3 = 1; (1+2+3)/3 = 2; 2 -> the global is 1, 3, 5.
+        ("mifa", [0.0, 1.0, 3.0, 5.0]),
+        # FedVarp: 0 + (1+2)/2 = 1.5; (1+2)/3 + ((2-2) + (3-0))/2 = 2.5; (1+2+3)/3 + (1-1) = 2 -> 1.5, 4, 6.
+        ("fedvarp", [0.0, 1.5, 4.0, 6.0]),
+    ],
+)
+def test_memory_aggregators_under_strategy_start_by_hand(name, expected):
+    from strategies.memory import MIFA, FedVarp
+    from tests.replies import RoundReports
+    from tests.test_strategy_start import numpy_clients, run
+
+    reports = RoundReports()
+    aggregator = (MIFA if name == "mifa" else FedVarp)(num_clients=3)
+    grid = numpy_clients(lambda pid, state: {"w": np.full(2, pid + 1.0, np.float32)}, num_clients=3)
+    states, _ = run(_memory_strategy(aggregator, reports), grid, {"w": np.zeros(2, np.float32)}, num_rounds=3)
+    np.testing.assert_allclose([s["w"][0] for s in states], expected, rtol=1e-6)
+    assert [reports[r]["memory_clients"] for r in (1, 2, 3)] == [2, 3, 3]
+    assert reports[3]["memory_bytes"] == 3 * 2 * 4
+
+
+def test_memory_resumes_bit_identically_from_a_checkpoint():
+    from simulations.resume import Resumed
+    from strategies.memory import FedVarp
+    from tests.test_strategy_start import numpy_clients, run
+
+    clients = lambda pid, state: {"w": (state["w"] * 0.5 + pid + 1.0).astype(np.float32)}  # noqa: E731
+    full, _ = run(
+        _memory_strategy(FedVarp(num_clients=3)),
+        numpy_clients(clients, num_clients=3),
+        {"w": np.zeros(2, np.float32)},
+        3,
+    )
+    first = _memory_strategy(FedVarp(num_clients=3))
+    part, _ = run(first, numpy_clients(clients, num_clients=3), {"w": np.zeros(2, np.float32)}, 2)
+    meta, arrays = first.checkpoint_state()
+    assert sorted(meta["aggregator"]["clients"]) == [0, 1, 2]
+    second = _memory_strategy(FedVarp(num_clients=3))
+    second.restore_state(meta, arrays)
+
+    rest, _ = run(Resumed(strategy=second, offset=2), numpy_clients(clients, num_clients=3), part[-1], 1)
+    assert np.array_equal(rest[-1]["w"], full[-1]["w"])

@@ -13,9 +13,9 @@ from fedpeft.config import ConfigError
 from fedpeft.records import record_to_state, state_to_record
 from fedpeft.task import load_task
 from fedpeft.train import build_optimizer, train_local
+from strategies import FedAUWeights, Mean, PeftStrategy, UniformWeights
 from strategies.base import StrategyContext
 from strategies.dp import ClientLevelDP, SampleLevelDPReport, clip_delta, wrap_privacy
-from strategies.fedavg import FedAvgPEFT
 from tests.helpers import tiny_config
 from tests.replies import RoundReports, fake_reply
 
@@ -26,11 +26,12 @@ def _flat_norm(state):
     return math.sqrt(sum(float(np.sum(np.square(v.astype(np.float64)))) for v in state.values()))
 
 
-def _client_dp(sigma, clip, num_clients=10, seed=0, inner=None):
-    """ClientLevelDP around ``inner`` (uniform FedAvgPEFT by default); both report into ``strategy.reports``."""
+def _client_dp(sigma, clip, num_clients=10, seed=0, **parts):
+    """ClientLevelDP around a PeftStrategy of ``parts`` (uniform FedAvg by default); both report into
+    ``strategy.reports``."""
     reports = RoundReports()
-    inner = inner or FedAvgPEFT(weighting="uniform", partition_of=lambda node: node)
-    inner.report = reports
+    parts = {"weighting": UniformWeights(), **parts}
+    inner = PeftStrategy(partition_of=lambda node: node, report=reports, **parts)
     strategy = ClientLevelDP(
         strategy=inner,
         noise_multiplier=sigma,
@@ -103,10 +104,9 @@ def test_client_level_epsilon_equals_opacus_rdp_accountant_with_rate_m_over_n(ta
 
 
 def test_fedau_noise_is_calibrated_to_omega_max_over_n_and_omega_is_capped(task_identity):
-    from strategies.fedau import FedAU
-
-    inner = FedAU(num_clients=10, partition_of=lambda node: node, max_weight=3.0)
-    strategy = _client_dp(sigma=1.0, clip=1.0, inner=inner)
+    strategy = _client_dp(
+        sigma=1.0, clip=1.0, weighting=FedAUWeights(k_cap=100000), aggregator=Mean(num_clients=10), max_weight=3.0
+    )
     zero = {k: np.zeros_like(v) for k, v in GLOBAL.items()}
     _dp_round(strategy, 1, [zero] * 2)  # first intervals: omega = 1 for both -> std 1 * 1 * 1 / 10
     assert strategy.reports.last["dp_noise_std"] == pytest.approx(0.1)
@@ -124,14 +124,14 @@ def test_client_dp_needs_uniform_weighting_and_an_impossible_target_fails_clearl
     cfg = tiny_config(**{"dp.mode": "client", "strategy.weighting": "uniform", "dp.target-epsilon": 0.01})
     ctx = StrategyContext(node_selector=None, partition_of=lambda n: n, num_clients=3)
     with pytest.raises(ConfigError, match="raise dp.target-epsilon or dp.delta, take fewer steps"):
-        wrap_privacy(FedAvgPEFT(weighting="uniform"), cfg, ctx)
+        wrap_privacy(PeftStrategy(weighting=UniformWeights()), cfg, ctx)
 
 
 def test_an_impossible_sample_level_target_fails_at_server_start_up():
     cfg = tiny_config(**{"dp.mode": "sample", "dp.target-epsilon": 0.02})
     ctx = StrategyContext(node_selector=None, partition_of=lambda n: n, num_clients=3)
     with pytest.raises(ConfigError, match="dp.target-epsilon=0.02 at dp.delta=1e-05 cannot be reached"):
-        wrap_privacy(FedAvgPEFT(), cfg, ctx)
+        wrap_privacy(PeftStrategy(), cfg, ctx)
 
 
 def test_a_reachable_target_gives_a_sigma_that_spends_at_most_the_target():
@@ -142,7 +142,7 @@ def test_a_reachable_target_gives_a_sigma_that_spends_at_most_the_target():
 
 def test_sample_level_report_gives_max_mean_and_worst_epsilon_so_far(task_identity):
     reports = RoundReports()
-    inner = FedAvgPEFT(partition_of=lambda node: node, report=reports)
+    inner = PeftStrategy(partition_of=lambda node: node, report=reports)
     strategy = SampleLevelDPReport(strategy=inner, delta=1e-5, report=reports)
     strategy.strategy.node_selector = lambda rnd, grid: [0, 1]
     zero = {k: np.zeros_like(v) for k, v in GLOBAL.items()}

@@ -18,10 +18,9 @@ from opacus.accountants import RDPAccountant
 
 from fedpeft.records import record_to_state, state_to_record
 from simulations.grids import InMemoryGrid
+from strategies import FedAUWeights, Mean, PeftStrategy, UniformWeights
 from strategies.base import CONTRACT_KEY, KIND_DELTA, contract_record
 from strategies.dp import ClientLevelDP, SampleLevelDPReport
-from strategies.fedau import FedAU
-from strategies.fedavg import FedAvgPEFT
 from tests.replies import RoundReports
 
 
@@ -64,12 +63,22 @@ def node_to_partition(node: int) -> int:
     return node - 1000
 
 
+def fedau(num_clients: int, **kwargs) -> PeftStrategy:
+    """FedAU as parts: its weights and the over-N mean."""
+    return PeftStrategy(
+        weighting=FedAUWeights(k_cap=100000),
+        aggregator=Mean(num_clients=num_clients),
+        partition_of=node_to_partition,
+        **kwargs,
+    )
+
+
 def test_the_client_dp_wrapper_clips_a_malicious_delta_under_strategy_start():
     # 4 clients, C = 0.5, no noise: three send zeros, partition 0 sends a delta of norm ~1e6 every
     # round. Under Flower's own loop the uniform mean of clipped deltas moves the global by C / m.
     initial = {"w": np.zeros(6, np.float32)}
     evil = lambda pid, state: {"w": np.full(6, 4e5 if pid == 0 else 0.0, np.float32)}  # noqa: E731
-    inner = FedAvgPEFT(weighting="uniform", partition_of=node_to_partition)
+    inner = PeftStrategy(weighting=UniformWeights(), partition_of=node_to_partition)
     dp = ClientLevelDP(strategy=inner, noise_multiplier=0.0, clip_norm=0.5, num_clients=4, delta=1e-5, seed=0)
     states, _ = run(dp, numpy_clients(evil, num_clients=4), initial, num_rounds=2)
     for before, after in zip(states, states[1:], strict=False):
@@ -81,7 +90,7 @@ def test_the_client_dp_wrapper_adds_noise_of_the_right_std_and_reports_epsilon_u
     initial = {"w": np.zeros(20_000, np.float32)}
     zeros = lambda pid, state: {"w": np.zeros(20_000, np.float32)}  # noqa: E731
     reports = RoundReports()
-    inner = FedAvgPEFT(weighting="uniform", partition_of=node_to_partition, report=reports)
+    inner = PeftStrategy(weighting=UniformWeights(), partition_of=node_to_partition, report=reports)
     dp = ClientLevelDP(
         strategy=inner, noise_multiplier=1.5, clip_norm=2.0, num_clients=8, delta=1e-5, seed=0, report=reports
     )
@@ -96,14 +105,14 @@ def test_the_client_dp_wrapper_adds_noise_of_the_right_std_and_reports_epsilon_u
 
 
 def test_wrappers_are_strategies_that_delegate_explicitly_and_leave_the_inner_strategy_alone():
-    inner = FedAU(num_clients=4, partition_of=node_to_partition)
+    inner = fedau(4)
     dp = ClientLevelDP(strategy=inner, noise_multiplier=1.0, clip_norm=1.0, num_clients=4, delta=1e-5, seed=0)
-    report = SampleLevelDPReport(strategy=FedAvgPEFT(), delta=1e-5)
+    report = SampleLevelDPReport(strategy=PeftStrategy(), delta=1e-5)
     for wrapper in (dp, report):
         assert isinstance(wrapper, Strategy)
         assert not hasattr(type(wrapper), "__getattr__")
         assert type(wrapper).start is Strategy.start  # Flower's loop, calling the wrapper's hooks
-    assert "aggregation_weights" not in vars(inner) and "coefficients" not in vars(inner)
+    assert "aggregate_round" not in vars(inner) and "aggregate_train" not in vars(inner)  # no method patched
 
 
 def test_fedau_under_strategy_start_applies_omega_over_n_as_worked_by_hand():
@@ -112,8 +121,7 @@ def test_fedau_under_strategy_start_applies_omega_over_n_as_worked_by_hand():
     initial = {"w": np.zeros(2, np.float32)}
     ramp = lambda pid, state: {"w": np.full(2, pid + 1.0, np.float32)}  # noqa: E731
     reports = RoundReports()
-    fedau = FedAU(num_clients=3, partition_of=node_to_partition, report=reports)
-    states, _ = run(fedau, numpy_clients(ramp, num_clients=3), initial, num_rounds=2)
+    states, _ = run(fedau(3, report=reports), numpy_clients(ramp, num_clients=3), initial, num_rounds=2)
     np.testing.assert_allclose([s["w"][0] for s in states], [0.0, 2.0, 4.0])
     assert reports[2]["omega"] == {"0": 1.0, "1": 1.0, "2": 1.0}
 
@@ -123,7 +131,7 @@ def test_sample_level_dp_report_under_strategy_start_reports_the_worst_client_ep
     zeros = lambda pid, state: {"w": np.zeros(2, np.float32)}  # noqa: E731
     reports = RoundReports()
     wrapper = SampleLevelDPReport(
-        strategy=FedAvgPEFT(partition_of=node_to_partition, report=reports), delta=1e-5, report=reports
+        strategy=PeftStrategy(partition_of=node_to_partition, report=reports), delta=1e-5, report=reports
     )
     _, result = run(wrapper, numpy_clients(zeros, num_clients=3, epsilon=0.5), initial, num_rounds=1)
     assert reports[1]["epsilon"] == 1.5 and reports[1]["epsilon_mean"] == pytest.approx(1.0)
@@ -132,8 +140,8 @@ def test_sample_level_dp_report_under_strategy_start_reports_the_worst_client_ep
 
 def test_importing_the_strategies_does_not_import_torch():
     code = (
-        "import sys, strategies, strategies.fedavg, strategies.fedau, strategies.spsa, strategies.dp, "
-        "strategies.known_p_oracle; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+        "import sys, strategies, strategies.peft_strategy, strategies.fedau, strategies.spsa, strategies.dp, "
+        "strategies.build, strategies.aggregate; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
