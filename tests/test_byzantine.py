@@ -97,3 +97,13 @@ def test_a_sign_flipping_client_is_recorded_and_moves_the_global_state_by_its_fl
         np.testing.assert_allclose(flip[key] + scaled[key], 2 * honest[key], atol=1e-6)
         moved |= not np.allclose(flip[key], honest[key])
     assert moved
+
+
+def test_check_warns_when_byzantine_clients_meet_a_non_robust_aggregator():
+    from fedpeft.check import byzantine_warnings
+
+    attacked = {"partition.num-partitions": 10, "faults.byzantine-fraction": 0.2}
+    (warning,) = byzantine_warnings(tiny_config(**attacked))
+    assert "strategy.aggregator='mean'" in warning and "median" in warning
+    assert byzantine_warnings(tiny_config(**attacked, **{"strategy.aggregator": "median"})) == []
+    assert byzantine_warnings(tiny_config(**{"partition.num-partitions": 10})) == []

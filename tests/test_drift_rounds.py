@@ -89,3 +89,11 @@ def test_per_client_evaluation_scores_drawn_clients_on_their_own_held_out_rows(t
         assert len(task.client_rows(p)) == size - holdout_count(size, 0.2)
         assert len(task.client_rows(p)) + len(task.client_holdout(p)) == size
     assert len(load_task(tiny_config(**BASE)).client_rows(0)) == len(task.partition(0))
+
+
+def test_mifa_from_the_config_reports_its_memory_in_every_row(tmp_path):
+    cfg, results, (meta, _, extra) = _run(tmp_path, "mifa", **{"strategy.aggregator": "mifa"})
+    adapter_bytes = sum(v.nbytes for v in load_task(cfg).initial_state.values())
+    assert [r["memory_bytes"] for r in results["rounds"][1:]] == [3 * adapter_bytes] * 2  # all 3 clients online
+    assert sorted(meta["strategy"]["aggregator"]["clients"]) == [0, 1, 2]
+    assert len([k for k in extra if k.startswith("aggregator/")]) == 3 * len(load_task(cfg).initial_state)

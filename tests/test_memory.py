@@ -129,3 +129,17 @@ def test_memory_resumes_bit_identically_from_a_checkpoint():
 
     rest, _ = run(Resumed(strategy=second, offset=2), numpy_clients(clients, num_clients=3), part[-1], 1)
     assert np.array_equal(rest[-1]["w"], full[-1]["w"])
+
+
+def test_memory_aggregators_are_refused_where_they_are_undefined():
+    from fedpeft.config import ConfigError
+    from tests.helpers import tiny_config
+
+    uniform = {"strategy.weighting": "uniform"}
+    with pytest.raises(ConfigError, match="subsampling amplification"):
+        tiny_config(**uniform, **{"strategy.aggregator": "fedvarp", "dp.mode": "client"})
+    with pytest.raises(ConfigError, match="strategy.weighting"):
+        tiny_config(**{"strategy.aggregator": "mifa"})
+    with pytest.raises(ConfigError, match="strategy.name"):
+        tiny_config(**uniform, **{"strategy.aggregator": "mifa", "strategy.name": "fedau"})
+    assert tiny_config(**uniform, **{"strategy.aggregator": "mifa"}).strategy.aggregator == "mifa"
