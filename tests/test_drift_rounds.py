@@ -97,3 +97,14 @@ def test_mifa_from_the_config_reports_its_memory_in_every_row(tmp_path):
     assert [r["memory_bytes"] for r in results["rounds"][1:]] == [3 * adapter_bytes] * 2  # all 3 clients online
     assert sorted(meta["strategy"]["aggregator"]["clients"]) == [0, 1, 2]
     assert len([k for k in extra if k.startswith("aggregator/")]) == 3 * len(load_task(cfg).initial_state)
+
+
+def test_scaffold_in_a_cohort_node_keeps_each_clients_c_i_and_matches_one_client_per_node(tmp_path):
+    scaffold = {"strategy.control-variates": "scaffold", "train.prox-mu": 0.1}
+    _, alone, (_, x_alone, c_alone) = _run(tmp_path, "alone", **scaffold)
+    _, cohort, (_, x_cohort, c_cohort) = _run(tmp_path, "cohort", **scaffold, **{"simulation.cohort-size": 3})
+    assert _bytes(cohort, "uplink") == _bytes(alone, "uplink")
+    for key in x_alone:
+        np.testing.assert_allclose(x_cohort[key], x_alone[key], rtol=1e-6, atol=1e-7)
+    for key in c_alone:
+        np.testing.assert_allclose(c_cohort[key], c_alone[key], rtol=1e-6, atol=1e-7)
