@@ -122,3 +122,28 @@ def test_drift_settings_are_checked_before_anything_runs():
         )
     with pytest.raises(ConfigError, match="spsa"):
         tiny_config(**{"train.prox-mu": 0.1, "strategy.name": "spsa"})
+
+
+def test_the_server_part_adds_nothing_to_any_message_or_checkpoint_when_off():
+    from strategies.client_drift import ClientDrift
+
+    state = {"w": np.ones(3, np.float32)}
+    off = ClientDrift(num_clients=3)
+    assert not off.active and off.train_config() == {} and off.train_arrays(state) == {}
+    assert off.after_round([]) == {} and off.checkpoint_state() == ({}, {})
+    prox = ClientDrift(prox_mu=0.5, num_clients=3)
+    assert prox.train_config() == {"prox-mu": 0.5} and prox.train_arrays(state) == {}
+
+
+def test_the_server_control_variate_moves_by_the_sum_of_client_changes_over_n_by_hand():
+    from strategies.client_drift import ClientDrift
+
+    part = ClientDrift(scaffold=True, num_clients=4)
+    sent = part.train_arrays({"w": np.ones(2, np.float32)})
+    assert record_to_state(sent[SCAFFOLD_C_KEY])["w"].tolist() == [0.0, 0.0]
+    part.after_round([{"w": np.array([1.0, 2.0], np.float32)}, {"w": np.array([3.0, -2.0], np.float32)}])
+    assert part.c["w"].tolist() == [1.0, 0.0]  # (1 + 3) / 4, (2 - 2) / 4
+    meta, arrays = part.checkpoint_state()
+    again = ClientDrift(scaffold=True, num_clients=4)
+    again.restore_state(meta, arrays)
+    assert again.c["w"].tolist() == [1.0, 0.0]
