@@ -58,7 +58,24 @@ def check_plan(cfg: ExperimentConfig, splits, report) -> tuple[int, ...]:
         f"{int((online.sum(axis=1) == 0).sum())} empty rounds"
     )
     report.summary.append(f"privacy: {plan_privacy(cfg, sizes, online)}")
+    report.warnings += krum_round_warnings(cfg, online)
     return sizes
+
+
+def krum_round_warnings(cfg: ExperimentConfig, online: np.ndarray) -> list[str]:
+    """Rounds of the planned trace that put fewer than 2f + 3 clients online: Krum refuses them at run time."""
+    s = cfg.strategy
+    if s.aggregator != "krum":
+        return []
+    need = max(2 * s.krum_f + 3, s.krum_f + s.krum_m)
+    short = int((online.sum(axis=1) < need).sum())
+    if not short:
+        return []
+    return [
+        f"strategy.aggregator='krum' with strategy.krum-f={s.krum_f}, krum-m={s.krum_m} needs >= {need} clients in "
+        f"a round; {short} of {cfg.num_rounds} planned rounds have fewer online and will be refused (no update); "
+        "lower strategy.krum-f / krum-m or raise the participation probabilities"
+    ]
 
 
 @contextmanager
@@ -111,43 +128,7 @@ def check_participation(cfg: ExperimentConfig, label_hist: np.ndarray) -> np.nda
 
 
 def plan_privacy(cfg: ExperimentConfig, sizes: tuple[int, ...], online: np.ndarray) -> str:
-    """The noise multiplier(s) and the epsilon they give, or raise when the target is unreachable."""
-    from fedpeft import privacy
+    """The noise multiplier(s) and the epsilon they give (the run's own plan), or raise when unreachable."""
+    from fedpeft.privacy_plan import plan_privacy as plan
 
-    dp = cfg.dp
-    if dp.mode == "none":
-        return "off"
-    if dp.mode == "client":
-        rate = float(max(online.sum(axis=1).max(), 1) / cfg.partition.num_partitions)
-        sigma = dp.noise_multiplier
-        if dp.target_epsilon > 0:
-            sigma = privacy.plan_noise_multiplier(
-                target_epsilon=dp.target_epsilon, delta=dp.delta, sample_rate=rate, steps=cfg.num_rounds,
-                what=f"{cfg.num_rounds} rounds of client-level DP",
-            )  # fmt: skip
-        eps = privacy.epsilon_from_history([(sigma, rate, cfg.num_rounds)], dp.delta)
-        return f"client-level, sigma {sigma:.4g} at sample rate {rate:.3g}: epsilon {eps:.3g} at delta {dp.delta:g}"
-    if dp.delta >= 1.0 / min(sizes):
-        raise ConfigError(
-            f"dp.delta={dp.delta:g} is not below 1 / (smallest partition = {min(sizes)} examples): such a delta "
-            f"lets a client reveal a record outright; set dp.delta < {1.0 / min(sizes):.3g}"
-        )
-    zeroth = cfg.strategy.name == "spsa"
-    batch = cfg.spsa.batch_size if zeroth else cfg.train.batch_size
-    sigmas, epsilons = [], []
-    for n in sorted(set(sizes)):
-        steps = (
-            cfg.spsa.local_steps
-            if zeroth
-            else privacy.local_steps_per_round(n, batch, cfg.train.local_steps, cfg.train.local_epochs)
-        )
-        sigma = privacy.client_noise_multiplier(
-            dp, num_examples=n, batch_size=batch, steps_per_round=steps, num_rounds=cfg.num_rounds
-        )
-        rate = privacy.poisson_rate(n, batch)
-        sigmas.append(sigma)
-        epsilons.append(privacy.epsilon_from_history([(sigma, rate, steps * cfg.num_rounds)], dp.delta))
-    return (
-        f"sample-level ({'DPZero' if zeroth else 'DP-SGD'}), sigma {min(sigmas):.4g}..{max(sigmas):.4g}: "
-        f"epsilon at most {max(epsilons):.3g} at delta {dp.delta:g} for a client online every round"
-    )
+    return plan(cfg, sizes, online).text()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,82 +34,30 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fedpeft.config import ConfigError, DPConfig
+from fedpeft.privacy_plan import (
+    ACCOUNTANT,
+    HistoryEntry,
+    client_noise_multiplier,
+    epsilon_from_history,
+    local_steps_per_round,
+    plan_noise_multiplier,
+    poisson_rate,
+    sample_noise_multiplier,
+)
 
 log = logging.getLogger(__name__)
 
-ACCOUNTANT = "rdp"
-
-#: one accountant entry: (noise multiplier, sample rate, number of steps)
-HistoryEntry = tuple[float, float, int]
-
-
-def epsilon_from_history(history: list[HistoryEntry], delta: float) -> float:
-    """Epsilon spent at ``delta`` by a sequence of DP-SGD steps (Opacus' RDP accountant)."""
-    from opacus.accountants import create_accountant
-
-    if not history:
-        return 0.0
-    if any(sigma <= 0 for sigma, _, _ in history):
-        return math.inf
-    accountant = create_accountant(mechanism=ACCOUNTANT)
-    accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return float(accountant.get_epsilon(delta=delta))
-
-
-def plan_noise_multiplier(
-    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, what: str = "the planned run"
-) -> float:
-    """Smallest ``sigma`` (Opacus' search) so that ``steps`` steps at ``sample_rate`` spend ``target_epsilon``.
-
-    Raises
-    ------
-    ConfigError
-        If no noise multiplier reaches the target, with the settings to change.
-    """
-    from opacus.accountants.utils import get_noise_multiplier
-
-    try:
-        with warnings.catch_warnings():  # huge sigmas push the optimal RDP order to the largest alpha
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-            sigma = get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=ACCOUNTANT,
-            )
-    except ValueError as err:
-        raise ConfigError(
-            f"dp.target-epsilon={target_epsilon} at dp.delta={delta} cannot be reached by any noise multiplier "
-            f"for {what} ({steps} steps at sample rate {sample_rate:.4g}; Opacus says: {err}); "
-            "raise dp.target-epsilon or dp.delta, take fewer steps (num-rounds; for DP-SGD also "
-            "train.local-steps / train.local-epochs), or set dp.target-epsilon=0 and choose dp.noise-multiplier"
-        ) from None
-    return float(sigma)
-
-
-def poisson_rate(num_examples: int, batch_size: int) -> float:
-    """Opacus' sample rate ``1 / len(loader)`` for a loader of ``num_examples`` rows."""
-    return 1.0 / math.ceil(num_examples / batch_size)
-
-
-def local_steps_per_round(num_examples: int, batch_size: int, local_steps: int, local_epochs: int) -> int:
-    """Local steps a client takes per round (``train.local-steps``, else epochs x batches)."""
-    return local_steps if local_steps > 0 else local_epochs * math.ceil(num_examples / batch_size)
-
-
-def client_noise_multiplier(dp: DPConfig, *, num_examples: int, batch_size: int, steps_per_round: int, num_rounds: int):
-    """``sigma`` for a client with ``num_examples`` rows: ``dp.noise-multiplier`` or planned from the target."""
-    if dp.target_epsilon <= 0:
-        return dp.noise_multiplier
-    return plan_noise_multiplier(
-        target_epsilon=dp.target_epsilon,
-        delta=dp.delta,
-        sample_rate=poisson_rate(num_examples, batch_size),
-        steps=num_rounds * steps_per_round,
-        what=f"a client with {num_examples} examples online in all {num_rounds} rounds",
-    )
+#: the planning and accounting functions live in fedpeft/privacy_plan.py (no torch); re-exported here
+__all__ = [
+    "ACCOUNTANT",
+    "HistoryEntry",
+    "client_noise_multiplier",
+    "epsilon_from_history",
+    "local_steps_per_round",
+    "plan_noise_multiplier",
+    "poisson_rate",
+    "sample_noise_multiplier",
+]
 
 
 @dataclass
@@ -237,20 +184,12 @@ def train_local_private(model: nn.Module, loader, cfg, *, partition_id: int, rou
     per-sample gradients stay exact (tested).
 
     ``sigma`` is ``dp.noise-multiplier``, or planned from ``dp.target-epsilon`` for this
-    client's partition size over ``num-rounds`` rounds (see :func:`client_noise_multiplier`).
+    client's partition size over ``num-rounds`` rounds (``fedpeft.privacy_plan``, the plan's own formula).
     """
     from fedpeft.rng import derive_seed
     from fedpeft.train import build_optimizer, train_local
 
-    num_examples = len(loader.dataset)
-    steps = local_steps_per_round(num_examples, cfg.train.batch_size, cfg.train.local_steps, cfg.train.local_epochs)
-    sigma = client_noise_multiplier(
-        cfg.dp,
-        num_examples=num_examples,
-        batch_size=cfg.train.batch_size,
-        steps_per_round=steps,
-        num_rounds=cfg.num_rounds,
-    )
+    sigma = sample_noise_multiplier(cfg, len(loader.dataset))
     with dp_sgd(
         model,
         build_optimizer(model, cfg.train),

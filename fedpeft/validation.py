@@ -70,6 +70,8 @@ def validate(cfg: ExperimentConfig) -> None:
     )
     _check(cfg.train.weight_decay >= 0, "train.weight-decay", ">= 0", cfg.train.weight_decay)
     _check(cfg.strategy.server_lr > 0, "strategy.server-lr", "> 0", cfg.strategy.server_lr)
+    _validate_memory(cfg)  # before the generic aggregator rules: MIFA / FedVarp's refusals say why
+    _validate_strategy_parts(cfg)
     _validate_dp(cfg)
     _validate_spsa(cfg)
     _validate_lora_ranks(cfg)
@@ -116,7 +118,6 @@ def validate(cfg: ExperimentConfig) -> None:
         cfg.simulation.cohort_size,
     )
     _validate_drift(cfg)
-    _validate_memory(cfg)
     _validate_byzantine(cfg)
     _validate_evaluate(cfg)
 
@@ -449,4 +450,94 @@ def _validate_lora_ranks(cfg: ExperimentConfig) -> None:
             key,
             f"'mem:' followed by exactly partition.num-partitions={num} budgets in MB (one per partition)",
             cfg.clients.rank_profile,
+        )
+
+
+def clients_per_round(cfg: ExperimentConfig) -> tuple[int, bool]:
+    """``(n, fixed)``: clients online per round, and whether every round has exactly that many.
+
+    ``always`` and ``uniform`` fix n; the other participation models vary it, so ``n`` is then
+    the most there can be (all N) and the rule is checked again each round at run time.
+    """
+    num = cfg.partition.num_partitions
+    part = cfg.participation
+    if part.model == "always":
+        return num, True
+    if part.model == "uniform":
+        return min(num, max(part.min_clients, int(round(part.fraction * num)))), True
+    return num, False
+
+
+def _validate_strategy_parts(cfg: ExperimentConfig) -> None:
+    """Server optimizer and aggregator ranges, and the combinations docs/strategies.md marks undefined."""
+    s = cfg.strategy
+    _check(0 <= s.server_momentum < 1, "strategy.server-momentum", "in [0, 1)", s.server_momentum)
+    _check(0 <= s.beta1 < 1, "strategy.beta1", "in [0, 1)", s.beta1)
+    _check(0 <= s.beta2 < 1, "strategy.beta2", "in [0, 1)", s.beta2)
+    _check(s.tau > 0, "strategy.tau", "> 0", s.tau)
+    _check(
+        0 <= s.trim_fraction < 0.5,
+        "strategy.trim-fraction",
+        "in [0, 0.5) (the fraction dropped from each end; 0.5 would leave no client)",
+        s.trim_fraction,
+    )
+    _check(s.krum_f >= 0, "strategy.krum-f", ">= 0", s.krum_f)
+    _check(s.krum_m >= 1, "strategy.krum-m", ">= 1 (1 = Krum)", s.krum_m)
+    if s.server_optimizer != "sgd":
+        _check(
+            s.name not in ("flexlora", "spsa"),
+            "strategy.server-optimizer",
+            f"'sgd' with strategy.name={s.name!r}: "
+            + (
+                "FlexLoRA re-factorises B A every round, so moments over its factors mean nothing"
+                if s.name == "flexlora"
+                else "SPSA's server replays the clients' seeded steps; it has no pseudo-gradient to adapt"
+            ),
+            s.server_optimizer,
+        )
+    if s.aggregator == "mean":
+        return
+    _check(
+        s.name == "fedavg",
+        "strategy.aggregator",
+        f"'mean' with strategy.name={s.name!r}: "
+        + {
+            "fedau": "FedAU's omega / N weights with a median or Krum are undefined",
+            "known_p_oracle": "the oracle's 1/p weights with a median or Krum are undefined",
+            "hetlora": "zero padding is HetLoRA's own aggregator",
+            "flexlora": "the SVD of the mean is FlexLoRA's own aggregator",
+            "spsa": "SPSA replays one-byte codes, not deltas",
+        }.get(s.name, "robust aggregators combine with strategy.name='fedavg' only"),
+        s.aggregator,
+    )
+    _check(
+        cfg.dp.mode != "client",
+        "dp.mode",
+        f"'none' or 'sample' with strategy.aggregator={s.aggregator!r}: client-level DP calibrates its noise "
+        "to the mean's sensitivity, which a median, trimmed mean or Krum does not have (use strategy.aggregator=mean)",
+        cfg.dp.mode,
+    )
+    if s.aggregator in ("median", "trimmed-mean"):
+        _check(
+            s.weighting == "uniform",
+            "strategy.weighting",
+            f"'uniform' with strategy.aggregator={s.aggregator!r}: it is a per-coordinate order statistic "
+            "and uses no weights (set strategy.weighting=uniform)",
+            s.weighting,
+        )
+    n, fixed = clients_per_round(cfg)
+    when = "per round" if fixed else "at most (all clients online)"
+    if s.aggregator == "krum":
+        _check(
+            n >= 2 * s.krum_f + 3,
+            "strategy.krum-f",
+            f"<= (n - 3) / 2 = {(n - 3) // 2} for n = {n} clients {when}: Krum needs n >= 2f + 3 "
+            "(lower strategy.krum-f or put more clients online)",
+            s.krum_f,
+        )
+        _check(
+            s.krum_m <= n - s.krum_f,
+            "strategy.krum-m",
+            f"<= n - f = {n - s.krum_f} for n = {n} clients {when}",
+            s.krum_m,
         )

@@ -26,6 +26,7 @@ from fedpeft import participation as participation_lib
 from fedpeft.adapters import export_adapter, num_trainable, set_adapter_state
 from fedpeft.comm import UP, Ledger
 from fedpeft.config import ExperimentConfig
+from fedpeft.privacy_plan import plan_privacy
 from fedpeft.records import record_to_state, state_to_record
 from fedpeft.results import default_run_dir, git_revision, load_results, package_versions, write_results
 from fedpeft.task import load_task, set_threads
@@ -158,6 +159,8 @@ def run_experiment(
         report=recorder.report,
         initial_state=dict(task.initial_state),
         client_ranks=results.get("client_ranks"),
+        # every sigma of the run, planned once (fedpeft check prints the same plan)
+        privacy_plan=plan_privacy(cfg, results["partitions"]["sizes"], online_trace),
     )
     strategy = build_strategy(cfg, ctx)
     recorder.strategy = strategy

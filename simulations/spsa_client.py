@@ -153,12 +153,6 @@ def _dpzero_plan(cfg: ExperimentConfig, rows: int, context: Context) -> dict | N
     if cfg.dp.mode != "sample":
         return None
     rate = privacy.poisson_rate(rows, cfg.spsa.batch_size)
-    sigma = privacy.client_noise_multiplier(
-        cfg.dp,
-        num_examples=rows,
-        batch_size=cfg.spsa.batch_size,
-        steps_per_round=cfg.spsa.local_steps,
-        num_rounds=cfg.num_rounds,
-    )
+    sigma = privacy.sample_noise_multiplier(cfg, rows)  # the privacy plan's formula (fedpeft/privacy_plan.py)
     history = privacy.history_from_lists(context.state.config_records.get(DP_STATE_KEY))
     return {"sigma": sigma, "rate": rate, "history": history}

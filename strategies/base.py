@@ -31,6 +31,8 @@ from typing import Any, Protocol
 import numpy as np
 from flwr.app import ConfigRecord, Message
 
+from fedpeft.privacy_plan import PrivacyPlan
+
 #: the reply ConfigRecord that says what the reply carries
 CONTRACT_KEY = "contract"
 KIND_DELTA = "delta"
@@ -111,6 +113,9 @@ class StrategyContext:
     client_ranks : list of int, optional
         Every partition's LoRA rank when the ServerApp measured them (``mem:`` budgets);
         ``None``: read ``clients.rank-profile``.
+    privacy_plan : PrivacyPlan, optional
+        The run's noise multipliers (``fedpeft.privacy_plan.plan_privacy``); required when
+        ``dp.mode`` is not ``none`` (strategies load no data to plan it themselves).
     """
 
     node_selector: Callable[[int, Any], list[int]]
@@ -120,6 +125,7 @@ class StrategyContext:
     report: Reporter = no_report
     initial_state: dict[str, np.ndarray] | None = None
     client_ranks: list[int] | None = None
+    privacy_plan: PrivacyPlan | None = None
 
 
 class FedPeftStrategy(Protocol):

@@ -23,7 +23,9 @@ fixed ``num_sampled_clients`` and no subsampling amplification. This wrapper kee
 shape (wrap, clip replies, delegate, add noise) and fixes those four points: deltas are
 clipped as they are, the noise is added to the mean before the server update, it comes
 from ``numpy_rng(seed, "dp-client-noise", round)``, and epsilon comes from Opacus' RDP
-accountant with the realised sample rate ``q_t = m_t / N`` of each round.
+accountant with the realised sample rate ``q_t = m_t / N`` of each round. Sigma comes
+from the run's privacy plan (fedpeft/privacy_plan.py, passed as ``StrategyContext.privacy_plan``),
+the one ``fedpeft check`` prints: this module loads no data.
 
 Weighting: equal weights are required (``strategy.weighting = "uniform"``, enforced by
 the config): example counts are private and would make the sensitivity unbounded.
@@ -174,7 +176,7 @@ class ClientLevelDP(Delegating):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The strategy aggregates clipped copies, noise enters before its server update; account the release."""
-        from fedpeft.privacy import epsilon_from_history  # Opacus' accountant (imports torch)
+        from fedpeft.privacy_plan import epsilon_from_history  # Opacus' accountant (imports torch)
 
         self._norms = []
         new_arrays, metrics = self.strategy.aggregate_round(server_round, replies, privacy=self)
@@ -255,39 +257,28 @@ class SampleLevelDPReport(Delegating):
         return arrays, metrics
 
 
-def planned_client_rate(cfg, ctx) -> float:
-    """Largest fraction of clients online in any planned round (for planning sigma)."""
-    from fedpeft.participation import trace
-
-    if ctx.environment is None:
-        return 1.0
-    matrix = trace(ctx.environment, cfg.num_rounds, ctx.num_clients)
-    return float(max(matrix.sum(axis=1).max(), 1) / ctx.num_clients)
-
-
 def wrap_privacy(strategy: FedPeftStrategy, cfg, ctx) -> FedPeftStrategy:
-    """``strategy`` wrapped for ``cfg.dp.mode`` (unchanged for ``none``); checks budgets up front."""
+    """``strategy`` wrapped for ``cfg.dp.mode`` (unchanged for ``none``), with sigma from ``ctx.privacy_plan``.
+
+    The plan (fedpeft/privacy_plan.py) was computed once, from the config, the partition
+    sizes and the participation trace, before any round; an unreachable target has already
+    failed there, naming the fix.
+    """
     dp = cfg.dp
     if dp.mode == "none":
         return strategy
-    from fedpeft import privacy  # Opacus (imports torch); only when privacy is on
-
-    zeroth_order = strategy.client_mode == "spsa"
     if dp.mode == "client" and strategy.client_dp_refusal():
         raise ConfigError(strategy.client_dp_refusal())
+    plan = ctx.privacy_plan
+    if plan is None or plan.mode != dp.mode:
+        raise ValueError(
+            f"dp.mode={dp.mode!r} needs the run's privacy plan: pass "
+            "StrategyContext(privacy_plan=fedpeft.privacy_plan.plan_privacy(cfg, partition sizes, online trace))"
+        )
     if dp.mode == "client":
-        sigma = dp.noise_multiplier
-        if dp.target_epsilon > 0:
-            sigma = privacy.plan_noise_multiplier(
-                target_epsilon=dp.target_epsilon,
-                delta=dp.delta,
-                sample_rate=planned_client_rate(cfg, ctx),
-                steps=cfg.num_rounds,
-                what=f"{cfg.num_rounds} rounds of client-level DP",
-            )
         return ClientLevelDP(
             strategy=strategy,
-            noise_multiplier=sigma,
+            noise_multiplier=plan.client_sigma,
             clip_norm=dp.clip_norm,
             num_clients=ctx.num_clients,
             delta=dp.delta,
@@ -296,15 +287,4 @@ def wrap_privacy(strategy: FedPeftStrategy, cfg, ctx) -> FedPeftStrategy:
         )
     if strategy.client_mode not in ("first-order", "spsa"):
         raise ConfigError(f"dp.mode='sample' has no recipe for strategy.name={cfg.strategy.name!r}")
-    from fedpeft.task import partitions
-
-    for rows in partitions(cfg):  # fail at start-up, not inside a client
-        if zeroth_order:  # DPZero: spsa.local-steps steps of spsa.batch-size per round
-            batch, steps = cfg.spsa.batch_size, cfg.spsa.local_steps
-        else:
-            batch = cfg.train.batch_size
-            steps = privacy.local_steps_per_round(len(rows), batch, cfg.train.local_steps, cfg.train.local_epochs)
-        privacy.client_noise_multiplier(
-            dp, num_examples=len(rows), batch_size=batch, steps_per_round=steps, num_rounds=cfg.num_rounds
-        )
     return SampleLevelDPReport(strategy=strategy, delta=dp.delta, report=ctx.report)

@@ -105,5 +105,6 @@ def test_check_warns_when_byzantine_clients_meet_a_non_robust_aggregator():
     attacked = {"partition.num-partitions": 10, "faults.byzantine-fraction": 0.2}
     (warning,) = byzantine_warnings(tiny_config(**attacked))
     assert "strategy.aggregator='mean'" in warning and "median" in warning
-    assert byzantine_warnings(tiny_config(**attacked, **{"strategy.aggregator": "median"})) == []
+    robust = {"strategy.aggregator": "median", "strategy.weighting": "uniform"}
+    assert byzantine_warnings(tiny_config(**attacked, **robust)) == []
     assert byzantine_warnings(tiny_config(**{"partition.num-partitions": 10})) == []

@@ -60,19 +60,27 @@ def test_reported_epsilon_is_opacus_for_the_spsa_step_history():
 
 
 def _ctx(cfg):
-    from fedpeft.task import load_task
+    """The ServerApp's context for ``cfg`` (3 clients always online): initial adapter and privacy plan."""
+    from fedpeft.privacy_plan import plan_privacy
+    from fedpeft.task import load_task, partitions
 
+    plan = None
+    if cfg is not None:
+        online = np.ones((cfg.num_rounds, cfg.partition.num_partitions), dtype=bool)
+        plan = plan_privacy(cfg, [len(rows) for rows in partitions(cfg)], online)
     return StrategyContext(
         node_selector=lambda r, g: [],
         partition_of=lambda n: n,
         num_clients=3,
         initial_state=load_task(tiny_config()).initial_state,
+        privacy_plan=plan,
     )
 
 
 def test_spsa_accepts_sample_level_dp_and_rejects_client_level_dp():
     base = {"strategy.name": "spsa", "strategy.weighting": "uniform", "dp.noise-multiplier": 1.0}
-    build_strategy(tiny_config(**base, **{"dp.mode": "sample"}), _ctx(None))
+    sample = tiny_config(**base, **{"dp.mode": "sample"})
+    build_strategy(sample, _ctx(sample))
     with pytest.raises(ConfigError, match="use dp.mode='sample' with strategy.name='spsa'"):
         build_strategy(tiny_config(**base, **{"dp.mode": "client"}), _ctx(None))
 

@@ -74,13 +74,12 @@ ONLINE = {1: [0, 1], 2: [1, 2], 3: [0]}  # partitions online per round
 
 def _memory_strategy(aggregator, reports=None):
     from strategies import PeftStrategy, UniformWeights
-    from tests.test_strategy_start import node_to_partition
 
     return PeftStrategy(
         weighting=UniformWeights(),
         aggregator=aggregator,
         node_selector=lambda rnd, grid: [1000 + p for p in ONLINE[rnd]],
-        partition_of=node_to_partition,
+        partition_of=lambda node: node - 1000,
         report=reports,
     )
 
@@ -96,8 +95,8 @@ def _memory_strategy(aggregator, reports=None):
 )
 def test_memory_aggregators_under_strategy_start_by_hand(name, expected):
     from strategies.memory import MIFA, FedVarp
-    from tests.replies import RoundReports
-    from tests.test_strategy_start import numpy_clients, run
+    from tests.replies import RoundReports, numpy_clients
+    from tests.replies import run_rounds as run
 
     reports = RoundReports()
     aggregator = (MIFA if name == "mifa" else FedVarp)(num_clients=3)
@@ -111,7 +110,8 @@ def test_memory_aggregators_under_strategy_start_by_hand(name, expected):
 def test_memory_resumes_bit_identically_from_a_checkpoint():
     from simulations.resume import Resumed
     from strategies.memory import FedVarp
-    from tests.test_strategy_start import numpy_clients, run
+    from tests.replies import numpy_clients
+    from tests.replies import run_rounds as run
 
     clients = lambda pid, state: {"w": (state["w"] * 0.5 + pid + 1.0).astype(np.float32)}  # noqa: E731
     full, _ = run(

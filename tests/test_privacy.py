@@ -10,6 +10,7 @@ from opacus.accountants import RDPAccountant
 from fedpeft import privacy
 from fedpeft.adapters import compute_delta, get_adapter_state, set_adapter_state
 from fedpeft.config import ConfigError
+from fedpeft.privacy_plan import plan_privacy
 from fedpeft.records import record_to_state, state_to_record
 from fedpeft.task import load_task
 from fedpeft.train import build_optimizer, train_local
@@ -122,16 +123,36 @@ def test_client_dp_needs_uniform_weighting_and_an_impossible_target_fails_clearl
     with pytest.raises(ConfigError, match="strategy.weighting=uniform"):
         tiny_config(**{"dp.mode": "client"})
     cfg = tiny_config(**{"dp.mode": "client", "strategy.weighting": "uniform", "dp.target-epsilon": 0.01})
-    ctx = StrategyContext(node_selector=None, partition_of=lambda n: n, num_clients=3)
     with pytest.raises(ConfigError, match="raise dp.target-epsilon or dp.delta, take fewer steps"):
-        wrap_privacy(PeftStrategy(weighting=UniformWeights()), cfg, ctx)
+        plan_privacy(cfg, [32, 32, 32], np.ones((cfg.num_rounds, 3), dtype=bool))
 
 
-def test_an_impossible_sample_level_target_fails_at_server_start_up():
+def test_an_impossible_sample_level_target_fails_when_the_plan_is_made_at_server_start_up():
     cfg = tiny_config(**{"dp.mode": "sample", "dp.target-epsilon": 0.02})
-    ctx = StrategyContext(node_selector=None, partition_of=lambda n: n, num_clients=3)
     with pytest.raises(ConfigError, match="dp.target-epsilon=0.02 at dp.delta=1e-05 cannot be reached"):
-        wrap_privacy(PeftStrategy(), cfg, ctx)
+        plan_privacy(cfg, [32, 30, 34], np.ones((cfg.num_rounds, 3), dtype=bool))
+
+
+def test_the_wrapper_takes_sigma_from_the_privacy_plan_and_refuses_to_run_without_one():
+    cfg = tiny_config(**{"dp.mode": "client", "strategy.weighting": "uniform", "dp.target-epsilon": 4.0})
+    online = np.zeros((cfg.num_rounds, 3), dtype=bool)
+    online[:, :2] = True  # 2 of 3 clients online: planned rate 2/3
+    plan = plan_privacy(cfg, [32, 32, 32], online)
+    assert plan.client_rate == pytest.approx(2 / 3)
+    expected = privacy.plan_noise_multiplier(target_epsilon=4.0, delta=1e-5, sample_rate=2 / 3, steps=cfg.num_rounds)
+    ctx = StrategyContext(node_selector=None, partition_of=lambda n: n, num_clients=3, privacy_plan=plan)
+    wrapped = wrap_privacy(PeftStrategy(weighting=UniformWeights()), cfg, ctx)
+    assert wrapped.noise_multiplier == plan.client_sigma == expected
+    assert "client-level, sigma" in plan.text()
+    with pytest.raises(ValueError, match="needs the run's privacy plan"):
+        wrap_privacy(PeftStrategy(weighting=UniformWeights()), cfg, StrategyContext(None, lambda n: n, 3))
+
+
+def test_sample_level_clients_use_the_plans_own_sigma_for_their_partition_size():
+    cfg = tiny_config(**{"dp.mode": "sample", "dp.target-epsilon": 6.0})
+    plan = plan_privacy(cfg, [32, 30, 34], np.ones((cfg.num_rounds, 3), dtype=bool))
+    assert plan.sample_sigmas == {n: privacy.sample_noise_multiplier(cfg, n) for n in (30, 32, 34)}
+    assert len(set(plan.sample_sigmas.values())) > 1  # unequal sizes: unequal batches per round
 
 
 def test_a_reachable_target_gives_a_sigma_that_spends_at_most_the_target():

@@ -28,6 +28,7 @@ SETUPS = {
         "train.local-steps": 0,  # SPSA clients read spsa.*; the tiny config's train.* would be inactive
         "train.batch-size": 32,
     },
+    "fedadam": {"strategy.server-optimizer": "adam", "strategy.server-lr": 0.01},  # moments in the checkpoint
     "fedau-client-dp": {
         "strategy.name": "fedau",
         "participation.model": "bernoulli",

@@ -11,52 +11,15 @@ import sys
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
+from flwr.app import Context
 from flwr.serverapp.strategy import Strategy
 from opacus.accountants import RDPAccountant
 
-from fedpeft.records import record_to_state, state_to_record
 from simulations.grids import InMemoryGrid
 from strategies import FedAUWeights, Mean, PeftStrategy, UniformWeights
-from strategies.base import CONTRACT_KEY, KIND_DELTA, contract_record
 from strategies.dp import ClientLevelDP, SampleLevelDPReport
-from tests.replies import RoundReports
-
-
-def numpy_clients(delta_of, *, num_clients: int, epsilon: float | None = None) -> InMemoryGrid:
-    """A grid of ``num_clients`` real ClientApps; partition ``p`` replies ``delta_of(p, global_state)``."""
-    app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        metrics = {"num-examples": 1, "partition-id": pid}
-        if epsilon is not None:
-            metrics["epsilon"] = epsilon * (pid + 1)
-        delta = delta_of(pid, record_to_state(msg.content["arrays"]))
-        content = RecordDict(
-            {
-                "arrays": state_to_record(delta),
-                "metrics": MetricRecord(metrics),
-                CONTRACT_KEY: contract_record(KIND_DELTA),
-            }
-        )
-        return Message(content, reply_to=msg)
-
-    configs = [{"partition-id": p, "num-partitions": num_clients} for p in range(num_clients)]
-    return InMemoryGrid(app, run_config={}, node_configs=configs)
-
-
-def run(strategy: Strategy, grid: InMemoryGrid, initial: dict, num_rounds: int) -> tuple[list[dict], object]:
-    """``strategy.start`` on ``grid``; returns the global state after round 0..num_rounds and the Result."""
-    states: list[dict] = []
-
-    def keep(server_round: int, arrays: ArrayRecord) -> None:
-        states.append(record_to_state(arrays))
-
-    result = strategy.start(grid, state_to_record(initial), num_rounds=num_rounds, timeout=60, evaluate_fn=keep)
-    return states, result
+from tests.replies import RoundReports, numpy_clients
+from tests.replies import run_rounds as run
 
 
 def node_to_partition(node: int) -> int:
