@@ -108,3 +108,12 @@ def test_scaffold_in_a_cohort_node_keeps_each_clients_c_i_and_matches_one_client
         np.testing.assert_allclose(x_cohort[key], x_alone[key], rtol=1e-6, atol=1e-7)
     for key in c_alone:
         np.testing.assert_allclose(c_cohort[key], c_alone[key], rtol=1e-6, atol=1e-7)
+
+
+def test_per_client_evaluation_through_a_cohort_node_scores_every_client_as_alone(tmp_path):
+    every = {"evaluate.fraction-clients": 1.0}
+    _, alone, _ = _run(tmp_path, "alone", rounds=1, **every)
+    _, cohort, _ = _run(tmp_path, "cohort", rounds=1, **every, **{"simulation.cohort-size": 3})
+    assert [c["partition_id"] for c in cohort["rounds"][1]["client_eval"]] == [0, 1, 2]
+    for a, c in zip(alone["rounds"][1]["client_eval"], cohort["rounds"][1]["client_eval"], strict=True):
+        assert a["num_examples"] == c["num_examples"] and abs(a["accuracy"] - c["accuracy"]) < 1e-9
