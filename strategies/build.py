@@ -66,7 +66,8 @@ def build_weighting_part(cfg, ctx: StrategyContext) -> Weighting:
     if cfg.strategy.name == "known_p_oracle":
         if ctx.environment is None:
             raise ValueError(
-                "strategy 'known_p_oracle' reads the true probabilities p_n from the participation model: pass ctx.environment"
+                "strategy 'known_p_oracle' reads the true probabilities p_n from the participation model: "
+                "pass StrategyContext(environment=...)"
             )
         return OracleWeights(probabilities=ctx.environment.probabilities)
     return build_weighting(cfg.strategy.weighting)

@@ -15,10 +15,12 @@ from a config. Client-level DP (strategies/dp.py) wraps this class and calls
 accepted deltas and draws the noise that enters between aggregation and the server update.
 
 Per-client server state lives in a part, keyed by partition id, and is checkpointed with it
-(FedAU's intervals are the model; a MIFA/FedVarp memory of each client's latest delta would
-be a weighting-and-aggregator part of the same kind). What a client must receive beyond its
-view of the adapter (SCAFFOLD's control variate, FedProx's mu) belongs in
-:meth:`PeftStrategy.configure_train`'s message, and its extra reply arrays in ``accept_replies``.
+(FedAU's intervals; MIFA / FedVarp's memory of each client's latest delta is an aggregator
+part, strategies/memory.py). What a client must receive beyond its view of the adapter
+(SCAFFOLD's control variate, FedProx's mu) comes from the ``client_drift`` part
+(strategies/client_drift.py) in :meth:`PeftStrategy.configure_train`, and its extra reply
+arrays are screened in :meth:`PeftStrategy.accept_replies`. Per-client evaluation
+(strategies/client_eval.py) answers Flower's evaluate hooks.
 
 Replies that failed, broke the message contract, or whose delta has the wrong keys, shapes
 or non-finite values, or whose ``num-examples`` is not a finite positive number, are
