@@ -186,6 +186,11 @@ def set_adapter_state(model: nn.Module, state: State) -> None:
             p.copy_(torch.as_tensor(state[name]).to(p.device, p.dtype))
 
 
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable parameters under their adapter-state names (the keys of :func:`get_adapter_state`)."""
+    return _trainable(model)
+
+
 _ADAPTER_PART = r"\.(lora_A|lora_B|modules_to_save)\.{}\."
 
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedpeft.config import ConfigError, ExperimentConfig, prompts_for_labels, read_config_file
+from fedpeft.config import BYZANTINE_KINDS, ConfigError, ExperimentConfig, prompts_for_labels, read_config_file
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,33 @@ INACTIVE_RULES: tuple[Rule, ...] = (
      ("model.int8-threshold",)),
     ("tracking.backend", lambda c: None if c.tracking.backend == "mlflow" else "only MLflow has a store and experiments",
      _keys("tracking", "uri experiment")),
+    ("faults.byzantine-fraction", lambda c: None if c.faults.byzantine_fraction > 0 else "no client is Byzantine",
+     ("faults.byzantine-kind",)),
+    ("faults.byzantine-fraction", lambda c: None if _byzantine_kinds_on(c) else "no Byzantine kind is injected",
+     ("faults.byzantine-scale",)),
+    ("evaluate.fraction-clients", lambda c: None if c.evaluate.fraction_clients > 0 else "per-client evaluation is off",
+     ("evaluate.holdout-fraction",)),
 )  # fmt: skip
+
+
+#: aggregators that bound a minority of corrupted deltas' influence (strategies/aggregators.py)
+ROBUST_AGGREGATORS = ("median", "trimmed-mean", "krum")
+
+
+def byzantine_warnings(cfg: ExperimentConfig) -> list[str]:
+    """A warning when Byzantine clients attack an aggregator that does not resist them (allowed: a baseline)."""
+    if not _byzantine_kinds_on(cfg) or cfg.strategy.aggregator in ROBUST_AGGREGATORS:
+        return []
+    return [
+        f"Byzantine clients (faults.byzantine-fraction={cfg.faults.byzantine_fraction:g}) attack "
+        f"strategy.aggregator={cfg.strategy.aggregator!r}, which averages every delta: one attacker can move "
+        f"the global adapter arbitrarily (fine as a baseline; robust: {', '.join(ROBUST_AGGREGATORS)})"
+    ]
+
+
+def _byzantine_kinds_on(cfg: ExperimentConfig) -> bool:
+    random_kinds = {k.strip() for k in cfg.faults.kinds.split(",")} & set(BYZANTINE_KINDS)
+    return cfg.faults.byzantine_fraction > 0 or (cfg.faults.rate > 0 and bool(random_kinds))
 
 
 def _is_file_or_embedded(cfg: ExperimentConfig) -> bool:
@@ -365,6 +391,7 @@ def check_experiment(cfg: ExperimentConfig, sources: Sources | None = None) -> C
     splits = load_checked_splits(cfg, report)
     report.warnings += check_resources(cfg)
     report.warnings += _int8_cuda_warnings(cfg)
+    report.warnings += byzantine_warnings(cfg)
     names = splits.train.label_names
     facts = check_model(cfg, len(names))  # before partitioning: a module-name typo fails a few seconds sooner
     check_prompts(cfg, names)

@@ -13,7 +13,9 @@ class ConfigError(ValueError):
 
 
 # Allowed values for string fields: "<section>.<field>" -> choices.
-FAULT_KINDS = ("crash", "hang", "nan", "inf", "shape", "metrics", "slow")
+FAULT_KINDS = ("crash", "hang", "nan", "inf", "shape", "metrics", "slow", "scaled", "sign-flip", "noise")
+#: the fault kinds a Byzantine client applies to its delta (simulations/faults.py)
+BYZANTINE_KINDS = ("scaled", "sign-flip", "noise")
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.quantization": ("none", "int8", "nf4"),
@@ -47,6 +49,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "spsa.lr-schedule": ("constant", "inverse-sqrt"),
     "spsa.distribution": ("gaussian", "rademacher"),
     "strategy.server-optimizer": ("sgd", "momentum", "adam", "yogi", "adagrad"),
-    "strategy.aggregator": ("mean", "median", "trimmed-mean", "krum"),
+    "strategy.aggregator": ("mean", "median", "trimmed-mean", "krum", "mifa", "fedvarp"),
+    "strategy.control-variates": ("none", "scaffold"),
+    "faults.byzantine-kind": BYZANTINE_KINDS,
     "tracking.backend": ("none", "tensorboard", "mlflow"),
 }

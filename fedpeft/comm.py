@@ -78,7 +78,11 @@ class Ledger:
         return out
 
     def per_round(self) -> dict[int, dict[str, int]]:
-        """``{round: {uplink_payload_bytes, uplink_message_bytes, downlink_...}}``."""
+        """``{round: {uplink_payload_bytes, uplink_message_bytes, downlink_...}}`` of the algorithm's messages.
+
+        Per-client evaluation (rows of kind ``evaluate``) is a measurement, not the algorithm's
+        communication: its rows stay in the ledger and out of the byte axis.
+        """
         out: dict[int, dict[str, int]] = defaultdict(
             lambda: dict.fromkeys(
                 ("uplink_payload_bytes", "uplink_message_bytes", "downlink_payload_bytes", "downlink_message_bytes"),
@@ -86,6 +90,8 @@ class Ledger:
             )
         )
         for row in self._rows:
+            if row.kind == "evaluate":
+                continue
             prefix = "uplink" if row.direction == UP else "downlink"
             out[row.round][f"{prefix}_payload_bytes"] += row.payload_bytes
             out[row.round][f"{prefix}_message_bytes"] += row.message_bytes

@@ -21,7 +21,7 @@ from typing import Any, get_type_hints
 
 # The allowed values and the error type live in a leaf module that validation.py imports too
 # (validation importing config back was an import cycle); re-exported here for callers.
-from fedpeft.choices import CHOICES, FAULT_KINDS, ConfigError  # noqa: F401
+from fedpeft.choices import BYZANTINE_KINDS, CHOICES, FAULT_KINDS, ConfigError  # noqa: F401
 
 Scalar = bool | int | float | str
 
@@ -153,6 +153,9 @@ class TrainConfig:
     eval_batch_size: int = 128
     eval_every: int = 1
     prefix_cache: str = "auto"
+    # FedProx (Li et al. 2020): mu of the proximal term mu/2 ||w - w_global||^2 over the trained PEFT tensors,
+    # sent by the strategy in each train message (fedpeft/drift.py); 0 = off (plain local steps)
+    prox_mu: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -173,12 +176,15 @@ class StrategyConfig:
     server_lr: float = 1.0
     weighting: str = "examples"
     k_cap: int = 100000  # FedAU interval cutoff K (the reference's "K = infinity" default)
+    # "scaffold": SCAFFOLD's control variates (Karimireddy et al. 2020, option II; fedpeft/drift.py): the server's c
+    # travels with every train message, each client's delta c_i with its reply (both counted in the ledger)
+    control_variates: str = "none"
     server_optimizer: str = "sgd"  # sgd | momentum | adam | yogi | adagrad, over -Delta with server_lr
     server_momentum: float = 0.9  # FedAvgM's beta, in [0, 1)
     beta1: float = 0.9  # first-moment decay of adam / yogi / adagrad, in [0, 1)
     beta2: float = 0.99  # second-moment decay of adam / yogi, in [0, 1)
     tau: float = 1e-3  # adaptivity eps of adam / yogi / adagrad, > 0 (v starts at tau^2)
-    aggregator: str = "mean"  # mean | median | trimmed-mean | krum
+    aggregator: str = "mean"  # mean | median | trimmed-mean | krum | mifa | fedvarp (strategies/memory.py)
     trim_fraction: float = 0.1  # trimmed-mean: fraction dropped from each end, in [0, 0.5)
     krum_f: int = 1  # krum: Byzantine clients tolerated; a round needs >= 2f + 3 replies
     krum_m: int = 1  # krum: deltas kept and averaged (1 = Krum), <= n - f
@@ -277,6 +283,26 @@ class FaultsConfig:
     rate: float = 0.0
     kinds: str = "crash,hang,nan,inf,shape,metrics,slow"
     slow_s: float = 0.5
+    # Byzantine clients: round(fraction x N) partitions, drawn once from derive_seed(seed, "byzantine"), send a
+    # corrupted delta every round they train: "scaled" (x byzantine-scale), "sign-flip" (x -byzantine-scale) or
+    # "noise" (Gaussian, std = byzantine-scale x the honest delta's RMS). 0 = none.
+    byzantine_fraction: float = 0.0
+    byzantine_kind: str = "sign-flip"
+    byzantine_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Per-client evaluation through Flower's evaluate round (simulations/client_app.py ``evaluate``).
+
+    With ``fraction_clients`` > 0, every client keeps ``holdout_fraction`` of its own rows out of
+    training (drawn once per client from ``derive_seed(seed, "client-holdout", partition)``), and
+    each evaluated round asks that fraction of all clients (drawn per round) to score the global
+    adapter on them; results rows get the mean, the worst 10% and the spread of their accuracies.
+    """
+
+    fraction_clients: float = 0.0
+    holdout_fraction: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -309,6 +335,7 @@ SECTIONS = {
     "clients": ClientsConfig,
     "faults": FaultsConfig,
     "tracking": TrackingConfig,
+    "evaluate": EvaluateConfig,
 }
 
 
@@ -335,6 +362,7 @@ class ExperimentConfig:
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def __post_init__(self) -> None:
         from fedpeft.validation import validate  # a module of its own: validation.py

@@ -42,11 +42,30 @@ class Task:
     def client_rows(self, partition_id: int, data_path: str = "") -> data.TextData:
         """This client's training rows: its own file if ``data_path`` is set, else its partition.
 
-        ``data_path`` comes from a SuperNode's ``--node-config data-path=/path/file.csv``.
+        ``data_path`` comes from a SuperNode's ``--node-config data-path=/path/file.csv``. With
+        ``evaluate.fraction-clients`` > 0 the client's held-out rows (fedpeft/holdout.py) are left out.
         """
+        rows = self._own_rows(partition_id, data_path)
+        if self.cfg.evaluate.fraction_clients <= 0:
+            return rows
+        return rows.subset(self._holdout_split(rows, partition_id)[0])
+
+    def client_holdout(self, partition_id: int, data_path: str = "") -> data.TextData:
+        """This client's held-out rows for per-client evaluation (``evaluate.fraction-clients`` > 0)."""
+        rows = self._own_rows(partition_id, data_path)
+        return rows.subset(self._holdout_split(rows, partition_id)[1])
+
+    def _own_rows(self, partition_id: int, data_path: str) -> data.TextData:
         if data_path:
             return _node_data(data_path, self.cfg.data, self.splits.train.label_names)
         return self.partition(partition_id)
+
+    def _holdout_split(self, rows: data.TextData, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+        from fedpeft.holdout import split_holdout
+
+        return split_holdout(
+            len(rows), self.cfg.evaluate.holdout_fraction, seed=self.cfg.seed, partition_id=partition_id
+        )
 
     def label_histograms(self) -> np.ndarray:
         """(partitions, labels) label counts, e.g. for label-correlated participation."""
@@ -66,7 +85,14 @@ class Task:
         )
 
     def local_update(
-        self, global_state: adapters.State, partition_id: int, round_: int, *, dp_history=None, data_path: str = ""
+        self,
+        global_state: adapters.State,
+        partition_id: int,
+        round_: int,
+        *,
+        dp_history=None,
+        data_path: str = "",
+        correction=None,
     ):
         """One client's round: load the global adapter, train locally, return (delta, result).
 
@@ -75,8 +101,10 @@ class Task:
         DP-SGD (fedpeft/privacy.py); ``dp_history`` is this client's accountant history
         from earlier rounds and ``result.privacy`` the updated one. On CUDA,
         ``result.peak_cuda_bytes`` is torch's peak allocation during this round (the peak
-        statistics are reset at its start), the model included.
+        statistics are reset at its start), the model included. ``correction`` (a
+        :class:`fedpeft.drift.DriftCorrection`) adds FedProx's / SCAFFOLD's terms to each gradient.
         """
+        from fedpeft.drift import gradient_hook
         from fedpeft.rng import derive_seed
         from fedpeft.train import train_local
 
@@ -85,8 +113,14 @@ class Task:
             torch.cuda.reset_peak_memory_stats(device)
         adapters.set_adapter_state(self.model, global_state)
         loader = self.train_loader(self.client_rows(partition_id, data_path), round_, partition_id)
+        hook = None
+        if correction is not None:
+            hook = gradient_hook(adapters.trainable_parameters(self.model), global_state, correction)
         if self.cfg.dp.mode == "sample":
             from fedpeft.privacy import train_local_private
+
+            if hook is not None:  # validation refuses it first; Opacus would overwrite the corrected gradient
+                raise ValueError("FedProx / SCAFFOLD terms are not applied under dp.mode='sample'")
 
             result = train_local_private(
                 self.model,
@@ -104,6 +138,7 @@ class Task:
                 self.cfg.train,
                 dropout_seed=derive_seed(self.cfg.seed, "dropout", round_, partition_id),
                 logits_fn=self.logits_fn(),
+                grad_hook=hook,
             )
         delta = adapters.compute_delta(adapters.get_adapter_state(self.model), global_state)
         if device.type == "cuda":

@@ -73,13 +73,15 @@ def train_local(
     dropout_seed: int,
     optimizer: torch.optim.Optimizer | None = None,
     logits_fn: LogitsFn | None = None,
+    grad_hook: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Run local steps; only parameters with ``requires_grad`` change.
 
     Dropout draws from torch's global generator (modules take no generator argument), so
     the steps run inside a forked global RNG seeded with ``dropout_seed``: the caller's RNG
     state is untouched and the run is reproducible. ``logits_fn`` replaces the model's full
-    forward (fedpeft/prefix_cache.py); None keeps it.
+    forward (fedpeft/prefix_cache.py); None keeps it. ``grad_hook`` runs between each
+    backward and optimizer step (FedProx / SCAFFOLD terms, fedpeft/drift.py); None adds nothing.
     """
     optimizer = optimizer or build_optimizer(model, cfg)
     steps = planned_steps(len(loader), cfg)
@@ -94,6 +96,8 @@ def train_local(
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"local loss became {loss.item()} at step {len(losses)}; lower train.lr")
             loss.backward()
+            if grad_hook is not None:
+                grad_hook()
             optimizer.step()
             losses.append(loss.item())
             examples += int(batch["labels"].shape[0])

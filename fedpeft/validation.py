@@ -75,6 +75,7 @@ def validate(cfg: ExperimentConfig) -> None:
     )
     _check(cfg.train.weight_decay >= 0, "train.weight-decay", ">= 0", cfg.train.weight_decay)
     _check(cfg.strategy.server_lr > 0, "strategy.server-lr", "> 0", cfg.strategy.server_lr)
+    _validate_memory(cfg)  # before the generic aggregator rules: MIFA / FedVarp's refusals say why
     _validate_strategy_parts(cfg)
     _validate_dp(cfg)
     _validate_spsa(cfg)
@@ -121,6 +122,134 @@ def validate(cfg: ExperimentConfig) -> None:
         ">= 1 (1 = one client per node)",
         cfg.simulation.cohort_size,
     )
+    _validate_drift(cfg)
+    _validate_byzantine(cfg)
+    _validate_evaluate(cfg)
+
+
+def _validate_drift(cfg: ExperimentConfig) -> None:
+    # FedProx and SCAFFOLD change the first-order local update's gradient (fedpeft/drift.py).
+    mu, cv = cfg.train.prox_mu, cfg.strategy.control_variates
+    _check(mu >= 0, "train.prox-mu", ">= 0 (0 = no FedProx proximal term)", mu)
+    for name, on in (("train.prox-mu", mu > 0), ("strategy.control-variates", cv != "none")):
+        if not on:
+            continue
+        value = mu if name == "train.prox-mu" else cv
+        _check(
+            cfg.strategy.name != "spsa",
+            name,
+            "off with strategy.name='spsa' (SPSA clients take zeroth-order steps, no gradient to correct)",
+            value,
+        )
+        _check(
+            cfg.dp.mode != "sample",
+            name,
+            "off with dp.mode='sample' (Opacus' DP-SGD step replaces the corrected gradient; "
+            "set dp.mode=none or client)",
+            value,
+        )
+    if cv == "scaffold":
+        _check(
+            cfg.dp.mode == "none",
+            "strategy.control-variates",
+            "'none' with dp.mode='client': SCAFFOLD's control variates would travel unclipped and un-noised, "
+            "outside the privacy accounting (set dp.mode=none, or strategy.control-variates=none)",
+            cv,
+        )
+        _check(
+            cfg.train.optimizer == "sgd",
+            "train.optimizer",
+            "'sgd' with strategy.control-variates='scaffold': option II's c_i = c_i - c + (x - y_i) / (K lr) "
+            "is the mean corrected gradient only for plain SGD steps (set train.optimizer=sgd)",
+            cfg.train.optimizer,
+        )
+        _check(
+            cfg.strategy.name not in ("hetlora", "flexlora") and not cfg.clients.rank_profile.strip(),
+            "strategy.control-variates",
+            "'none' with unequal LoRA ranks (a control variate per tensor needs every client's tensors "
+            "to have the server's shapes)",
+            cv,
+        )
+
+
+def _validate_memory(cfg: ExperimentConfig) -> None:
+    # MIFA / FedVarp (strategies/memory.py) reuse absent clients' stored updates every round.
+    agg = cfg.strategy.aggregator
+    if agg not in ("mifa", "fedvarp"):
+        return
+    _check(
+        cfg.dp.mode != "client",
+        "strategy.aggregator",
+        f"not {agg!r} with dp.mode='client': reusing absent clients' stored updates breaks the subsampling "
+        "amplification the client-level accountant relies on (set strategy.aggregator=mean, or dp.mode=none)",
+        agg,
+    )
+    _check(
+        cfg.strategy.weighting == "uniform",
+        "strategy.weighting",
+        f"'uniform' with strategy.aggregator={agg!r} (it weighs clients 1/N or 1/|S| as in its paper; "
+        "set strategy.weighting=uniform)",
+        cfg.strategy.weighting,
+    )
+    _check(
+        cfg.strategy.name == "fedavg",
+        "strategy.name",
+        f"'fedavg' with strategy.aggregator={agg!r} (its memory is the unknown-participation correction; "
+        "FedAU's weights or unequal ranks do not combine with it)",
+        cfg.strategy.name,
+    )
+
+
+def _validate_byzantine(cfg: ExperimentConfig) -> None:
+    faults = cfg.faults
+    _check(
+        0.0 <= faults.byzantine_fraction < 1.0,
+        "faults.byzantine-fraction",
+        "in [0, 1) (the share of partitions that send corrupted deltas; 0 = none)",
+        faults.byzantine_fraction,
+    )
+    _check(faults.byzantine_scale > 0, "faults.byzantine-scale", "> 0", faults.byzantine_scale)
+    _check(
+        faults.byzantine_fraction == 0 or cfg.simulation.cohort_size == 1,
+        "faults.byzantine-fraction",
+        "0 when simulation.cohort-size > 1 (faults are injected per one-client node)",
+        faults.byzantine_fraction,
+    )
+    _check(
+        faults.byzantine_fraction == 0 or cfg.strategy.name != "spsa",
+        "faults.byzantine-fraction",
+        "0 with strategy.name='spsa' (Byzantine kinds corrupt array deltas; SPSA sends one-byte codes)",
+        faults.byzantine_fraction,
+    )
+
+
+def _validate_evaluate(cfg: ExperimentConfig) -> None:
+    ev = cfg.evaluate
+    _check(
+        0.0 <= ev.fraction_clients <= 1.0,
+        "evaluate.fraction-clients",
+        "in [0, 1] (the share of clients scored on their own held-out rows each evaluated round; 0 = off)",
+        ev.fraction_clients,
+    )
+    _check(
+        0.0 < ev.holdout_fraction < 1.0,
+        "evaluate.holdout-fraction",
+        "in (0, 1) (the share of each client's rows kept out of training for its evaluation)",
+        ev.holdout_fraction,
+    )
+    if ev.fraction_clients > 0:
+        _check(
+            cfg.strategy.name != "spsa",
+            "evaluate.fraction-clients",
+            "0 with strategy.name='spsa' (SPSA's local update reads the whole partition, held-out rows included)",
+            ev.fraction_clients,
+        )
+        _check(
+            cfg.partition.min_partition_size >= 2,
+            "partition.min-partition-size",
+            ">= 2 when evaluate.fraction-clients > 0 (each client keeps >= 1 row to train and >= 1 to score)",
+            cfg.partition.min_partition_size,
+        )
 
 
 def parse_label_prompts(text: str) -> dict[str, str]:

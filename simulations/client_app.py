@@ -29,6 +29,7 @@ from simulations.cohort import (
     unpack,
 )
 from simulations.deploy.warm_worker import make_warm_worker_mod
+from simulations.drift_client import add_scaffold_reply, drift_terms
 from simulations.faults import fault_mod
 from simulations.node import DP_STATE_KEY, experiment_config, node_data_path, partition_id
 from simulations.quiet import quiet_libraries
@@ -53,14 +54,24 @@ def first_order_train(content: RecordDict, context: Context, cfg: ExperimentConf
     round_ = int(content["config"]["server-round"])
     task = load_task(cfg)
     history = history_from_lists(context.state.config_records.get(DP_STATE_KEY))
+    correction, scaffold = drift_terms(content, context)  # FedProx / SCAFFOLD, when the strategy asks
     cpu_start = time.process_time()
     delta, result = task.local_update(
-        record_to_state(content["arrays"]), pid, round_, dp_history=history, data_path=node_data_path(context)
+        record_to_state(content["arrays"]),
+        pid,
+        round_,
+        dp_history=history,
+        data_path=node_data_path(context),
+        correction=correction,
     )
     cpu_s = time.process_time() - cpu_start
     if result.privacy is not None:  # DP-SGD: keep the accountant across rounds
         context.state[DP_STATE_KEY] = ConfigRecord(history_to_lists(result.privacy["history"]))
-    return delta_reply(task, pid, delta, result, cpu_s=cpu_s)
+    reply = delta_reply(task, pid, delta, result, cpu_s=cpu_s)
+    if scaffold is not None:
+        delta_c = scaffold.finish(context, delta, num_steps=result.num_steps, lr=cfg.train.lr)
+        add_scaffold_reply(reply, delta_c)
+    return reply
 
 
 def delta_reply(task, pid: int, delta: dict, result, *, cpu_s: float | None = None) -> RecordDict:
@@ -127,19 +138,28 @@ def query(content: RecordDict, context: Context, cfg: ExperimentConfig) -> Recor
 
 
 def evaluate(content: RecordDict, context: Context, cfg: ExperimentConfig) -> RecordDict:
-    """Score the global adapter on this client's own training rows."""
+    """Score the global adapter on this client's own held-out rows (fedpeft/holdout.py).
+
+    Without per-client evaluation (``evaluate.fraction-clients = 0``) no client holds rows out,
+    and an evaluate message (from a strategy of your own) scores the client's training rows.
+    """
     from fedpeft.records import record_to_state
     from fedpeft.task import load_task
 
     pid = partition_id(context, cfg)
     task = load_task(cfg)
-    loader = task.train_loader(task.client_rows(pid, node_data_path(context)), 0, pid)
+    if cfg.evaluate.fraction_clients > 0:
+        rows = task.client_holdout(pid, node_data_path(context))
+    else:
+        rows = task.client_rows(pid, node_data_path(context))
+    loader = task.train_loader(rows, 0, pid)
     scores = task.evaluate(record_to_state(content["arrays"]), loader)
     metrics = MetricRecord(
         {
             "num-examples": int(scores["num_examples"]),
             "eval-loss": scores["loss"],
             "eval-accuracy": scores["accuracy"],
+            "eval-balanced-accuracy": scores["balanced_accuracy"],
             "partition-id": pid,
         }
     )
@@ -168,7 +188,7 @@ def run_cohort(handler, packed: RecordDict, context: Context, cfg: ExperimentCon
     contents = unpack(packed)
     if handler is train and cfg.dp.mode != "sample" and not node_data_path(context):
         modes = {c["config"].get("mode") for c in contents.values() if "config" in c.config_records}
-        if modes == {"first-order"} and all("arrays" in c.array_records for c in contents.values()):
+        if modes == {"first-order"} and all(map(_plain_first_order, contents.values())):
             return pack(train_together(contents, cfg))
     replies = {}
     for pid, content in contents.items():
@@ -179,6 +199,12 @@ def run_cohort(handler, packed: RecordDict, context: Context, cfg: ExperimentCon
             replies[pid] = RecordDict({ERROR_KEY: error_record(err)})
         save_client_state(context, pid, client)
     return pack(replies)
+
+
+def _plain_first_order(content: RecordDict) -> bool:
+    # FedProx and SCAFFOLD messages train client by client (their gradient terms are per client).
+    config = content.config_records.get("config", {})
+    return list(content.array_records) == ["arrays"] and not config.get("prox-mu")
 
 
 def train_together(contents: dict[int, RecordDict], cfg: ExperimentConfig) -> dict[int, RecordDict]:

@@ -65,6 +65,14 @@ def message_round(msg: Message) -> int:
     return int(config.get("server-round", 0)) if config is not None else 0
 
 
+def message_kind(msg: Message) -> str:
+    """The ledger kind of a message: ``train``, ``evaluate`` (per-client evaluation, off the byte axis) or ``setup``."""
+    for kind in ("train", "evaluate"):
+        if msg.metadata.message_type.startswith(kind):
+            return kind
+    return "setup"
+
+
 class MeteringGrid(DelegatingGrid):
     """Records every message sent and every reply received in ``ledger`` (see the module docstring).
 
@@ -139,7 +147,7 @@ class MeteringGrid(DelegatingGrid):
 
     def _record_sent(self, messages: list[Message]) -> None:
         for msg in messages:
-            kind = "train" if msg.metadata.message_type.startswith("train") else "setup"
+            kind = message_kind(msg)
             pid = self.partition_of(msg.metadata.dst_node_id)
             self.ledger.record_message(message_round(msg), pid, DOWN, msg.content, kind=kind)
 
@@ -147,8 +155,8 @@ class MeteringGrid(DelegatingGrid):
         for reply in replies:
             if reply.has_error():
                 continue
-            kind = "train" if reply.metadata.message_type.startswith("train") else "setup"
-            round_ = (round_of or {}).get(reply.metadata.reply_to_message_id, 0) if kind == "train" else 0
+            kind = message_kind(reply)
+            round_ = (round_of or {}).get(reply.metadata.reply_to_message_id, 0) if kind != "setup" else 0
             pid = self.partition_of(reply.metadata.src_node_id)
             self.ledger.record_message(round_, pid, UP, reply.content, kind=kind)
 

@@ -93,6 +93,11 @@ def resume_config(run_dir: str | Path) -> ExperimentConfig:
             "--resume: dp.mode='sample' keeps each client's DP-SGD accountant in the clients' Flower state, which a "
             "restart loses; resuming would under-report epsilon. Rerun the experiment from the start instead"
         )
+    if cfg.strategy.control_variates == "scaffold":
+        raise ConfigError(
+            "--resume: SCAFFOLD keeps each client's control variate c_i in the clients' Flower state, which a "
+            "restart loses (the server's c is checkpointed, the c_i are not); rerun the experiment from the start"
+        )
     return cfg
 
 

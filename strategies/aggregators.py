@@ -76,8 +76,25 @@ class Aggregator(Protocol):
     def round_extras(self) -> dict:
         """Fields for the round report."""
 
+    def checkpoint_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """JSON fields and named arrays a resumed run needs (MIFA / FedVarp's memory); ``({}, {})``: none."""
 
-class _WholeAdapter:
+    def restore_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Undo :meth:`checkpoint_state`."""
+
+
+class StatelessAggregator:
+    """Aggregators that keep nothing across rounds: nothing to checkpoint."""
+
+    def checkpoint_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """No state."""
+        return {}, {}
+
+    def restore_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """No state."""
+
+
+class _WholeAdapter(StatelessAggregator):
     """Every client trains the whole global adapter; any ``n >= 1`` can be aggregated."""
 
     def view_key(self, partition_id: int) -> Hashable:

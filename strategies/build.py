@@ -14,11 +14,14 @@ from fedpeft.config import ConfigError
 from fedpeft.ranks import client_ranks
 from strategies.aggregators import Aggregator, Krum, Mean, Median, TrimmedMean
 from strategies.base import FedPeftStrategy, StrategyContext
+from strategies.client_drift import ClientDrift
+from strategies.client_eval import PerClientEvaluation
 from strategies.dp import wrap_privacy
 from strategies.fedau import FedAUWeights
 from strategies.flexlora import FlexSVD
 from strategies.hetlora import ZeroPad
 from strategies.known_p_oracle import OracleWeights
+from strategies.memory import MIFA, FedVarp
 from strategies.peft_strategy import PeftStrategy
 from strategies.server_update import build_server_update
 from strategies.spsa import SharedSeedSPSA
@@ -42,6 +45,10 @@ def build_aggregator(cfg, ctx: StrategyContext) -> Aggregator:
         return TrimmedMean(beta=s.trim_fraction)
     if s.aggregator == "krum":
         return Krum(f=s.krum_f, m=s.krum_m)
+    if s.aggregator == "mifa":
+        return MIFA(num_clients=ctx.num_clients)
+    if s.aggregator == "fedvarp":
+        return FedVarp(num_clients=ctx.num_clients)
     if s.name in ("fedau", "known_p_oracle"):
         return Mean(num_clients=ctx.num_clients)
     if s.name in ("hetlora", "flexlora"):
@@ -80,6 +87,30 @@ def build_peft_strategy(cfg, ctx: StrategyContext) -> PeftStrategy:
         partition_of=ctx.partition_of,
         report=ctx.report,
         max_weight=(cfg.dp.max_weight or None) if cfg.dp.mode == "client" else None,
+        client_drift=build_client_drift(cfg, ctx),
+        client_evaluation=build_client_evaluation(cfg, ctx),
+    )
+
+
+def build_client_drift(cfg, ctx: StrategyContext) -> ClientDrift:
+    """FedProx's mu (``train.prox-mu``) and SCAFFOLD (``strategy.control-variates``) for the clients."""
+    return ClientDrift(
+        prox_mu=cfg.train.prox_mu, scaffold=cfg.strategy.control_variates == "scaffold", num_clients=ctx.num_clients
+    )
+
+
+def build_client_evaluation(cfg, ctx: StrategyContext) -> PerClientEvaluation | None:
+    """Per-client evaluation when ``evaluate.fraction-clients`` > 0, on the rounds the server scores."""
+    if cfg.evaluate.fraction_clients <= 0:
+        return None
+    every, last = cfg.train.eval_every, cfg.num_rounds
+    return PerClientEvaluation(
+        fraction=cfg.evaluate.fraction_clients,
+        num_clients=ctx.num_clients,
+        seed=cfg.seed,
+        eval_rounds=lambda r: r % every == 0 or r == last,
+        partition_of=ctx.partition_of,
+        report=ctx.report,
     )
 
 

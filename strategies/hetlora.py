@@ -22,11 +22,11 @@ from collections.abc import Callable, Hashable
 import numpy as np
 
 from fedpeft.state import State
-from strategies.aggregators import Aggregate
+from strategies.aggregators import Aggregate, StatelessAggregator
 from strategies.lora_hetero import normalised, slice_coefficients, slice_rank, state_rank, zero_pad_average
 
 
-class RankSlices:
+class RankSlices(StatelessAggregator):
     """Every partition's LoRA rank and the slice of the rank-R global adapter it is sent.
 
     Parameters

@@ -15,10 +15,12 @@ from a config. Client-level DP (strategies/dp.py) wraps this class and calls
 accepted deltas and draws the noise that enters between aggregation and the server update.
 
 Per-client server state lives in a part, keyed by partition id, and is checkpointed with it
-(FedAU's intervals are the model; a MIFA/FedVarp memory of each client's latest delta would
-be a weighting-and-aggregator part of the same kind). What a client must receive beyond its
-view of the adapter (SCAFFOLD's control variate, FedProx's mu) belongs in
-:meth:`PeftStrategy.configure_train`'s message, and its extra reply arrays in ``accept_replies``.
+(FedAU's intervals; MIFA / FedVarp's memory of each client's latest delta is an aggregator
+part, strategies/memory.py). What a client must receive beyond its view of the adapter
+(SCAFFOLD's control variate, FedProx's mu) comes from the ``client_drift`` part
+(strategies/client_drift.py) in :meth:`PeftStrategy.configure_train`, and its extra reply
+arrays are screened in :meth:`PeftStrategy.accept_replies`. Per-client evaluation
+(strategies/client_eval.py) answers Flower's evaluate hooks.
 
 Replies that failed, broke the message contract, or whose delta has the wrong keys, shapes
 or non-finite values, or whose ``num-examples`` is not a finite positive number, are
@@ -43,6 +45,8 @@ from fedpeft.records import record_to_state, state_to_record
 from fedpeft.state import DeltaError, State, check_metric, check_state
 from strategies.aggregators import Aggregator, Mean
 from strategies.base import KIND_DELTA, Reporter
+from strategies.client_drift import ClientDrift
+from strategies.client_eval import PerClientEvaluation
 from strategies.screening import MAX_EXAMPLES, Accepted, ReplyScreen, summarise_metrics
 from strategies.server_update import Noise, ServerUpdate, Step
 from strategies.weighting import ExampleWeights, Weighting
@@ -83,6 +87,11 @@ class PeftStrategy(FedAvg):
     max_weight : float, optional
         Cap on every aggregation weight (``dp.max-weight``: bounds FedAU's omega under
         client-level DP); ``None`` leaves them as they are.
+    client_drift : ClientDrift, optional
+        What the clients' local update is asked to add: FedProx's mu, SCAFFOLD's control
+        variates (strategies/client_drift.py); default: plain local steps.
+    client_evaluation : PerClientEvaluation, optional
+        Per-client evaluation in Flower's evaluate round (strategies/client_eval.py); default: none.
     """
 
     client_mode = "first-order"
@@ -100,6 +109,8 @@ class PeftStrategy(FedAvg):
         max_weight: float | None = None,
         fraction_train: float = 1.0,
         min_train_nodes: int = 1,
+        client_drift: ClientDrift | None = None,
+        client_evaluation: PerClientEvaluation | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -120,7 +131,10 @@ class PeftStrategy(FedAvg):
         self.partition_of = partition_of or (lambda node_id: node_id)
         self.screen = ReplyScreen(expected_kind=self.expected_kind, partition_of=self.partition_of, report=report)
         self.max_weight = max_weight
+        self.client_drift = client_drift if client_drift is not None else ClientDrift()
+        self.client_evaluation = client_evaluation
         self.current: State = {}
+        self._delta_c: dict[int, State] = {}  # SCAFFOLD's delta c_i of this round's accepted replies
 
     @property
     def server_lr(self) -> float:
@@ -130,11 +144,12 @@ class PeftStrategy(FedAvg):
     def summary(self) -> None:
         """Log the parts (called by ``Strategy.start``)."""
         log.info(
-            "PeftStrategy: weighting=%s, aggregator=%s, server update=%s (lr %g), replies must carry %r",
+            "PeftStrategy: weighting=%s, aggregator=%s, server update=%s (lr %g), clients: %s, replies must carry %r",
             self.weighting.name,
             self.aggregator.name,
             self.server_update.name,
             self.server_lr,
+            self.client_drift.describe(),
             self.expected_kind,
         )
 
@@ -154,7 +169,10 @@ class PeftStrategy(FedAvg):
     ) -> Iterable[Message]:
         """Send this round's online nodes their view of the global adapter."""
         self.current = record_to_state(arrays)
-        config = ConfigRecord({**dict(config), "mode": self.client_mode, "server-round": server_round})
+        config = ConfigRecord(
+            {**dict(config), "mode": self.client_mode, "server-round": server_round, **self.client_drift.train_config()}
+        )
+        extra = self.client_drift.train_arrays(self.current)  # SCAFFOLD's c travels beside the adapter
         if self.node_selector is None:
             sampled = list(super().configure_train(server_round, arrays, config, grid))
             nodes = [m.metadata.dst_node_id for m in sampled]
@@ -167,7 +185,7 @@ class PeftStrategy(FedAvg):
             key = self.aggregator.view_key(pid)
             if key not in views:  # the whole adapter goes as received; a view is serialised once
                 views[key] = arrays if key is None else state_to_record(self.aggregator.view(self.current, pid))
-            content = RecordDict({self.arrayrecord_key: views[key], self.configrecord_key: config})
+            content = RecordDict({self.arrayrecord_key: views[key], self.configrecord_key: config, **extra})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         self.screen.sent(messages)
         return messages
@@ -207,6 +225,9 @@ class PeftStrategy(FedAvg):
                 raise ConfigError(self.client_dp_refusal() or "client-level DP: the aggregate has no sensitivity bound")
             noise = privacy.noise(server_round, result.max_coefficient)
         new_state = self.server_update.apply(self.current, result, noise)
+        drift_stats = self.client_drift.after_round(
+            [self._delta_c[pid] for pid in participants if pid in self._delta_c]
+        )
         metrics = summarise_metrics(accepted, result.coefficients)
         for key, value in result.stats.items():
             metrics[key] = float(value)
@@ -214,6 +235,7 @@ class PeftStrategy(FedAvg):
             **self.weighting.round_extras(participants, weights),
             **self.aggregator.round_extras(),
             **result.stats,
+            **drift_stats,
         }
         self.screen.finish(server_round, accepted, train_metrics=dict(metrics), **extras)
         return state_to_record(new_state), metrics
@@ -229,26 +251,55 @@ class PeftStrategy(FedAvg):
             view = self.aggregator.view(self.current, pid)
             check_state(delta, {k: v.shape for k, v in view.items()})
             check_metric(metrics, "num-examples", low=1, high=MAX_EXAMPLES, required=self.weighting.needs_examples)
+            delta_c = self.client_drift.parse_reply(msg, {k: v.shape for k, v in view.items()})
             metrics.update(self.aggregator.client_fields(pid))
+            if delta_c is not None:
+                self._delta_c[pid] = delta_c
             return delta
 
+        self._delta_c = {}
         return self.screen.screen(server_round, replies, parse)
 
     # --- state: checkpoints (simulations/resume.py) and results.json --------------------
 
     def checkpoint_state(self) -> tuple[dict, dict[str, np.ndarray]]:
-        """Every part's state: the weighting's (FedAU's intervals) and the server update's moments."""
+        """Every part's state: the weighting's (FedAU's intervals), the aggregator's (MIFA / FedVarp memory),
+        the server update's moments and SCAFFOLD's server control variate."""
         update_meta, update_arrays = self.server_update.checkpoint_state()
         meta = {"weighting": self.weighting.checkpoint_state(), "server_update": update_meta}
-        return meta, {f"server_update/{k}": v for k, v in update_arrays.items()}
+        arrays = {f"server_update/{k}": v for k, v in update_arrays.items()}
+        for name, part in (("aggregator", self.aggregator), ("client_drift", self.client_drift)):
+            part_meta, part_arrays = part.checkpoint_state()
+            if part_meta or part_arrays:  # stateless parts add nothing: default checkpoints keep their bytes
+                meta[name] = part_meta
+                arrays.update({f"{name}/{k}": v for k, v in part_arrays.items()})
+        return meta, arrays
 
     def restore_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         """Undo :meth:`checkpoint_state` (the clients restarted too: they hold nothing)."""
         self.weighting.restore_state(meta["weighting"])
-        prefix = "server_update/"
-        self.server_update.restore_state(
-            meta["server_update"], {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
-        )
+
+        def under(prefix: str) -> dict[str, np.ndarray]:
+            return {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
+
+        self.server_update.restore_state(meta["server_update"], under("server_update/"))
+        for name, part in (("aggregator", self.aggregator), ("client_drift", self.client_drift)):
+            if name in meta:
+                part.restore_state(meta[name], under(f"{name}/"))
+
+    # --- per-client evaluation (strategies/client_eval.py) -------------------------------
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        """Evaluate messages to this round's drawn clients (none when per-client evaluation is off)."""
+        if self.client_evaluation is None:
+            return []
+        return self.client_evaluation.configure(server_round, arrays, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """The clients' own-row accuracies: mean, worst 10%, spread (reported in the round's row)."""
+        if self.client_evaluation is None:
+            return None
+        return self.client_evaluation.aggregate(server_round, replies)
 
     def state_for_results(self) -> dict:
         """The weighting's state (FedAU's intervals, the oracle's p_n); ``{}`` for stateless parts."""
