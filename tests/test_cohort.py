@@ -7,7 +7,6 @@ import contextlib
 import numpy as np
 import pytest
 import torch
-from tests.helpers import tiny_config
 from torch import nn
 
 from fedpeft import adapters
@@ -16,6 +15,7 @@ from fedpeft.grouped import Segments, grouped_chain
 from fedpeft.rng import derive_seed
 from fedpeft.task import load_task
 from fedpeft.train import build_optimizer, forward_logits, train_local
+from tests.helpers import tiny_config
 
 # 3 clients of 18 / 17 / 13 examples, batch 8, one epoch: 3 / 3 / 2 steps whose last
 # batches hold 2 / 1 / 5 rows, so segments are unequal and the last step has two clients.

@@ -8,13 +8,13 @@ import logging
 import numpy as np
 import pytest
 import torch
-from tests.helpers import tiny_config
 
 from fedpeft import adapters
 from fedpeft.backbone import compute_context, quantization_config, resolve_compute_dtype
 from fedpeft.config import ConfigError
 from fedpeft.task import load_task
 from fedpeft.train import forward_logits
+from tests.helpers import tiny_config
 
 CPU = torch.device("cpu")
 
