@@ -33,8 +33,14 @@ PEFT_LIBRARY_METHODS = ("lora", "ia3", "prompt")
 
 def inject_adapters(model: nn.Module, cfg: PeftConfig, seed: int = 0) -> nn.Module:
     """Wrap ``model`` with the PEFT method in ``cfg``; only its parameters train."""
-    head_name, _ = head_module(model)
+    head_name, head = head_module(model)
     head_root = head_name.split(".")[0]
+    if cfg.method == "lst":  # a side network beside the frozen backbone, not a peft tuner (fedpeft/lst.py)
+        from fedpeft.backbone import MaskedMeanPooler
+        from fedpeft.lst_prune import build_lst_model
+
+        pooling = "mean" if isinstance(getattr(model.base_model, "pooler", None), MaskedMeanPooler) else "head"
+        return build_lst_model(model, cfg, num_labels=head.out_features, pooling=pooling, seed=seed)
     if cfg.method == "lora":
         modules = dict(model.named_modules())
         check_lora_targets(cfg, list(modules), [n for n, m in modules.items() if isinstance(m, nn.Linear)])

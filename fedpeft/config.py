@@ -35,7 +35,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.pooling": ("head", "mean"),
     "model.head-init": ("random", "prompts"),
     "model.compute-dtype": ("auto", "float32", "bfloat16", "float16"),
-    "peft.method": ("lora", "ia3", "prompt", "bitfit", "head", "full"),
+    "peft.method": ("lora", "ia3", "prompt", "bitfit", "head", "full", "lst"),
     "peft.lora-variant": ("lora", "ffa"),
     "partition.scheme": ("iid", "dirichlet"),
     "participation.model": ("always", "uniform", "bernoulli", "markov", "cyclic", "trace"),
@@ -100,6 +100,10 @@ class PeftConfig:
     train_head: bool = True
     # "ffa": FFA-LoRA (Sun et al., ICLR 2024): A stays at its seeded initialisation, only B (and the head) train
     lora_variant: str = "lora"
+    # "lst" (Ladder Side-Tuning, fedpeft/lst.py): side network width = hidden size / lst_reduction
+    lst_reduction: int = 8
+    lst_layers: str = ""  # LST: side blocks for these backbone layers, e.g. "1,3,5"; "" = see lst_every
+    lst_every: int = 1  # LST with lst_layers = "": every k-th layer, counted down from the last (1 = all)
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,8 @@ class TrainConfig:
     eval_batch_size: int = 128
     eval_every: int = 1
     prefix_cache: str = "auto"
+    # LST: budget of one client's stored ladder inputs (fedpeft/lst_store.py); beyond it they are recomputed
+    lst_store_mb: int = 1024
 
 
 @dataclass(frozen=True)
