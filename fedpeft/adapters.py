@@ -239,6 +239,12 @@ def export_adapter(
         (out / MODEL_FILE).write_text(
             json.dumps({"model": dataclasses.asdict(model_cfg), "method": cfg.method}, indent=2)
         )
+    if cfg.method == "lst":  # its own format: fedpeft/lst_export.py
+        from fedpeft.lst_export import export_lst
+
+        if model_cfg is None:
+            raise ValueError("exporting an LST model needs model_cfg= (the loader rebuilds its backbone from it)")
+        return export_lst(model, out, model_cfg=model_cfg)
     if cfg.method in PEFT_LIBRARY_METHODS:
         # The server's adapter is "default"; adapters of other ranks (clients served in this
         # process) are not part of the export. FFA's frozen A is exported too (peft saves every
@@ -267,6 +273,10 @@ def load_exported_model(out_dir: str | Path, num_labels: int, device: str | None
             "(fedpeft simulate does) or load the backbone yourself and use PeftModel.from_pretrained"
         )
     meta = json.loads(path.read_text())
+    if meta["method"] == "lst":
+        from fedpeft.lst_export import load_lst_model
+
+        return load_lst_model(out_dir, device)
     fields = {**meta["model"], "head_init": "random"}
     if device is not None:
         fields["device"] = device

@@ -134,15 +134,19 @@ def plan_for_backbone(backbone: nn.Module, cfg: PeftConfig) -> LSTPlan:
 
 
 class LadderGate(nn.Module):
-    """``mu * ladder + (1 - mu) * side`` with ``mu = sigmoid(alpha / T)``; a raw parameter (Opacus: functorch)."""
+    """``mu * ladder + (1 - mu) * side`` with ``mu = sigmoid(alpha / T)``, on ``pair = stack([ladder, side], 1)``.
+
+    One stacked input, because Opacus computes per-sample gradients of a module it has no rule
+    for (a raw parameter such as ``alpha``) with functorch from the module's first input only.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.alpha = nn.Parameter(torch.zeros(1))
 
-    def forward(self, ladder: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+    def forward(self, pair: torch.Tensor) -> torch.Tensor:
         mu = torch.sigmoid(self.alpha / GATE_TEMPERATURE)
-        return mu * ladder + (1 - mu) * side
+        return mu * pair[:, 0] + (1 - mu) * pair[:, 1]
 
 
 class SideBlock(nn.Module):
@@ -195,7 +199,7 @@ class SideNetwork(nn.Module):
         mask_bias = ((1.0 - mask) * torch.finfo(states.dtype).min)[:, None, None, :]
         s = self.ladders[0](states[:, 0])
         for j, (block, gate) in enumerate(zip(self.blocks, self.gates, strict=True)):
-            s = gate(self.ladders[j + 1](states[:, j + 1]), block(s, mask_bias))
+            s = gate(torch.stack([self.ladders[j + 1](states[:, j + 1]), block(s, mask_bias)], dim=1))
         if self.pooling == "mean":  # as backbone.MaskedMeanPooler: masked mean, L2-normalised
             m = mask.unsqueeze(-1)
             pooled = F.normalize((s * m).sum(1) / m.sum(1).clamp(min=1.0), dim=-1)
@@ -259,23 +263,22 @@ def example_ladder_states(
     return torch.stack([hidden[i][0].float() for i in picks])
 
 
-def batch_ladder_states(model: LSTModel, batch: dict[str, torch.Tensor], lookup=None) -> torch.Tensor:
+def batch_ladder_states(model: LSTModel, batch: dict[str, torch.Tensor], fetch=None) -> torch.Tensor:
     """``(batch, num_ladders, seq, hidden)``: each right-padded row's states, zeros at padding.
 
-    ``lookup(i, ids, types)`` may return row ``i``'s stored states (None = compute them).
+    ``fetch(ids, token_type_ids)`` returns one unpadded example's states (an activation store's
+    lookup, fedpeft/lst_store.py); the default computes them (:func:`example_ladder_states`).
     """
     device = next(model.side.parameters()).device
     mask = batch["attention_mask"].bool()
     if not torch.equal(mask, mask.int().cummin(dim=1).values.bool()):
         raise ValueError("peft.method='lst' needs right-padded batches (BERT-family tokenizers pad right)")
     types = batch.get("token_type_ids")
-    rows = []
+    plan = model.side.plan
+    out = torch.zeros(mask.shape[0], plan.num_ladders, mask.shape[1], plan.hidden, device=device)
     for i, n in enumerate(mask.sum(1).tolist()):
         ids = batch["input_ids"][i, :n].to(device)
         tt = types[i, :n].to(device) if types is not None else None
-        state = lookup(i, ids, tt) if lookup is not None else None
-        rows.append(example_ladder_states(model, ids, tt) if state is None else state.to(device))
-    out = torch.zeros(len(rows), model.side.plan.num_ladders, mask.shape[1], model.side.plan.hidden, device=device)
-    for i, state in enumerate(rows):
-        out[i, :, : state.shape[1]] = state
+        state = example_ladder_states(model, ids, tt) if fetch is None else fetch(ids, tt)
+        out[i, :, :n] = state.to(device)
     return out
