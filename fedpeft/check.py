@@ -354,6 +354,8 @@ def check_experiment(cfg: ExperimentConfig, sources: Sources | None = None) -> C
     method = f"{cfg.peft.method}" + (
         f" r={cfg.peft.lora_rank} on {cfg.peft.target_modules}" if cfg.peft.method == "lora" else ""
     )
+    if cfg.peft.method == "lst":
+        method += f" r={cfg.peft.lst_reduction}"
     if cfg.peft.method == "lora" and cfg.peft.lora_variant == "ffa":
         method += " (FFA: A frozen, only B and the head travel)"
     count = size_summary(cfg, facts.trainable, facts.trainable_by_rank)
@@ -364,5 +366,30 @@ def check_experiment(cfg: ExperimentConfig, sources: Sources | None = None) -> C
         f"mean pooling {'on' if cfg.model.pooling == 'mean' else 'off'}, "
         f"prompt head {'on' if cfg.model.head_init == 'prompts' else 'off'}",
     )
+    if cfg.peft.method == "lst":
+        report.summary.append(_lst_summary(cfg, facts.path, len(names)))
     report.seconds = time.monotonic() - t0
     return report
+
+
+def _lst_summary(cfg: ExperimentConfig, path: str, num_labels: int) -> str:
+    from transformers import AutoConfig
+
+    from fedpeft.lst import memory_summary, plan_lst
+
+    c = AutoConfig.from_pretrained(path)
+    plan = plan_lst(
+        cfg.peft,
+        hidden=c.hidden_size,
+        heads=c.num_attention_heads,
+        intermediate=c.intermediate_size,
+        num_layers=c.num_hidden_layers,
+    )
+    text = memory_summary(
+        plan,
+        num_labels,
+        batch_size=cfg.train.batch_size,
+        max_seq_len=cfg.data.max_seq_len,
+        optimizer=cfg.train.optimizer,
+    )
+    return f"{text}, budget train.lst-store-mb={cfg.train.lst_store_mb}"

@@ -91,6 +91,25 @@ class LSTPlan:
         return self.num_ladders * self.hidden * 4
 
 
+def memory_summary(plan: LSTPlan, num_labels: int, *, batch_size: int, max_seq_len: int, optimizer: str) -> str:
+    """``fedpeft check``'s line for LST: what a client holds besides the frozen backbone, and the store.
+
+    Training state: each side parameter with its gradient (and AdamW's two moments), fp32. A
+    batch's ladder inputs: ``batch x seq x ladders x hidden`` fp32 (the side network's own
+    activations are ``1/r`` of that width). No backbone activation is kept for a backward.
+    """
+    params = plan.num_params(num_labels)
+    state = params * 4 * (2 + (2 if optimizer == "adamw" else 0))
+    ladders = batch_size * max_seq_len * plan.bytes_per_token()
+    per_example = max_seq_len * plan.bytes_per_token()
+    return (
+        f"LST: side width {plan.side_hidden} (r={plan.reduction}) on layers {list(plan.layers)}; client memory "
+        f"besides the frozen backbone ~{(state + ladders) / 2**20:.1f} MB (training state {state / 2**20:.1f} MB, "
+        f"a batch's ladder inputs <= {ladders / 2**20:.1f} MB); store <= {per_example / 1024:.0f} KB per example "
+        f"at data.max-seq-len={max_seq_len}"
+    )
+
+
 def chosen_layers(cfg: PeftConfig, num_layers: int) -> tuple[int, ...]:
     """``peft.lst-layers`` (``"" `` = all) or every ``peft.lst-every``-th layer, ending at the last one.
 

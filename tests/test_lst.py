@@ -168,3 +168,15 @@ def test_bad_lst_settings_are_refused_before_anything_starts():
     lora = tiny_config(**{"peft.lst-reduction": 4})
     with pytest.raises(ConfigError, match="peft.lst-reduction=4 has no effect"):
         check_settings(lora, Sources(frozenset({"peft.lst-reduction"}), frozenset(), known=True))
+
+
+def test_fedpeft_check_counts_the_side_network_and_estimates_client_memory():
+    from fedpeft.check import check_model
+    from fedpeft.lst import memory_summary
+
+    cfg = tiny_config(**{"peft.method": "lst"})
+    assert check_model(cfg, 2).trainable == 299_096  # from the meta-device model, no weights read
+    plan = plan_lst(cfg.peft, **MINILM)
+    text = memory_summary(plan, 2, batch_size=16, max_seq_len=32, optimizer="adamw")
+    # 299,096 x 4 B x (param, grad, 2 AdamW moments) = 4.56 MiB; 16 x 32 x 7 x 384 x 4 B = 5.25 MiB
+    assert "training state 4.6 MB" in text and "ladder inputs <= 5.2 MB" in text and "336 KB per example" in text
