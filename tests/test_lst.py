@@ -180,3 +180,20 @@ def test_fedpeft_check_counts_the_side_network_and_estimates_client_memory():
     text = memory_summary(plan, 2, batch_size=16, max_seq_len=32, optimizer="adamw")
     # 299,096 x 4 B x (param, grad, 2 AdamW moments) = 4.56 MiB; 16 x 32 x 7 x 384 x 4 B = 5.25 MiB
     assert "training state 4.6 MB" in text and "ladder inputs <= 5.2 MB" in text and "336 KB per example" in text
+
+
+def test_a_federated_lst_run_with_fedau_and_dp_sgd_on_the_side_network(task, tmp_path):
+    from fedpeft.results import load_results
+    from simulations.inprocess import run_in_process
+
+    cfg = tiny_config(
+        **{"peft.method": "lst", "strategy.name": "fedau", "dp.mode": "sample", "dp.grad-sample-mode": "functorch"}
+    )
+    results = load_results(run_in_process(cfg, tmp_path / "run"))
+    assert results["status"] == "completed" and results["trainable_params"] == 299_096
+    for row in results["rounds"][1:]:
+        assert row["uplink_payload_bytes"] == row["downlink_payload_bytes"] == 3 * 299_096 * 4
+        assert all(c["epsilon"] > 0 for c in row["clients"])
+    stores = sorted(p.name for p in (tmp_path / "run" / "lst-store").rglob("*.safetensors"))
+    assert stores == ["client-0.safetensors", "client-1.safetensors", "client-2.safetensors"]
+    assert (tmp_path / "run" / "adapter" / "lst_side.safetensors").is_file()
