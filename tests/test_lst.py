@@ -197,3 +197,29 @@ def test_a_federated_lst_run_with_fedau_and_dp_sgd_on_the_side_network(task, tmp
     stores = sorted(p.name for p in (tmp_path / "run" / "lst-store").rglob("*.safetensors"))
     assert stores == ["client-0.safetensors", "client-1.safetensors", "client-2.safetensors"]
     assert (tmp_path / "run" / "adapter" / "lst_side.safetensors").is_file()
+
+
+def test_ladder_inputs_are_the_embeddings_and_each_chosen_layers_output(task):
+    from fedpeft.lst import batch_ladder_states
+
+    batch = {k: v[:4] for k, v in next(iter(task.test_loader())).items()}
+    states = batch_ladder_states(task.model, batch)
+    with torch.no_grad():  # the backbone's own batched, padded forward: equal to fp tolerance
+        hidden = task.model.backbone.base_model(
+            **{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True
+        ).hidden_states
+    for i, n in enumerate(batch["attention_mask"].sum(1).tolist()):
+        for j, h in enumerate(hidden):  # hidden_states[0] = embeddings, [l + 1] = layer l's output
+            torch.testing.assert_close(states[i, j, :n], h[i, :n].float(), atol=1e-4, rtol=1e-4)
+        assert not states[i, :, n:].any()  # zeros at padding
+    with pytest.raises(ValueError, match="right-padded"):
+        batch_ladder_states(task.model, {**batch, "attention_mask": batch["attention_mask"].flip(1)})
+
+
+def test_fedpeft_check_refuses_layers_out_of_range_and_reductions_that_do_not_divide():
+    from fedpeft.check import check_model
+
+    with pytest.raises(ConfigError, match=r"peft.lst-layers \[9\]"):
+        check_model(tiny_config(**{"peft.method": "lst", "peft.lst-layers": "2,9"}), 2)
+    with pytest.raises(ConfigError, match="peft.lst-reduction=3 must divide"):
+        check_model(tiny_config(**{"peft.method": "lst", "peft.lst-reduction": 3}), 2)
