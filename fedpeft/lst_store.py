@@ -110,6 +110,18 @@ class ActivationStore:
                 )
         return state
 
+    def fill(self, model: LSTModel, loader) -> None:
+        """Store every example of ``loader`` that is not stored yet (a client's first round: all its rows).
+
+        Filling the whole partition at once, not only the batches the first round happens to
+        draw, is what makes every later round a pure side-network round (no backbone, no save).
+        """
+        for batch in loader:
+            mask = batch["attention_mask"].bool()
+            types = batch.get("token_type_ids")
+            for i, n in enumerate(mask.sum(1).tolist()):
+                self.fetch(model, batch["input_ids"][i, :n], None if types is None else types[i, :n])
+
     def logits_fn(self, model: LSTModel):
         """``batch -> logits`` of ``model``'s side network on this store's ladder inputs."""
 

@@ -87,6 +87,8 @@ class Task:
         adapters.set_adapter_state(self.model, global_state)
         loader = self.train_loader(self.client_rows(partition_id, data_path), round_, partition_id)
         store = self.lst_store(partition_id) if self.cfg.peft.method == "lst" else None
+        if store is not None:  # the first round computes every row's ladder inputs; later ones find them all
+            store.fill(self.model, loader)
         logits_fn = store.logits_fn(self.model) if store is not None else self.logits_fn()
         if self.cfg.dp.mode == "sample":
             from fedpeft.privacy import train_local_private
