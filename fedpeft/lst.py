@@ -31,7 +31,7 @@ initial state needs no broadcast beyond the seed):
 Gates start at ``alpha = 0`` (``mu = 0.5``); the head at N(0, 0.02) from ``derive_seed``. The
 side network has no dropout: it keeps its forward deterministic (what makes stored and
 recomputed activations give equal gradients) and Opacus' functorch per-sample gradients
-simple; the paper's side network is small enough that we did not miss it in the smoke run.
+simple. Whether it costs accuracy is not measured yet (docs/lst.md).
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ class SideBlock(nn.Module):
 class SideNetwork(nn.Module):
     """Ladders, gates, side blocks and head: everything LST trains and sends."""
 
-    def __init__(self, plan: LSTPlan, *, num_labels: int, pooling: str, eps: float = 1e-12) -> None:
+    def __init__(self, *, plan: LSTPlan, num_labels: int, pooling: str, eps: float = 1e-12) -> None:
         super().__init__()
         self.plan, self.pooling = plan, pooling
         self.ladders = nn.ModuleList(nn.Linear(plan.hidden, plan.side_hidden) for _ in range(plan.num_ladders))

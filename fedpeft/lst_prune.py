@@ -119,7 +119,7 @@ def build_lst_model(backbone: nn.Module, cfg: PeftConfig, *, num_labels: int, po
         p.requires_grad_(False)
     plan = plan_for_backbone(backbone, cfg)
     eps = float(getattr(backbone.config, "layer_norm_eps", 1e-12))
-    side = SideNetwork(plan, num_labels=num_labels, pooling=pooling, eps=eps)
+    side = SideNetwork(plan=plan, num_labels=num_labels, pooling=pooling, eps=eps)
     sources = [_Layer(encoder_layers[i]) for i in plan.layers]
     stream, attn, ffn = keep_indices(sources, plan)
     with torch.no_grad():

@@ -183,6 +183,7 @@ def test_fedpeft_check_counts_the_side_network_and_estimates_client_memory():
 
 
 def test_a_federated_lst_run_with_fedau_and_dp_sgd_on_the_side_network(task, tmp_path):
+    # `task` only warms this process' model cache: the run's apps load the same model
     from fedpeft.results import load_results
     from simulations.inprocess import run_in_process
 
