@@ -33,8 +33,14 @@ PEFT_LIBRARY_METHODS = ("lora", "ia3", "prompt")
 
 def inject_adapters(model: nn.Module, cfg: PeftConfig, seed: int = 0) -> nn.Module:
     """Wrap ``model`` with the PEFT method in ``cfg``; only its parameters train."""
-    head_name, _ = head_module(model)
+    head_name, head = head_module(model)
     head_root = head_name.split(".")[0]
+    if cfg.method == "lst":  # a side network beside the frozen backbone, not a peft tuner (fedpeft/lst.py)
+        from fedpeft.backbone import MaskedMeanPooler
+        from fedpeft.lst_prune import build_lst_model
+
+        pooling = "mean" if isinstance(getattr(model.base_model, "pooler", None), MaskedMeanPooler) else "head"
+        return build_lst_model(model, cfg, num_labels=head.out_features, pooling=pooling, seed=seed)
     if cfg.method == "lora":
         modules = dict(model.named_modules())
         check_lora_targets(cfg, list(modules), [n for n, m in modules.items() if isinstance(m, nn.Linear)])
@@ -238,6 +244,12 @@ def export_adapter(
         (out / MODEL_FILE).write_text(
             json.dumps({"model": dataclasses.asdict(model_cfg), "method": cfg.method}, indent=2)
         )
+    if cfg.method == "lst":  # its own format: fedpeft/lst_export.py
+        from fedpeft.lst_export import export_lst
+
+        if model_cfg is None:
+            raise ValueError("exporting an LST model needs model_cfg= (the loader rebuilds its backbone from it)")
+        return export_lst(model, out, model_cfg=model_cfg)
     if cfg.method in PEFT_LIBRARY_METHODS:
         # The server's adapter is "default"; adapters of other ranks (clients served in this
         # process) are not part of the export. FFA's frozen A is exported too (peft saves every
@@ -266,6 +278,10 @@ def load_exported_model(out_dir: str | Path, num_labels: int, device: str | None
             "(fedpeft simulate does) or load the backbone yourself and use PeftModel.from_pretrained"
         )
     meta = json.loads(path.read_text())
+    if meta["method"] == "lst":
+        from fedpeft.lst_export import load_lst_model
+
+        return load_lst_model(out_dir, device)
     fields = {**meta["model"], "head_init": "random"}
     if device is not None:
         fields["device"] = device

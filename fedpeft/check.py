@@ -100,6 +100,12 @@ INACTIVE_RULES: tuple[Rule, ...] = (
      ("partition.classes-per-client",)),
     ("peft.method", lambda c: None if c.peft.method == "lora" else "no LoRA is injected",
      _keys("peft", "lora-rank lora-alpha lora-dropout target-modules layers")),
+    ("peft.method", lambda c: None if c.peft.method == "lst" else "no side network is built",
+     (*_keys("peft", "lst-reduction lst-layers lst-every"), "train.lst-store-mb")),
+    ("peft.method", lambda c: "LST always trains its side network's head" if c.peft.method == "lst" else None,
+     ("peft.train-head",)),
+    ("peft.lst-layers", lambda c: "listed layers replace every k-th" if c.peft.lst_layers.strip() else None,
+     ("peft.lst-every",)),
     ("peft.method", lambda c: None if c.peft.method == "prompt" else "no prompt is tuned",
      ("peft.num-virtual-tokens",)),
     ("peft.method", lambda c: "head-only always trains the head" if c.peft.method == "head" else None,
@@ -399,6 +405,8 @@ def check_experiment(cfg: ExperimentConfig, sources: Sources | None = None) -> C
     method = f"{cfg.peft.method}" + (
         f" r={cfg.peft.lora_rank} on {cfg.peft.target_modules}" if cfg.peft.method == "lora" else ""
     )
+    if cfg.peft.method == "lst":
+        method += f" r={cfg.peft.lst_reduction}"
     if cfg.peft.method == "lora" and cfg.peft.lora_variant == "ffa":
         method += " (FFA: A frozen, only B and the head travel)"
     count = size_summary(cfg, facts.trainable, facts.trainable_by_rank)
@@ -411,5 +419,30 @@ def check_experiment(cfg: ExperimentConfig, sources: Sources | None = None) -> C
     )
     if tracking:
         report.summary.append(tracking)
+    if cfg.peft.method == "lst":
+        report.summary.append(_lst_summary(cfg, facts.path, len(names)))
     report.seconds = time.monotonic() - t0
     return report
+
+
+def _lst_summary(cfg: ExperimentConfig, path: str, num_labels: int) -> str:
+    from transformers import AutoConfig
+
+    from fedpeft.lst import memory_summary, plan_lst
+
+    c = AutoConfig.from_pretrained(path)
+    plan = plan_lst(
+        cfg.peft,
+        hidden=c.hidden_size,
+        heads=c.num_attention_heads,
+        intermediate=c.intermediate_size,
+        num_layers=c.num_hidden_layers,
+    )
+    text = memory_summary(
+        plan,
+        num_labels,
+        batch_size=cfg.train.batch_size,
+        max_seq_len=cfg.data.max_seq_len,
+        optimizer=cfg.train.optimizer,
+    )
+    return f"{text}, budget train.lst-store-mb={cfg.train.lst_store_mb}"

@@ -72,6 +72,11 @@ def count_trainable(model, cfg: ExperimentConfig, rank: int | None = None) -> in
         return biases + head_count + head_bias
     if method == "full":  # every weight, the head with peft.train-head
         return sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in head.parameters()) + head_count
+    if method == "lst":  # the side network only (fedpeft/lst.py); raises for a bad reduction / layer list
+        from fedpeft.backbone import head_module
+        from fedpeft.lst import plan_for_backbone
+
+        return plan_for_backbone(model, cfg.peft).num_params(head_module(model)[1].out_features)
     if method == "prompt":  # peft's PromptEmbedding: one token-embedding row per virtual token
         return cfg.peft.num_virtual_tokens * model.get_input_embeddings().embedding_dim + head_count
     per_slice = lora_factor_scalars(model, cfg)

@@ -23,7 +23,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.pooling": ("head", "mean"),
     "model.head-init": ("random", "prompts"),
     "model.compute-dtype": ("auto", "float32", "bfloat16", "float16"),
-    "peft.method": ("lora", "ia3", "prompt", "bitfit", "head", "full"),
+    "peft.method": ("lora", "ia3", "prompt", "bitfit", "head", "full", "lst"),
     "peft.lora-variant": ("lora", "ffa"),
     "partition.scheme": (
         "iid",

@@ -73,6 +73,10 @@ class PeftConfig:
     train_head: bool = True
     # "ffa": FFA-LoRA (Sun et al., ICLR 2024): A stays at its seeded initialisation, only B (and the head) train
     lora_variant: str = "lora"
+    # "lst" (Ladder Side-Tuning, fedpeft/lst.py): side network width = hidden size / lst_reduction
+    lst_reduction: int = 8
+    lst_layers: str = ""  # LST: side blocks for these backbone layers, e.g. "1,3,5"; "" = see lst_every
+    lst_every: int = 1  # LST with lst_layers = "": every k-th layer, counted down from the last (1 = all)
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,8 @@ class TrainConfig:
     # FedProx (Li et al. 2020): mu of the proximal term mu/2 ||w - w_global||^2 over the trained PEFT tensors,
     # sent by the strategy in each train message (fedpeft/drift.py); 0 = off (plain local steps)
     prox_mu: float = 0.0
+    # LST: budget of one client's stored ladder inputs (fedpeft/lst_store.py); beyond it they are recomputed
+    lst_store_mb: int = 1024
 
 
 @dataclass(frozen=True)

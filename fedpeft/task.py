@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -116,6 +117,10 @@ class Task:
         hook = None
         if correction is not None:
             hook = gradient_hook(adapters.trainable_parameters(self.model), global_state, correction)
+        store = self.lst_store(partition_id) if self.cfg.peft.method == "lst" else None
+        if store is not None:  # the first round computes every row's ladder inputs; later ones find them all
+            store.fill(self.model, loader)
+        logits_fn = store.logits_fn(self.model) if store is not None else self.logits_fn()
         if self.cfg.dp.mode == "sample":
             from fedpeft.privacy import train_local_private
 
@@ -129,7 +134,7 @@ class Task:
                 partition_id=partition_id,
                 round_=round_,
                 history=dp_history,
-                logits_fn=self.logits_fn(),
+                logits_fn=logits_fn,
             )
         else:
             result = train_local(
@@ -137,9 +142,11 @@ class Task:
                 loader,
                 self.cfg.train,
                 dropout_seed=derive_seed(self.cfg.seed, "dropout", round_, partition_id),
-                logits_fn=self.logits_fn(),
+                logits_fn=logits_fn,
                 grad_hook=hook,
             )
+        if store is not None:  # the next round of this client reads it, wherever it runs
+            store.save()
         delta = adapters.compute_delta(adapters.get_adapter_state(self.model), global_state)
         if device.type == "cuda":
             result = dataclasses.replace(result, peak_cuda_bytes=int(torch.cuda.max_memory_allocated(device)))
@@ -161,6 +168,28 @@ class Task:
         adapters.use_rank(self.model, active)
         return ranks.training_bytes(self.weight_bytes.total_bytes, trainable, self.cfg.train.optimizer)
 
+    def lst_store(self, partition_id: int | None = None):
+        """LST's activation store (fedpeft/lst_store.py) of a client, or of evaluation sets (None).
+
+        A client's store lives in ``<run folder>/lst-store/``; the run folder is ``out-dir``,
+        which the launcher sets to ``--out`` for the ClientApp (default ``runs/<name>/seed-<seed>``).
+        """
+        from fedpeft import lst_store
+        from fedpeft.results import default_run_dir
+
+        cfg = self.cfg
+        fingerprint = lst_store.store_fingerprint(cfg.model, self.model.side.plan.layers)
+        max_bytes = cfg.train.lst_store_mb * 2**20
+        if partition_id is None:
+            return lst_store.eval_store(fingerprint=fingerprint, max_bytes=max_bytes)
+        run_dir = Path(cfg.out_dir) if cfg.out_dir else default_run_dir(cfg.name, cfg.seed)
+        return lst_store.client_store(
+            store_dir=run_dir / lst_store.STORE_FOLDER,
+            fingerprint=fingerprint,
+            partition_id=partition_id,
+            max_bytes=max_bytes,
+        )
+
     def logits_fn(self):
         """The frozen-prefix cache's forward when ``train.prefix-cache = "auto"`` can use one, else None.
 
@@ -168,6 +197,8 @@ class Task:
         or the embeddings (``k = 0``: LoRA on every layer, IA3, prompt, BitFit, full), for
         architectures outside the BERT family and for left-padding tokenizers.
         """
+        if self.cfg.peft.method == "lst":  # the side network on stored ladder inputs
+            return self.lst_store().logits_fn(self.model)
         cache = getattr(self.model, "fedpeft_prefix_cache", None)
         if self.cfg.train.prefix_cache == "off" or cache is None:
             return None

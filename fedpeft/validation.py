@@ -80,6 +80,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _validate_dp(cfg)
     _validate_spsa(cfg)
     _validate_lora_ranks(cfg)
+    _validate_lst(cfg)
     _check(
         cfg.simulation.num_cpus_per_client > 0,
         "simulation.num-cpus-per-client",
@@ -562,3 +563,42 @@ def _validate_strategy_parts(cfg: ExperimentConfig) -> None:
             f"<= n - f = {n - s.krum_f} for n = {n} clients {when}",
             s.krum_m,
         )
+
+
+def _validate_lst(cfg: ExperimentConfig) -> None:
+    # Ranges hold for every method; the backbone-dependent rules (reduction divides the hidden size,
+    # layers in range) are checked against the model's config by `fedpeft check` (fedpeft/lst.py).
+    peft = cfg.peft
+    _check(peft.lst_reduction >= 1, "peft.lst-reduction", ">= 1 (the paper's default is 8)", peft.lst_reduction)
+    _check(peft.lst_every >= 1, "peft.lst-every", ">= 1 (1 = a side block for every layer)", peft.lst_every)
+    _check(
+        all(v.strip().isdigit() for v in peft.lst_layers.split(",")) if peft.lst_layers.strip() else True,
+        "peft.lst-layers",
+        'comma-separated layer indices >= 0 such as "1,3,5", or "" for every peft.lst-every-th layer',
+        peft.lst_layers,
+    )
+    _check(
+        cfg.train.lst_store_mb >= 0, "train.lst-store-mb", ">= 0 (MB of stored ladder inputs)", cfg.train.lst_store_mb
+    )
+    if peft.method != "lst":
+        return
+    _check(
+        cfg.train.lst_store_mb > 0,
+        "train.lst-store-mb",
+        "> 0 with peft.method='lst' (the budget of a client's stored activations in MB, e.g. 1024; "
+        "the store is what makes rounds after the first cheap)",
+        cfg.train.lst_store_mb,
+    )
+    _check(
+        cfg.strategy.name in ("fedavg", "fedau", "known_p_oracle"),
+        "strategy.name",
+        f"'fedavg', 'fedau' or 'known_p_oracle' with peft.method='lst' (got {cfg.strategy.name!r}: "
+        "SPSA and the LoRA-rank strategies do not apply to a side network)",
+        cfg.strategy.name,
+    )
+    _check(
+        cfg.model.head_init == "random",
+        "model.head-init",
+        "'random' with peft.method='lst' (the head sits on the side network, which prompts do not reach)",
+        cfg.model.head_init,
+    )

@@ -41,7 +41,7 @@ def run_in_process(
     flat = cfg.to_flat()
     n = num_nodes(cfg)  # one per client, or one per cohort of clients
     grid = InMemoryGrid(
-        build_client_app(mods=client_mods),
+        build_client_app({"out-dir": str(run_dir.resolve())}, mods=client_mods),  # LST's client stores live there
         run_config=flat,
         node_configs=[{"partition-id": p, "num-partitions": n} for p in range(n)],
         reply_timeout_s=cfg.simulation.round_timeout_s,

@@ -88,7 +88,8 @@ def simulate(
         with stop_on_signals():
             run_simulation(
                 server_app=build_server_app(flat, run_dir.resolve(), resume=resume, checked=True),
-                client_app=build_client_app(flat, mods=client_mods),
+                # Clients learn the run folder (LST keeps each client's stored activations there).
+                client_app=build_client_app({**flat, "out-dir": str(run_dir.resolve())}, mods=client_mods),
                 num_supernodes=num_nodes(cfg),
                 backend_config=backend_config(cfg),
             )
