@@ -19,6 +19,7 @@ from fedpeft.results import (  # noqa: E402
     load_results,
     round_metrics,
 )
+from fedpeft.rundir import RunDir
 from fedpeft.stats import curve_band  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def plot_runs(
     """
     if not paths:
         raise ValueError("give at least one run folder or results.json to plot")
-    files = list(dict.fromkeys((Path(p) / "results.json" if Path(p).is_dir() else Path(p)).resolve() for p in paths))
+    files = list(dict.fromkeys(RunDir.results_of(p).resolve() for p in paths))
     loaded = [load_results(p) for p in files]  # a run given twice (folder and file) is one run
     groups = [[loaded[i] for i in idx] for idx in group_by_experiment(loaded)]
     labels = [run_label(g[0]) for g in groups]

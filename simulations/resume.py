@@ -27,11 +27,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedpeft.config import ConfigError, ExperimentConfig
-from fedpeft.records import state_to_record
 from fedpeft.results import load_results
+from fedpeft.rundir import RunDir
 
-META = "checkpoint.json"
-ARRAYS = "checkpoint.npz"
+META = RunDir.CHECKPOINT_META
+ARRAYS = RunDir.CHECKPOINT_ARRAYS
 
 
 def write_checkpoint(run_dir: Path, server_round: int, global_state: dict, strategy, ledger_rows: list) -> None:
@@ -59,7 +59,7 @@ def read_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray
 def resume_config(run_dir: str | Path) -> ExperimentConfig:
     """The config of the run in ``run_dir``, checked to be resumable; errors name the fix."""
     run_dir = Path(run_dir)
-    path = run_dir / "results.json"
+    path = RunDir(run_dir).results
     if not path.is_file():
         raise ConfigError(f"--resume {run_dir}: no results.json there; resume a folder a run wrote")
     results = load_results(path)
@@ -107,11 +107,3 @@ class Resumed(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         """Delegated with the true round."""
         return self.strategy.aggregate_evaluate(server_round + self.offset, replies)
-
-
-def restore(run_dir: Path, strategy) -> tuple[int, ArrayRecord, list, list]:
-    """Load the checkpoint into ``strategy``: ``(last round, global arrays, ledger rows, result rows)``."""
-    meta, state, extra = read_checkpoint(run_dir)
-    strategy.restore_state(meta["strategy"], extra)
-    rows = [r for r in load_results(run_dir / "results.json")["rounds"] if r["round"] <= meta["round"]]
-    return meta["round"], state_to_record(state), meta["ledger"], rows

@@ -29,6 +29,7 @@ from fedpeft.comm import UP, Ledger
 from fedpeft.config import ExperimentConfig
 from fedpeft.records import record_to_state, state_to_record
 from fedpeft.results import default_run_dir, git_revision, load_results, package_versions, write_results
+from fedpeft.rundir import RunDir
 from fedpeft.task import load_task, set_threads
 from simulations.cohort import CohortGrid
 from simulations.grids import MeteringGrid
@@ -228,7 +229,7 @@ def resume_from(run: OpenRun, strategy, checkpoint: tuple) -> None:
     strategy.restore_state(meta["strategy"], extra)
     done = run.done = meta["round"]
     run.initial = state_to_record(state)
-    previous = load_results(run.run_dir / "results.json")
+    previous = load_results(RunDir(run.run_dir).results)
     run.results["rounds"] = [r for r in previous["rounds"] if r["round"] <= done]
     run.results["resumed_after_rounds"] = [*previous.get("resumed_after_rounds", []), done]
     run.runner = Resumed(strategy=strategy, offset=done)
@@ -246,7 +247,7 @@ def close_run(run: OpenRun, final_arrays) -> dict[str, Any]:
     cfg, task, results = run.cfg, run.task, run.results
     final = final_arrays if final_arrays is not None and len(final_arrays) else run.initial
     set_adapter_state(task.model, record_to_state(final))
-    results["adapter_dir"] = str(export_adapter(task.model, run.run_dir / "adapter", cfg.peft, cfg.model).resolve())
+    results["adapter_dir"] = str(export_adapter(task.model, RunDir(run.run_dir).adapter, cfg.peft, cfg.model).resolve())
     results["ledger"] = run.ledger.to_json()
     results["wall_s"] = time.monotonic() - run.t_start
     aggregated_any = any(r["aggregated"] for r in results["rounds"][1:])

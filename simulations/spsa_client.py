@@ -103,4 +103,3 @@ def spsa_train(content: RecordDict, context: Context, cfg: ExperimentConfig) -> 
     return RecordDict(
         {"spsa": ConfigRecord({"codes": codes}), "metrics": metrics, CONTRACT_KEY: contract_record(KIND_SPSA)}
     )
-
