@@ -29,3 +29,13 @@ def test_a_diverging_learning_rate_is_reported_not_sent(fresh_task):
         train_local(
             task.model, task.train_loader(task.partition(0), 1, 0), TrainConfig(lr=1e12, local_steps=6), dropout_seed=0
         )
+
+
+def test_batches_cycle_pass_after_pass_and_an_empty_loader_is_an_error_not_a_hang():
+    from itertools import islice
+
+    from fedpeft.batches import cycle_batches
+
+    assert list(islice(cycle_batches([1, 2]), 5)) == [1, 2, 1, 2, 1]
+    with pytest.raises(ValueError, match="no batches"):
+        next(cycle_batches([]))
