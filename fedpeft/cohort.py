@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedpeft import adapters
+from fedpeft.batches import cycle_batches
 from fedpeft.grouped import CohortHead, CohortLoraLinear, CohortStep, Segments, swapped_modules
 from fedpeft.rng import derive_seed
 from fedpeft.task import Task
@@ -189,7 +190,7 @@ def train_batched(task: Task, jobs: list[Job]) -> list[ClientRun]:
             for n in adapters.trainable_names(model)
         }
         loader = task.train_loader(task.client_rows(pid), rnd, pid)
-        batches = itertools.islice(_cycle(loader), planned_steps(len(loader), cfg.train))
+        batches = itertools.islice(cycle_batches(loader), planned_steps(len(loader), cfg.train))
         optimizer = build_param_optimizer(list(params.values()), cfg.train)
         clients.append(ClientRun(pid, rnd, state, params, optimizer, batches))
     step = CohortStep()
@@ -266,8 +267,3 @@ def concat_batches(batches: list[dict[str, torch.Tensor]], pad_id: int) -> dict[
             parts.append(t)
         out[key] = torch.cat(parts)
     return out
-
-
-def _cycle(loader: torch.utils.data.DataLoader):
-    while True:
-        yield from loader

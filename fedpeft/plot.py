@@ -20,6 +20,7 @@ from fedpeft.results import (  # noqa: E402
     require_metric,
     round_metrics,
 )
+from fedpeft.rundir import RunDir
 from fedpeft.stats import curve_band  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def plot_runs(
     """
     if not paths:
         raise ValueError("give at least one run folder or results.json to plot")
-    files = list(dict.fromkeys((Path(p) / "results.json" if Path(p).is_dir() else Path(p)).resolve() for p in paths))
+    files = list(dict.fromkeys(RunDir.results_of(p).resolve() for p in paths))
     loaded = [load_results(p) for p in files]  # a run given twice (folder and file) is one run
     for path, results in zip(files, loaded, strict=True):
         require_metric(results, path)  # never an empty figure

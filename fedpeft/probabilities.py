@@ -73,8 +73,3 @@ def build_probabilities(
         )
         return p
     raise ValueError(f"unknown participation.p-source {cfg.p_source!r}")
-
-
-def class_multiplier(cfg: ParticipationConfig, num_classes: int, seed: int) -> np.ndarray:
-    """The q that ``build_probabilities`` draws for this seed (for reports: which classes are rare)."""
-    return numpy_rng(seed, "participation-q").dirichlet(np.full(num_classes, cfg.label_alpha))

@@ -76,3 +76,59 @@ def prepare_run_dir(run_dir: str | Path, *, overwrite: bool = False, flag: str =
     except OSError as err:
         raise ConfigError(f"{flag} {str(path)!r} cannot be created ({err.strerror})") from None
     return path
+
+
+class RunDir:
+    """One run's folder and every file name in it: the only place that spells them.
+
+    >>> RunDir("runs/quickstart/seed-0").results
+    PosixPath('runs/quickstart/seed-0/results.json')
+    """
+
+    RESULTS = RESULTS_FILE  # the source of truth: config, versions, every round (fedpeft/results.py)
+    CHECKPOINT_META = "checkpoint.json"  # round, strategy state, byte ledger (simulations/resume.py)
+    CHECKPOINT_ARRAYS = "checkpoint.npz"  # the global adapter and any strategy arrays
+    ADAPTER = "adapter"  # the final adapter, exported with peft (fedpeft/adapters.py)
+    FIGURE = "accuracy.png"  # accuracy per round, written after the run (fedpeft/plot.py)
+    SWEEP = "sweep.json"  # a sweep folder's manifest of planned runs (simulations/experiments/sweep.py)
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @property
+    def results(self) -> Path:
+        return self.path / self.RESULTS
+
+    @property
+    def checkpoint_meta(self) -> Path:
+        return self.path / self.CHECKPOINT_META
+
+    @property
+    def checkpoint_arrays(self) -> Path:
+        return self.path / self.CHECKPOINT_ARRAYS
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / self.ADAPTER
+
+    @property
+    def figure(self) -> Path:
+        return self.path / self.FIGURE
+
+    @property
+    def sweep(self) -> Path:
+        return self.path / self.SWEEP
+
+    @staticmethod
+    def results_of(path: str | Path) -> Path:
+        """``path`` itself when it is a results file, else the results file of the run folder ``path``."""
+        path = Path(path)
+        return path / RESULTS_FILE if path.is_dir() else path
+
+    @staticmethod
+    def find_results(root: str | Path) -> list[Path]:
+        """Every results file under ``root`` (a sweep folder), sorted."""
+        return sorted(Path(root).rglob(RESULTS_FILE))

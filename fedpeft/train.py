@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedpeft.backbone import compute_context
+from fedpeft.batches import cycle_batches
 from fedpeft.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def train_local(
     model.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(dropout_seed)
-        for batch in itertools.islice(_cycle(loader), steps):
+        for batch in itertools.islice(cycle_batches(loader), steps):
             optimizer.zero_grad(set_to_none=True)
             loss = batch_loss(model, batch, logits_fn)
             if not math.isfinite(loss.item()):
@@ -109,11 +110,6 @@ def train_local(
         num_examples=examples,
         num_steps=len(losses),
     )
-
-
-def _cycle(loader: torch.utils.data.DataLoader):
-    while True:
-        yield from loader
 
 
 @torch.no_grad()

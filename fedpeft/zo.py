@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from fedpeft import onebyte
+from fedpeft.batches import cycle_batches
 from fedpeft.rng import derive_seed, numpy_rng
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,7 @@ def run_local_steps(
     """
     shapes = {n: tuple(t.shape) for n, t in master.items()}
     codes, gs, g_hats, losses, examples, skipped = [], [], [], [], 0, 0
-    for step, batch in zip(range(num_steps), _cycle(batches), strict=False):
+    for step, batch in zip(range(num_steps), cycle_batches(batches), strict=False):
         z = perturbation(direction_seed(run_seed, round_, partition_id, step), shapes, distribution)
         privatize = None
         if dp_clip > 0:  # DPZero: loss_fn returns per-example losses
@@ -259,17 +260,6 @@ def state_hash(state: Mapping[str, np.ndarray | torch.Tensor]) -> bytes:
         h.update(str(arr.shape).encode())
         h.update(arr.tobytes())
     return h.digest()
-
-
-def _cycle(batches: Iterable):
-    # Re-iterate (a DataLoader reshuffles from its own seeded generator each pass).
-    while True:
-        empty = True
-        for batch in batches:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("no batches to run SPSA steps on (empty partition?)")
 
 
 def _batch_size(batch) -> int:

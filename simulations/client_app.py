@@ -28,12 +28,11 @@ from simulations.cohort import (
     save_client_state,
     unpack,
 )
-from simulations.deploy.warm_worker import make_warm_worker_mod
 from simulations.drift_client import add_scaffold_reply, drift_terms
 from simulations.faults import fault_mod
 from simulations.node import DP_STATE_KEY, experiment_config, node_data_path, partition_id
 from simulations.quiet import quiet_libraries
-from strategies.base import CONTRACT_KEY, KIND_DELTA, contract_record
+from simulations.reply import delta_reply
 
 # torch, transformers, peft and opacus are imported inside the handlers, not here: on a
 # SuperNode every message starts a fresh ClientApp process, and with a warm worker
@@ -72,36 +71,6 @@ def first_order_train(content: RecordDict, context: Context, cfg: ExperimentConf
         delta_c = scaffold.finish(context, delta, num_steps=result.num_steps, lr=cfg.train.lr)
         add_scaffold_reply(reply, delta_c)
     return reply
-
-
-def delta_reply(task, pid: int, delta: dict, result, *, cpu_s: float | None = None) -> RecordDict:
-    """A first-order train reply: the delta, the client's metrics, and the contract (kind "delta").
-
-    ``cpu_s`` is the process CPU time (all torch threads) of the local training, reported as
-    ``train-cpu-s`` for the parallel-efficiency benchmark (simulations/bench/cohort_engine.py).
-    """
-    from fedpeft.adapters import num_trainable
-    from fedpeft.records import state_to_record
-
-    metrics = MetricRecord(
-        {
-            "num-examples": result.num_examples,
-            "train-loss": result.mean_loss,
-            "train-loss-first": result.first_loss,
-            "train-loss-last": result.last_loss,
-            "num-steps": result.num_steps,
-            "partition-id": pid,
-            "trainable-params": num_trainable(task.model),
-        }
-    )
-    if cpu_s is not None:
-        metrics["train-cpu-s"] = float(cpu_s)
-    if result.peak_cuda_bytes:  # CUDA only: this client's peak allocation during its local round
-        metrics["peak-cuda-bytes"] = int(result.peak_cuda_bytes)
-    if result.privacy is not None:  # report epsilon so far
-        for key in ("epsilon", "delta", "noise-multiplier", "sample-rate"):
-            metrics[key if key == "epsilon" else f"dp-{key}"] = float(result.privacy[key])
-    return RecordDict({"arrays": state_to_record(delta), "metrics": metrics, CONTRACT_KEY: contract_record(KIND_DELTA)})
 
 
 def spsa_train(content: RecordDict, context: Context, cfg: ExperimentConfig) -> RecordDict:
@@ -254,6 +223,17 @@ def build_client_app(overrides: dict[str, Any] | None = None, mods: list | None 
     return app
 
 
-# On a SuperNode started with --node-config "... warm-worker=true", every message is served by a
-# long-lived worker process that keeps the model loaded (simulations/deploy/warm_worker.py).
-app = build_client_app(mods=[make_warm_worker_mod("simulations.client_app:build_client_app")])
+def warm_worker(msg: Message, context: Context, call_next) -> Message:
+    """On a SuperNode started with --node-config "... warm-worker=true", every message is served by a
+    long-lived worker process that keeps the model loaded (simulations/deploy/warm_worker.py).
+
+    The deployment tooling is imported only on such a node: simulations never load it.
+    """
+    if "warm-worker" not in context.node_config:  # warm_worker.NODE_CONFIG_KEY
+        return call_next(msg, context)
+    from simulations.deploy.warm_worker import make_warm_worker_mod
+
+    return make_warm_worker_mod("simulations.client_app:build_client_app")(msg, context, call_next)
+
+
+app = build_client_app(mods=[warm_worker])

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fedpeft.config import ExperimentConfig
 from fedpeft.results import default_run_dir
+from fedpeft.rundir import RunDir
 from simulations.cohort import num_workers
 
 
@@ -47,4 +48,4 @@ def run_in_process(
         reply_timeout_s=cfg.simulation.round_timeout_s,
     )
     run_experiment(grid, cfg, run_dir, resume=resume)
-    return run_dir / "results.json"
+    return RunDir(run_dir).results

@@ -20,7 +20,7 @@ from pathlib import Path
 from fedpeft.check import CheckReport, check_experiment
 from fedpeft.config import ExperimentConfig
 from fedpeft.results import default_run_dir, load_results
-from fedpeft.rundir import check_run_dir, prepare_run_dir
+from fedpeft.rundir import RunDir, check_run_dir, prepare_run_dir
 from simulations.cluster import log_ray_target
 from simulations.front_door import RunFailed
 from simulations.inprocess import num_nodes
@@ -93,7 +93,7 @@ def simulate(
                 num_supernodes=num_nodes(cfg),
                 backend_config=backend_config(cfg),
             )
-    return _finish(cfg, run_dir / "results.json", plot, t0)
+    return _finish(cfg, RunDir(run_dir).results, plot, t0)
 
 
 def _finish(cfg: ExperimentConfig, results_path: Path, plot: bool, t0: float) -> Path:
@@ -103,7 +103,7 @@ def _finish(cfg: ExperimentConfig, results_path: Path, plot: bool, t0: float) ->
         from fedpeft.plot import plot_runs  # matplotlib: only when plotting
         from fedpeft.tracking import log_figure
 
-        fig = plot_runs([results_path], results_path.parent / "accuracy.png", title=cfg.name)
+        fig = plot_runs([results_path], RunDir(results_path.parent).figure, title=cfg.name)
         log_figure(load_results(results_path), Path(fig))  # the tracker's copy (tracking.backend)
         log.info("plot: %s", fig)
     return results_path

@@ -20,6 +20,7 @@ from fedpeft.comm import Ledger
 from fedpeft.config import ExperimentConfig
 from fedpeft.records import record_to_state
 from fedpeft.results import write_results
+from fedpeft.rundir import RunDir
 from fedpeft.task import Task
 from fedpeft.tracking import Sink, build_sink
 from simulations.resume import write_checkpoint
@@ -115,7 +116,7 @@ class RunRecorder:
         self.close()
         log.warning(
             "interrupted: %s written with the %s completed round(s)",
-            self.run_dir / "results.json",
+            RunDir(self.run_dir).results,
             max(len(self.results["rounds"]) - 1, 0),
         )
         return self.results

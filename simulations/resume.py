@@ -30,11 +30,12 @@ from flwr.serverapp import Grid
 
 from fedpeft.config import ConfigError, ExperimentConfig
 from fedpeft.results import load_results
+from fedpeft.rundir import RunDir
 from strategies.base import FedPeftStrategy
 from strategies.delegating import Delegating
 
-META = "checkpoint.json"
-ARRAYS = "checkpoint.npz"
+META = RunDir.CHECKPOINT_META
+ARRAYS = RunDir.CHECKPOINT_ARRAYS
 
 
 def write_checkpoint(
@@ -79,7 +80,7 @@ def read_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray
 def resume_config(run_dir: str | Path) -> ExperimentConfig:
     """The config of the run in ``run_dir``, checked to be resumable; errors name the fix."""
     run_dir = Path(run_dir)
-    path = run_dir / "results.json"
+    path = RunDir(run_dir).results
     if not path.is_file():
         raise ConfigError(f"--resume {run_dir}: no results.json there; resume a folder a run wrote")
     results = load_results(path)

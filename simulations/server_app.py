@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from fedpeft.config import ExperimentConfig
 from fedpeft.privacy_plan import plan_privacy
 from fedpeft.records import record_to_state, state_to_record
 from fedpeft.results import default_run_dir, git_revision, load_results, package_versions, write_results
+from fedpeft.rundir import RunDir
 from fedpeft.task import load_task, set_threads
 from simulations.cohort import CohortGrid
 from simulations.grids import MeteringGrid
@@ -101,6 +103,24 @@ def server_threads(cfg: ExperimentConfig, own_process: bool) -> int:
     return len(os.sched_getaffinity(0)) if own_process else cfg.simulation.torch_threads
 
 
+@dataclass(kw_only=True)
+class OpenRun:
+    """An experiment ready for its round loop: what :func:`open_run` set up and :func:`close_run` needs."""
+
+    cfg: ExperimentConfig
+    run_dir: Path
+    task: Any  # fedpeft.task.Task
+    ledger: Ledger
+    grid: Grid  # metered: the only byte counter
+    results: dict[str, Any]
+    recorder: RunRecorder
+    runner: Any  # the strategy, or Resumed(strategy) continuing after a checkpoint
+    initial: Any  # ArrayRecord the loop starts from
+    done: int  # rounds already run (a resumed run)
+    evaluate_fn: Any
+    t_start: float
+
+
 def run_experiment(
     grid: Grid, cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, own_process: bool = False
 ) -> dict[str, Any]:
@@ -110,6 +130,22 @@ def run_experiment(
     (simulations/resume.py). ``own_process``: no client runs in this process (see
     :func:`server_threads`).
     """
+    run = open_run(grid, cfg, run_dir, resume=resume, own_process=own_process)
+    try:
+        outcome = run.runner.start(
+            run.grid,
+            run.initial,
+            num_rounds=cfg.num_rounds - run.done,
+            timeout=cfg.simulation.round_timeout_s,
+            evaluate_fn=run.evaluate_fn,
+        )
+    except (RunInterrupted, KeyboardInterrupt):
+        return run.recorder.interrupted(run.t_start)
+    return close_run(run, outcome.arrays)
+
+
+def open_run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, *, resume: bool, own_process: bool) -> OpenRun:
+    """Task, checkpoint, handshake, participation, results header, strategy: everything before round 1."""
     t_start = time.monotonic()
     set_threads(server_threads(cfg, own_process))
     task = load_task(cfg)
@@ -123,25 +159,7 @@ def run_experiment(
     env = participation_lib.build_participation(
         cfg.participation, cfg.partition.num_partitions, cfg.seed, label_hist=task.label_histograms()
     )
-    online_trace = participation_lib.trace(env, cfg.num_rounds, cfg.partition.num_partitions)
-    results: dict[str, Any] = {
-        "status": "running",
-        "config": cfg.to_flat(),
-        "versions": package_versions(),
-        "git_revision": git_revision(Path(__file__).resolve().parent),
-        "trainable_params": num_trainable(task.model),
-        "backbone": vars(task.weight_bytes),
-        "partitions": {"sizes": [len(task.partition(p)) for p in range(cfg.partition.num_partitions)]},
-        "label_histograms": task.label_histograms().tolist(),
-        "participation_trace": online_trace.astype(int).tolist(),
-        # the environment's p_n, for analysis only (strategies other than oracles never see them)
-        "participation_probabilities": [float(p) for p in env.probabilities],
-        "rounds": [],
-        "adapter_dir": None,
-    }
-    if cfg.clients.rank_profile:  # unequal LoRA ranks: every partition's rank and each rank's training bytes
-        results["client_ranks"] = task.client_ranks()
-        results["training_bytes_by_rank"] = {r: task.training_bytes(r) for r in sorted(set(results["client_ranks"]))}
+    results = results_header(cfg, task, env)
     recorder = RunRecorder(cfg, task, ledger, run_dir, results)
 
     def selector(server_round: int, _grid: Grid) -> list[int]:
@@ -165,44 +183,85 @@ def run_experiment(
     strategy = build_strategy(cfg, ctx)
     recorder.strategy = strategy
     results["startup_s"] = time.monotonic() - t_start
-    initial = state_to_record(task.initial_state)
-    runner, done, evaluate_fn = strategy, 0, recorder.evaluate
+    metered = MeteringGrid(grid, ledger, lambda node: partition_of.get(node, -1))
+    run = OpenRun(
+        cfg=cfg,
+        run_dir=run_dir,
+        task=task,
+        ledger=ledger,
+        grid=metered,
+        results=results,
+        recorder=recorder,
+        runner=strategy,
+        initial=state_to_record(task.initial_state),
+        done=0,
+        evaluate_fn=recorder.evaluate,
+        t_start=t_start,
+    )
     if checkpoint:
-        meta, state, extra = checkpoint
-        strategy.restore_state(meta["strategy"], extra)
-        done, initial = meta["round"], state_to_record(state)
-        previous = load_results(run_dir / "results.json")
-        results["rounds"] = [r for r in previous["rounds"] if r["round"] <= done]
-        results["resumed_after_rounds"] = [*previous.get("resumed_after_rounds", []), done]
-        runner = Resumed(strategy=strategy, offset=done)
+        resume_from(run, strategy, checkpoint)
+    return run
 
-        def evaluate_fn(server_round: int, arrays):  # round 0 of the resumed loop is round `done`, recorded
-            return None if server_round == 0 else recorder.evaluate(server_round + done, arrays)
 
-        log(INFO, "resuming %s after round %d of %d", run_dir, done, cfg.num_rounds)
-    try:
-        outcome = runner.start(
-            MeteringGrid(grid, ledger, lambda node: partition_of.get(node, -1)),
-            initial,
-            num_rounds=cfg.num_rounds - done,
-            timeout=cfg.simulation.round_timeout_s,
-            evaluate_fn=evaluate_fn,
-        )
-    except (RunInterrupted, KeyboardInterrupt):
-        return recorder.interrupted(t_start)
-    final = outcome.arrays if outcome.arrays is not None and len(outcome.arrays) else initial
+def results_header(cfg: ExperimentConfig, task, env) -> dict[str, Any]:
+    """The results file before any round: config, versions, model, partitions, participation."""
+    online_trace = participation_lib.trace(env, cfg.num_rounds, cfg.partition.num_partitions)
+    results: dict[str, Any] = {
+        "status": "running",
+        "config": cfg.to_flat(),
+        "versions": package_versions(),
+        "git_revision": git_revision(Path(__file__).resolve().parent),
+        "trainable_params": num_trainable(task.model),
+        "backbone": vars(task.weight_bytes),
+        "partitions": {"sizes": [len(task.partition(p)) for p in range(cfg.partition.num_partitions)]},
+        "label_histograms": task.label_histograms().tolist(),
+        "participation_trace": online_trace.astype(int).tolist(),
+        # the environment's p_n, for analysis only (strategies other than oracles never see them)
+        "participation_probabilities": [float(p) for p in env.probabilities],
+        "rounds": [],
+        "adapter_dir": None,
+    }
+    if cfg.clients.rank_profile:  # unequal LoRA ranks: every partition's rank and each rank's training bytes
+        results["client_ranks"] = task.client_ranks()
+        results["training_bytes_by_rank"] = {r: task.training_bytes(r) for r in sorted(set(results["client_ranks"]))}
+    return results
+
+
+def resume_from(run: OpenRun, strategy, checkpoint: tuple) -> None:
+    """Continue ``run`` after its checkpointed round: strategy state, global state, rounds so far."""
+    meta, state, extra = checkpoint
+    strategy.restore_state(meta["strategy"], extra)
+    done = run.done = meta["round"]
+    run.initial = state_to_record(state)
+    previous = load_results(RunDir(run.run_dir).results)
+    run.results["rounds"] = [r for r in previous["rounds"] if r["round"] <= done]
+    run.results["resumed_after_rounds"] = [*previous.get("resumed_after_rounds", []), done]
+    run.runner = Resumed(strategy=strategy, offset=done)
+    recorder = run.recorder
+
+    def evaluate_fn(server_round: int, arrays):  # round 0 of the resumed loop is round `done`, recorded
+        return None if server_round == 0 else recorder.evaluate(server_round + done, arrays)
+
+    run.evaluate_fn = evaluate_fn
+    log(INFO, "resuming %s after round %d of %d", run.run_dir, done, run.cfg.num_rounds)
+
+
+def close_run(run: OpenRun, final_arrays) -> dict[str, Any]:
+    """Export the final adapter, the ledger and the status; write results.json; return the results."""
+    cfg, task, results = run.cfg, run.task, run.results
+    final = final_arrays if final_arrays is not None and len(final_arrays) else run.initial
     set_adapter_state(task.model, record_to_state(final))
-    results["adapter_dir"] = str(export_adapter(task.model, run_dir / "adapter", cfg.peft, cfg.model).resolve())
-    results["ledger"] = ledger.to_json()
-    results["wall_s"] = time.monotonic() - t_start
+    results["adapter_dir"] = str(export_adapter(task.model, RunDir(run.run_dir).adapter, cfg.peft, cfg.model).resolve())
+    results["ledger"] = run.ledger.to_json()
+    results["wall_s"] = time.monotonic() - run.t_start
     aggregated_any = any(r["aggregated"] for r in results["rounds"][1:])
     results["status"] = "completed" if aggregated_any else "failed"
     if not aggregated_any:
         errors = sorted({f["reason"] for r in results["rounds"] for f in r["failed"] + r["rejected"]})
         results["error"] = "no client update was aggregated in any round; clients reported: " + "; ".join(errors[:5])
         log(WARNING, "%s", results["error"])
-    path = write_results(run_dir, results)
-    recorder.close()
+    path = write_results(run.run_dir, results)
+    run.recorder.close()
     log(INFO, "wrote %s (final accuracy %.4f)", path, results["rounds"][-1]["accuracy"])
     return results
 

@@ -21,3 +21,37 @@ def tiny_config(**overrides) -> ExperimentConfig:
     }
     flat.update(overrides)
     return ExperimentConfig.from_flat(flat)
+
+
+class FreshTasks:
+    """``load_task`` for tests that train the process's cached model: hands each task out at its
+    initial adapter state in eval mode (as built) and, on :meth:`close`, puts every task it handed
+    out back there.
+
+    The model behind a task is cached per process (fedpeft/backbone.py), so a test that trains it
+    and fails before resetting it would leak its trained adapter, or its train mode (dropout on:
+    ``train_local`` raising mid-loop leaves it so), into the next test. The
+    ``fresh_task`` fixture (tests/conftest.py) calls :meth:`close` in its teardown, which pytest
+    runs whether the test passed or not.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: list = []
+
+    def __call__(self, cfg: ExperimentConfig):
+        from fedpeft.adapters import set_adapter_state
+        from fedpeft.task import load_task
+
+        task = load_task(cfg)
+        set_adapter_state(task.model, task.initial_state)
+        task.model.eval()
+        self._tasks.append(task)
+        return task
+
+    def close(self) -> None:
+        from fedpeft.adapters import set_adapter_state
+
+        for task in self._tasks:
+            set_adapter_state(task.model, task.initial_state)
+            task.model.eval()
+        self._tasks.clear()

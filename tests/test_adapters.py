@@ -37,8 +37,8 @@ def test_uplink_payload_bytes_equal_trainable_numel_times_four():
     assert payload_bytes(RecordDict({"arrays": record})) == adapters.num_trainable(task.model) * 4 == 338_690 * 4
 
 
-def test_set_then_get_round_trips_exactly_and_rejects_wrong_shapes():
-    task = load_task(tiny_config())
+def test_set_then_get_round_trips_exactly_and_rejects_wrong_shapes(fresh_task):
+    task = fresh_task(tiny_config())
     rng = np.random.default_rng(0)
     state = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in task.initial_state.items()}
     adapters.set_adapter_state(task.model, state)
@@ -49,7 +49,6 @@ def test_set_then_get_round_trips_exactly_and_rejects_wrong_shapes():
     bad[key] = bad[key][..., :1]
     with pytest.raises(adapters.DeltaError, match="shape"):
         adapters.set_adapter_state(task.model, bad)
-    adapters.set_adapter_state(task.model, task.initial_state)
 
 
 def test_delta_then_apply_restores_the_new_state():
@@ -64,11 +63,11 @@ def _logits(model, task):
         return forward_logits(model, batch)
 
 
-def test_exported_lora_adapter_reloads_with_peft_and_gives_the_same_logits(tmp_path):
+def test_exported_lora_adapter_reloads_with_peft_and_gives_the_same_logits(tmp_path, fresh_task):
     from peft import PeftModel
 
     cfg = tiny_config()
-    task = load_task(cfg)
+    task = fresh_task(cfg)
     rng = np.random.default_rng(1)
     trained = {k: (v + 0.05 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in task.initial_state.items()}
     adapters.set_adapter_state(task.model, trained)
@@ -78,7 +77,6 @@ def test_exported_lora_adapter_reloads_with_peft_and_gives_the_same_logits(tmp_p
     fresh = backbone.load_backbone(cfg.model, num_labels=2, seed=123)  # another head init on purpose
     reloaded = PeftModel.from_pretrained(fresh, str(out)).eval()
     torch.testing.assert_close(_logits(reloaded, task), expected, rtol=0, atol=1e-5)
-    adapters.set_adapter_state(task.model, task.initial_state)
 
 
 def test_bitfit_export_reloads_its_trainable_state(tmp_path):
@@ -95,12 +93,12 @@ def test_missing_local_model_path_is_a_clear_error():
 
 
 @pytest.mark.parametrize("method", ["lora", "bitfit"])
-def test_an_export_with_its_model_settings_reloads_mean_pooling_and_gives_the_same_logits(tmp_path, method):
+def test_an_export_with_its_model_settings_reloads_mean_pooling_and_gives_the_same_logits(tmp_path, method, fresh_task):
     cfg = tiny_config(
         **{"peft.method": method, "model.pooling": "mean", "model.head-init": "prompts",
            "model.label-prompts": "fresh=a good movie; rotten=a bad movie"}
     )  # fmt: skip
-    task = load_task(cfg)
+    task = fresh_task(cfg)
     rng = np.random.default_rng(2)
     trained = {k: (v + 0.05 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in task.initial_state.items()}
     adapters.set_adapter_state(task.model, trained)
@@ -109,7 +107,6 @@ def test_an_export_with_its_model_settings_reloads_mean_pooling_and_gives_the_sa
     reloaded = adapters.load_exported_model(out, num_labels=2)
     assert any(isinstance(m, backbone.MaskedMeanPooler) for m in reloaded.modules())
     torch.testing.assert_close(_logits(reloaded, task), expected, rtol=0, atol=1e-5)
-    adapters.set_adapter_state(task.model, task.initial_state)
 
 
 def test_loading_an_export_without_model_settings_names_the_fix(tmp_path):

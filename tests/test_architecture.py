@@ -159,3 +159,9 @@ def test_importing_every_strategy_module_leaves_torch_out_of_sys_modules():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_importing_the_client_app_leaves_the_deployment_tooling_unloaded():
+    code = "import sys, simulations.client_app; print(sorted(m for m in sys.modules if m.startswith('simulations.deploy')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from fedpeft import adapters
 from fedpeft.backbone import compute_context, quantization_config, resolve_compute_dtype
 from fedpeft.config import ConfigError
 from fedpeft.task import load_task
@@ -43,13 +42,12 @@ def test_nf4_quantization_takes_the_compute_dtype():
     assert quantization_config("nf4", torch.bfloat16).bnb_4bit_compute_dtype is torch.bfloat16
 
 
-def test_cpu_logits_are_the_same_for_auto_and_float32_and_nothing_autocasts():
+def test_cpu_logits_are_the_same_for_auto_and_float32_and_nothing_autocasts(fresh_task):
     import bitsandbytes as bnb
 
-    tasks = [load_task(tiny_config(**{"model.compute-dtype": name})) for name in ("auto", "float32")]
+    tasks = [fresh_task(tiny_config(**{"model.compute-dtype": name})) for name in ("auto", "float32")]
     batch = next(iter(tasks[0].test_loader()))
-    for task in tasks:  # cached models: other tests may have left them trained
-        adapters.set_adapter_state(task.model, task.initial_state)
+    for task in tasks:
         task.model.eval()
 
     with torch.no_grad():

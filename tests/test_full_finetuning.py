@@ -14,8 +14,15 @@ HEAD_PARAMS = 384 * 2 + 2
 
 
 @pytest.fixture(scope="module")
-def full_task():
+def built_full_task():
     return load_task(tiny_config(**{"peft.method": "full", "model.quantization": "none"}))
+
+
+@pytest.fixture
+def full_task(built_full_task):
+    """The full-finetuning task, put back at its initial state after each test, even a failed one."""
+    yield built_full_task
+    adapters.set_adapter_state(built_full_task.model, built_full_task.initial_state)
 
 
 def test_full_sends_every_parameter_of_the_model_and_nothing_else(full_task):
@@ -32,7 +39,6 @@ def test_a_full_local_update_changes_the_loss_and_the_backbone(full_task):
     delta, result = full_task.local_update(full_task.initial_state, 0, 1)
     new_state = adapters.apply_delta(full_task.initial_state, delta)
     after = full_task.evaluate(new_state, full_task.train_loader(rows, 0, 0))["loss"]
-    adapters.set_adapter_state(full_task.model, full_task.initial_state)
     assert result.num_steps == 2 and after != before
     word_embeddings = "bert.embeddings.word_embeddings.weight"
     assert np.abs(delta[word_embeddings]).max() > 0  # the backbone itself moved

@@ -27,9 +27,8 @@ def _logits(task):
         return forward_logits(task.model, next(iter(task.test_loader())))
 
 
-def test_ffa_freezes_a_so_only_b_and_the_head_travel_and_a_is_the_same_on_every_build():
+def test_ffa_freezes_a_so_only_b_and_the_head_travel_and_a_is_the_same_on_every_build(empty_model_cache):
     cfg = tiny_config(**{"peft.lora-variant": "ffa"})
-    backbone.clear_cache()
     first = load_task(cfg)
     a_first = _lora_a(first.model)
     state = adapters.get_adapter_state(first.model)
@@ -44,14 +43,13 @@ def test_ffa_freezes_a_so_only_b_and_the_head_travel_and_a_is_the_same_on_every_
     second = load_task(cfg)
     for name, arr in _lora_a(second.model).items():
         np.testing.assert_array_equal(arr, a_first[name])  # bit-identical, and untouched by training
-    backbone.clear_cache()
 
 
-def test_an_ffa_export_carries_the_seeded_a_and_reloads_with_the_same_logits(tmp_path):
+def test_an_ffa_export_carries_the_seeded_a_and_reloads_with_the_same_logits(tmp_path, fresh_task):
     from peft import PeftModel
 
     cfg = tiny_config(**{"peft.lora-variant": "ffa"})
-    task = load_task(cfg)
+    task = fresh_task(cfg)
     rng = np.random.default_rng(0)
     trained = {k: (v + 0.05 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in task.initial_state.items()}
     adapters.set_adapter_state(task.model, trained)
@@ -63,12 +61,10 @@ def test_an_ffa_export_carries_the_seeded_a_and_reloads_with_the_same_logits(tmp
     with torch.no_grad():
         got = forward_logits(reloaded, next(iter(task.test_loader())))
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    adapters.set_adapter_state(task.model, task.initial_state)
 
 
-def test_the_process_builds_the_backbone_once_for_clients_of_three_ranks():
+def test_the_process_builds_the_backbone_once_for_clients_of_three_ranks(empty_model_cache):
     cfg = tiny_config(**{"clients.rank-profile": "2,4,8", "strategy.name": "hetlora"})
-    backbone.clear_cache()
     builds = backbone.BUILD_COUNT["n"]
     task = load_task(cfg)
     base_weight = task.model.base_model.model.bert.encoder.layer[0].attention.self.query.base_layer.weight
@@ -83,11 +79,10 @@ def test_the_process_builds_the_backbone_once_for_clients_of_three_ranks():
     assert same is base_weight and sorted(task.model.peft_config) == ["default", "rank2", "rank4"]
     adapters.set_adapter_state(task.model, task.initial_state)  # back to the server's rank
     assert state_rank(adapters.get_adapter_state(task.model)) == 8
-    backbone.clear_cache()
 
 
-def test_a_rank_2_adapter_computes_what_the_rank_8_adapter_cut_to_two_slices_computes():
-    task = load_task(tiny_config())
+def test_a_rank_2_adapter_computes_what_the_rank_8_adapter_cut_to_two_slices_computes(fresh_task):
+    task = fresh_task(tiny_config())
     rng = np.random.default_rng(1)
     full = {k: (v + 0.1 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in task.initial_state.items()}
     cut = {
@@ -98,7 +93,6 @@ def test_a_rank_2_adapter_computes_what_the_rank_8_adapter_cut_to_two_slices_com
     expected = _logits(task)
     adapters.set_adapter_state(task.model, slice_rank(full, 2))
     torch.testing.assert_close(_logits(task), expected, rtol=0, atol=1e-5)
-    adapters.set_adapter_state(task.model, task.initial_state)
 
 
 def test_a_rank_list_is_assigned_round_robin_and_memory_budgets_pick_the_largest_rank_that_fits():

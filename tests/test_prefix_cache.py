@@ -153,9 +153,9 @@ def test_models_with_the_same_frozen_prefix_share_one_store_and_a_changed_prefix
     assert prefix_cache.PrefixCache(first.model, 4)._states is a._states
 
 
-def test_local_training_through_the_cache_fills_it_once_per_example_and_lowers_the_loss():
+def test_local_training_through_the_cache_fills_it_once_per_example_and_lowers_the_loss(fresh_task):
     cfg = tiny_config(**{"peft.layers": "4,5", "train.local-steps": 6, "train.lr": 3e-3})
-    task = load_task(cfg)
+    task = fresh_task(cfg)
     cache = task.model.fedpeft_prefix_cache
     cache.clear()
     cache.hits = cache.misses = 0
@@ -163,17 +163,16 @@ def test_local_training_through_the_cache_fills_it_once_per_example_and_lowers_t
     before = task.evaluate(task.initial_state, task.train_loader(rows, 0, 1))["loss"]
     delta, result = task.local_update(task.initial_state, 1, 1)
     after = task.evaluate(adapters.apply_delta(task.initial_state, delta), task.train_loader(rows, 0, 1))["loss"]
-    adapters.set_adapter_state(task.model, task.initial_state)
     assert len(cache) == cache.misses == len(rows)
     assert result.num_steps == 6 and after < before, (before, after)
 
 
-def test_opacus_per_sample_gradients_are_the_same_through_the_cache():
+def test_opacus_per_sample_gradients_are_the_same_through_the_cache(fresh_task):
     from fedpeft.privacy import dp_sgd
     from fedpeft.train import build_optimizer
 
     cfg = tiny_config(**{"peft.layers": "4,5", "train.optimizer": "sgd", "train.lr": 1.0})
-    task = load_task(cfg)
+    task = fresh_task(cfg)
     loader = task.train_loader(task.partition(0), 1, 0)
     batch = next(iter(loader))
     states = []
@@ -197,7 +196,6 @@ def test_opacus_per_sample_gradients_are_the_same_through_the_cache():
             F.cross_entropy(logits_fn(batch), batch["labels"]).backward()
             session.optimizer.step()
         states.append(adapters.get_adapter_state(task.model))
-    adapters.set_adapter_state(task.model, task.initial_state)
     moved = [k for k in states[0] if not np.array_equal(states[0][k], task.initial_state[k])]
     assert moved, "the clipped step changed nothing"
     for key in states[0]:

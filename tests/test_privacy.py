@@ -249,9 +249,9 @@ def test_dp_sgd_leaves_the_cached_model_as_it_found_it():
     np.testing.assert_array_equal(_update(task, cfg), before)  # plain training is unchanged afterwards
 
 
-def test_client_epsilon_over_two_rounds_equals_opacus_accountant_from_sigma_rate_and_steps():
+def test_client_epsilon_over_two_rounds_equals_opacus_accountant_from_sigma_rate_and_steps(fresh_task):
     cfg = tiny_config(**{"dp.mode": "sample", "dp.noise-multiplier": 1.3, "train.local-steps": 2})
-    task = load_task(cfg)
+    task = fresh_task(cfg)
     n = len(task.partition(1))
     _, first = task.local_update(task.initial_state, 1, 1, dp_history=[])
     _, second = task.local_update(task.initial_state, 1, 2, dp_history=first.privacy["history"])
@@ -261,7 +261,6 @@ def test_client_epsilon_over_two_rounds_equals_opacus_accountant_from_sigma_rate
     assert second.privacy["sample-rate"] == pytest.approx(rate)
     assert second.privacy["epsilon"] == pytest.approx(independent.get_epsilon(delta=1e-5), rel=1e-9)
     assert first.privacy["epsilon"] < second.privacy["epsilon"]
-    set_adapter_state(task.model, task.initial_state)
 
 
 @pytest.mark.slow

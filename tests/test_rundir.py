@@ -72,3 +72,15 @@ def test_the_rename_is_atomic_on_this_file_system(tmp_path):
     old_inode = os.stat(tmp_path / "results.json").st_ino
     write_results(tmp_path, {"status": "completed", "config": {}, "rounds": []})
     assert os.stat(tmp_path / "results.json").st_ino != old_inode
+
+
+def test_the_run_folder_object_names_every_file_of_a_run(tmp_path):
+    from fedpeft.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    assert run.results == tmp_path / "run" / "results.json"
+    assert (run.checkpoint_meta.name, run.checkpoint_arrays.name) == ("checkpoint.json", "checkpoint.npz")
+    assert (run.adapter.name, run.figure.name, run.sweep.name) == ("adapter", "accuracy.png", "sweep.json")
+    write_results(run.path, {"status": "completed", "config": {}, "rounds": []})
+    assert RunDir.results_of(run.path) == run.results == RunDir.results_of(run.results)
+    assert RunDir.find_results(tmp_path) == [run.results]

@@ -213,7 +213,7 @@ def test_one_byte_spsa_lowers_the_held_out_loss_of_minilm_with_a_prompt_head():
     from fedpeft import data
     from fedpeft.config import load_config
     from fedpeft.task import load_task
-    from simulations.spsa_client import batch_loss
+    from fedpeft.train import batch_loss
 
     cfg = load_config("simulations/configs/spsa_minilm.toml", {"data.num-test-examples": 256})
     task = load_task(cfg)
@@ -240,3 +240,34 @@ def test_one_byte_spsa_lowers_the_held_out_loss_of_minilm_with_a_prompt_head():
     assert result.codes.dtype == np.int8 and len(result.codes) == 200
     # measured here: 0.586 -> 0.569 on these 256 snippets (the 80-round federated run: 0.606 -> 0.552 on 500)
     assert after < before - 0.005
+
+
+def _spsa_message(cfg, initial) -> RecordDict:
+    """Round 1's train content as SharedSeedSPSA sends it to a client that gets the full adapter."""
+    from fedpeft.zo_log import pack_header
+
+    header = pack_header(1.0, cfg.spsa.lr, zo.state_hash(zo.to_master(initial)))
+    conf = ConfigRecord({"mode": "spsa", "server-round": 1, "spsa-header": header})
+    return RecordDict({"arrays": state_to_record(initial), "config": conf})
+
+
+def test_an_spsa_client_with_a_data_path_trains_on_its_own_file_not_the_bundled_partition(tmp_path):
+    # 3 rows in the node's file, batch 8: each of the K = 2 steps sees the 3 rows (6 examples);
+    # the bundled partition 0 of the tiny config holds ~32 rows, so it would show 2 x 8 = 16.
+    from flwr.app import Context
+
+    from fedpeft.task import load_task
+    from simulations.spsa_client import spsa_train
+
+    cfg = tiny_config(**{"strategy.name": "spsa", "spsa.local-steps": 2, "spsa.batch-size": 8, "data.max-seq-len": 16})
+    path = tmp_path / "mine.csv"
+    path.write_text("text,label\ngreat film,fresh\ndull,rotten\nfine,fresh\n")
+    initial = load_task(cfg).initial_state
+    seen = {}
+    for name, node in (("file", {"data-path": str(path)}), ("partition", {})):
+        node_config = {"partition-id": 0, "num-partitions": 3, **node}
+        context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+        reply = spsa_train(_spsa_message(cfg, initial), context, cfg)
+        seen[name] = reply["metrics"]["num-examples"]
+        assert len(bytes(reply["spsa"]["codes"])) == 2
+    assert seen == {"file": 2 * 3, "partition": 2 * 8}

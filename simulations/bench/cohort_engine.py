@@ -43,6 +43,7 @@ from pathlib import Path
 import psutil
 
 from fedpeft.config import load_config, parse_override
+from fedpeft.rundir import RunDir
 
 QUICKSTART = "simulations/configs/quickstart.toml"
 OUT = Path("docs/results/bench/cohort_engine.json")
@@ -162,7 +163,7 @@ def run_variant(config: str, overrides: dict, run_dir: Path, cores: int) -> dict
     if rc != 0:
         tail = log_path.read_text().splitlines()[-20:]
         raise RuntimeError(f"{' '.join(cmd)} exited {rc}; last lines of {log_path}:\n" + "\n".join(tail))
-    results = json.loads((run_dir / "run" / "results.json").read_text())
+    results = json.loads(RunDir(run_dir / "run").results.read_text())
     out = summarize(results, wall, cores)
     out.update(peak_pss_gib=sampler.peak_pss / GIB, tree_cpu_s=sampler.cpu_s, pss_samples=sampler.samples)
     return out

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from fedpeft.config import ExperimentConfig
 from fedpeft.results import load_results
+from fedpeft.rundir import RunDir
 from simulations.deploy.loopback import Loopback, run_config_overrides, wait_for_results
 
 FLOWER_CLIENTAPP = "import flwr.supernode.runtime.run_clientapp"
@@ -77,7 +78,7 @@ def run_deployment(cfg: ExperimentConfig, root: Path, *, warm: bool) -> tuple[di
             node = {"partition-id": i, "num-partitions": cfg.partition.num_partitions}
             dep.start_supernode(i, {**node, "warm-worker": str(dep.worker_dir)} if warm else node)
         dep.submit({**run_config_overrides(cfg), "out-dir": str(out.resolve())})
-        results = wait_for_results(out / "results.json", timeout_s=1800)
+        results = wait_for_results(RunDir(out).results, timeout_s=1800)
     rows = [json.loads(line) for f in dep.worker_dir.glob("*.stats.jsonl") for line in f.read_text().splitlines()]
     return results, rows
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.config import ExperimentConfig, load_config, parse_override
+from fedpeft.rundir import RunDir
 from simulations.deploy.certs import DeploymentCerts, make_deployment_certs
 
 log = logging.getLogger(__name__)
@@ -309,8 +310,8 @@ def run_loopback(cfg: ExperimentConfig, *, root: Path, num_nodes: int, timeout_s
             dep.start_supernode(i, node)
         run_id = dep.submit(run_config)
         log.info("run %d submitted; logs in %s", run_id, root / "logs")
-        wait_for_results(out / "results.json", timeout_s=timeout_s)
-    return out / "results.json"
+        wait_for_results(RunDir(out).results, timeout_s=timeout_s)
+    return RunDir(out).results
 
 
 def print_memory(

@@ -14,12 +14,13 @@ import math
 from pathlib import Path
 
 from fedpeft.results import load_results
+from fedpeft.rundir import RunDir
 
 
 def summarise(path: str | Path) -> dict:
     """Mode, target and spent epsilon, delta, noise multiplier and final accuracy of one run."""
     path = Path(path)
-    res = load_results(path / "results.json" if path.is_dir() else path)
+    res = load_results(RunDir.results_of(path))
     cfg, last = res["config"], res["rounds"][-1]
     mode = cfg["dp.mode"]
     sigma = last.get("dp_noise_multiplier", last.get("train_metrics", {}).get("dp-noise-multiplier", math.nan))
@@ -137,11 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = [
         p
         for r in args.runs
-        for p in (
-            sorted(Path(r).rglob("results.json"))
-            if Path(r).is_dir() and not (Path(r) / "results.json").exists()
-            else [r]
-        )
+        for p in (RunDir.find_results(r) if Path(r).is_dir() and not RunDir(r).results.exists() else [r])
     ]
     rows = [summarise(r) for r in runs]
     print(table(rows))

@@ -49,13 +49,14 @@ from typing import Any
 
 from fedpeft.config import ConfigError, ExperimentConfig
 from fedpeft.results import load_results, write_results
+from fedpeft.rundir import RunDir
 from simulations.experiments.plan import PlannedRun, parse_grid, parse_seeds, plan_sweep
 from simulations.quiet import VERBOSE_ENV
 
 log = logging.getLogger("fedpeft.sweep")
 
 ENGINES = ("inprocess", "flower")
-MANIFEST = "sweep.json"
+MANIFEST = RunDir.SWEEP
 
 
 def run_one(cfg: ExperimentConfig, run_dir: str | Path, engine: str = "inprocess", *, resume: bool = False) -> Path:
@@ -133,7 +134,7 @@ def resumable(run: PlannedRun, status: str) -> bool:
 
 def existing_status(run: PlannedRun) -> str:
     """``completed``, ``failed``, ``running`` (interrupted) or ``new``; refuses results of another config."""
-    path = run.run_dir / "results.json"
+    path = RunDir(run.run_dir).results
     if not path.is_file():
         return "new"
     try:

@@ -18,12 +18,13 @@ from pathlib import Path
 
 from fedpeft.ranks import training_bytes
 from fedpeft.results import load_results
+from fedpeft.rundir import RunDir
 
 
 def tier_rows(sweep_dir: str | Path) -> list[dict]:
     """One row per (config name, rank): client-rounds seen, median bytes up / down, memory MB."""
     seen: dict[tuple[str, int], dict[str, list]] = defaultdict(lambda: {"up": [], "down": [], "mem": []})
-    for path in sorted(Path(sweep_dir).rglob("results.json")):
+    for path in RunDir.find_results(sweep_dir):
         results = load_results(path)
         if results.get("status") != "completed":
             continue
