@@ -19,6 +19,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -178,7 +179,9 @@ def open_run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, *, resume: bool, 
         initial_state=dict(task.initial_state),
         client_ranks=results.get("client_ranks"),
         # every sigma of the run, planned once (fedpeft check prints the same plan)
-        privacy_plan=plan_privacy(cfg, results["partitions"]["sizes"], online_trace),
+        privacy_plan=plan_privacy(
+            cfg, results["partitions"]["sizes"], np.asarray(results["participation_trace"], dtype=bool)
+        ),
     )
     strategy = build_strategy(cfg, ctx)
     recorder.strategy = strategy
