@@ -1,4 +1,4 @@
-"""The one launcher: ``fedpeft check`` / ``simulate`` / ``plot`` / ``sweep`` / ``report`` (or ``python -m simulations.run``).
+"""The one launcher: ``fedpeft check`` / ``simulate`` / ``plot`` / ``sweep`` / ``tune`` / ``report`` (or ``python -m simulations.run``).
 
 This is the only file that knows how Flower is started. Local runs use Flower's
 simulation engine (Ray backend) through ``flwr.simulation.run_simulation``; the same
@@ -23,7 +23,7 @@ from fedpeft.config import ConfigError, ExperimentConfig, load_config, parse_ove
 from fedpeft.report import add_parser as add_report_parser
 from fedpeft.results import default_run_dir, load_results
 from fedpeft.rundir import check_run_dir, prepare_run_dir
-from simulations.experiments import sweep
+from simulations.experiments import sweep, tune
 from simulations.inprocess import num_nodes
 from simulations.interrupt import RunInterrupted, stop_on_sigint
 from simulations.quiet import quiet_run_logs
@@ -176,6 +176,7 @@ def _parser() -> argparse.ArgumentParser:
         "--target", type=float, help="accuracy target: draw it and print the bytes each run needed to reach it"
     )
     sweep.add_parser(sub)
+    tune.add_parser(sub)
     add_report_parser(sub)
     sub.add_parser("deploy", help="certs | memory | loopback: Flower's deployment runtime (simulations/deploy.py)")
     return parser
@@ -210,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "sweep":
             return sweep.main(args, argv)
+        if args.command == "tune":
+            return tune.main(args, argv)
         if args.command == "report":
             from fedpeft.report import parse_baseline, write_report
 
