@@ -7,6 +7,7 @@ from fedpeft.config import ConfigError, DataConfig, ExperimentConfig
 from fedpeft.data import carve_validation, load_splits
 from fedpeft.results import load_results
 from simulations.inprocess import run_in_process
+from simulations.run import main
 from tests.helpers import tiny_config
 
 
@@ -77,3 +78,11 @@ def test_every_round_scores_validation_and_only_the_last_round_scores_test(tmp_p
     assert all(abs(r["val_accuracy"] * 48 - round(r["val_accuracy"] * 48)) < 1e-9 for r in rounds)
     assert results["splits"]["val_accuracy"].startswith("validation (48 rows")
     assert results["splits"]["accuracy"] == "test (64 held-out rows); last round only"
+
+
+def test_fedpeft_check_refuses_a_validation_split_larger_than_the_pool_before_anything_runs(tmp_path, capsys):
+    config = tmp_path / "tiny.toml"
+    config.write_text('name = "tiny"\n[data]\nnum-test-examples = 100\nnum-val-examples = 20000\n')
+    assert main(["check", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "data.num-val-examples=20000 leaves no training rows" in err and "12652 rows after the 100 test" in err
