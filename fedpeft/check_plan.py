@@ -34,7 +34,9 @@ def load_checked_splits(cfg: ExperimentConfig, report):
         f"participation {cfg.participation.model}"
     )
     report.summary.append(
-        f"data: {cfg.data.dataset}: {len(splits.train)} training rows, {len(splits.test)} test rows, "
+        f"data: {cfg.data.dataset}: {len(splits.train)} training rows, "
+        + (f"{len(splits.validation)} validation rows, " if splits.validation is not None else "")
+        + f"{len(splits.test)} test rows, "
         f"labels {', '.join(splits.train.label_names)}"
     )
     return splits

@@ -102,6 +102,9 @@ class DataConfig:
     group_column: str = ""  # "" = no natural id (embedded-dialog: its category)
     num_train_examples: int = 2000
     num_test_examples: int = 500
+    # > 0: rows carved from the unused training pool (never test) that every evaluated round scores;
+    # test is then scored in the last round only (fedpeft/data.py carve_validation)
+    num_val_examples: int = 0
     max_seq_len: int = 64
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedpeft.config import DataConfig
+from fedpeft.config import ConfigError, DataConfig
 from fedpeft.rng import numpy_rng
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 EMBEDDED_DATA_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
 # The held-out split does not depend on the run seed, so every run is scored on the same set.
 TEST_SPLIT_SEED = 20240601
+# Nor does the validation carve: every seed of a tuning grid selects on the same rows.
+VALIDATION_SPLIT_SEED = 20261204
 
 
 @dataclass(frozen=True)
@@ -47,10 +49,47 @@ class TextData:
 
 @dataclass(frozen=True)
 class Splits:
-    """A training pool (to be partitioned) and a fixed held-out test set."""
+    """A training pool (to be partitioned), a fixed held-out test set and a validation set.
+
+    ``validation`` is carved from the rows the training pool does not use (never from
+    test); it is empty unless ``data.num-val-examples`` > 0.
+    """
 
     train: TextData
     test: TextData
+    validation: TextData | None = None
+
+
+def carve_validation(indices: np.ndarray, num_val: int, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``indices`` into ``(rest, validation)``: ``num_val`` of them chosen by ``seed``.
+
+    Pure: the same inputs give the same split, ``rest`` keeps the input order and the two
+    are disjoint and together hold every index once. Tasks of every kind (classification,
+    instruction data) carve their validation rows with it.
+
+    Parameters
+    ----------
+    indices : np.ndarray
+        Row indices of the pool to carve from (1-D, distinct).
+    num_val : int
+        How many go to validation, ``0 <= num_val <= len(indices)``.
+    seed : int
+        Seeds the choice (through ``fedpeft.rng.numpy_rng``; no global RNG).
+
+    Returns
+    -------
+    tuple[np.ndarray, np.ndarray]
+        The remaining indices in their input order, and the validation indices in chosen order.
+    """
+    idx = np.asarray(indices, dtype=np.int64)
+    if idx.ndim != 1:
+        raise ValueError(f"indices must be 1-D, got shape {idx.shape}")
+    if not 0 <= num_val <= len(idx):
+        raise ValueError(f"num_val={num_val} must be between 0 and the {len(idx)} indices given; lower it")
+    chosen = numpy_rng(seed, "validation").permutation(len(idx))[:num_val]
+    keep = np.ones(len(idx), dtype=bool)
+    keep[chosen] = False
+    return idx[keep], idx[chosen]
 
 
 def embedded_data_path() -> Path:
@@ -179,7 +218,12 @@ def load_node_data(path: str | Path, cfg: DataConfig, label_names: tuple[str, ..
 
 @lru_cache(maxsize=4)
 def load_splits(cfg: DataConfig) -> Splits:
-    """Load, encode labels, shuffle with a fixed seed, cut the held-out test set and the pool."""
+    """Load, encode labels, shuffle with a fixed seed, cut the held-out test set, the pool and validation.
+
+    Validation (``data.num-val-examples``) is carved from the pool rows that training does
+    not use, so the training rows are the same with or without it whenever the data holds
+    both: a setting chosen on validation is confirmed on test with the very same training data.
+    """
     texts, raw = load_table(cfg)
     names = tuple(str(v) for v in sorted(set(raw), key=str))
     if len(names) < 2:
@@ -192,12 +236,27 @@ def load_splits(cfg: DataConfig) -> Splits:
     order = numpy_rng(TEST_SPLIT_SEED, "data-split").permutation(len(texts))
     n_test = _fit_size(cfg, "num_test_examples", len(texts) // 5, f"a fifth of the {len(texts)} rows")
     test_idx, pool_idx = order[:n_test], order[n_test:]
+    n_val = cfg.num_val_examples
+    if n_val >= len(pool_idx):
+        raise ConfigError(
+            f"data.num-val-examples={n_val} leaves no training rows: {cfg.dataset!r} has {len(pool_idx)} rows "
+            f"after the {n_test} test rows; set data.num-val-examples < {len(pool_idx)}"
+        )
+    spare = len(pool_idx) - n_val
     if cfg.num_train_examples:
-        n_train = _fit_size(cfg, "num_train_examples", len(pool_idx), f"the rows left after the {n_test} test rows")
-        pool_idx = pool_idx[:n_train]
+        what = f"the rows left after the {n_test} test" + (f" and {n_val} validation rows" if n_val else " rows")
+        n_train = _fit_size(cfg, "num_train_examples", spare, what)
+    else:
+        n_train = spare
+    _, val_idx = carve_validation(pool_idx[n_train:], n_val, seed=VALIDATION_SPLIT_SEED)
+    pool_idx = pool_idx[:n_train]
     data = TextData(tuple(str(t) for t in texts), labels, names)
-    log.info("data %s: %d train pool, %d test, labels %s", cfg.dataset, len(pool_idx), n_test, names)
-    return Splits(train=data.subset(pool_idx), test=data.subset(test_idx))
+    log.info(
+        "data %s: %d train pool, %d validation, %d test, labels %s", cfg.dataset, len(pool_idx), n_val, n_test, names
+    )
+    return Splits(
+        train=data.subset(pool_idx), test=data.subset(test_idx), validation=data.subset(val_idx) if n_val else None
+    )
 
 
 def _fit_size(cfg: DataConfig, attr: str, maximum: int, what: str) -> int:

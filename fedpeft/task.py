@@ -215,8 +215,15 @@ class Task:
 
     def test_loader(self):
         """The fixed held-out set, in order."""
+        return self._eval_loader(self.splits.test)
+
+    def validation_loader(self):
+        """The validation rows (``data.num-val-examples`` > 0), in order; None without them."""
+        return None if self.splits.validation is None else self._eval_loader(self.splits.validation)
+
+    def _eval_loader(self, rows: data.TextData):
         return data.build_loader(
-            self.splits.test,
+            rows,
             self.tokenizer,
             max_seq_len=self.cfg.data.max_seq_len,
             batch_size=self.cfg.train.eval_batch_size,

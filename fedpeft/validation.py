@@ -42,6 +42,9 @@ def validate(cfg: ExperimentConfig) -> None:
     )
     _check(cfg.data.num_train_examples >= 0, "data.num-train-examples", ">= 0 (0 = all)", cfg.data.num_train_examples)
     _check(cfg.data.num_test_examples > 0, "data.num-test-examples", "> 0", cfg.data.num_test_examples)
+    _check(
+        cfg.data.num_val_examples >= 0, "data.num-val-examples", ">= 0 (0 = no validation)", cfg.data.num_val_examples
+    )
     _check(cfg.data.max_seq_len >= 8, "data.max-seq-len", ">= 8", cfg.data.max_seq_len)
     _check(cfg.partition.num_partitions >= 1, "partition.num-partitions", ">= 1", cfg.partition.num_partitions)
     _check(cfg.partition.alpha > 0, "partition.alpha", "> 0", cfg.partition.alpha)

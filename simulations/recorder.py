@@ -3,7 +3,8 @@
 Per round, the strategy (and any DP wrapper) reports what happened through
 :meth:`RunRecorder.report`; ``Strategy.start`` then calls :meth:`RunRecorder.evaluate`,
 which scores the global adapter on the fixed held-out set (every ``train.eval-every``
-rounds and the last), joins the reports and the byte ledger into one row of
+rounds and the last; with ``data.num-val-examples`` > 0 those rounds score validation
+and only the last also scores test, so nothing is chosen on test), joins the reports and the byte ledger into one row of
 ``results.json``, rewrites the file, and prints the progress line.
 """
 
@@ -36,6 +37,7 @@ class RunRecorder:
     def __init__(self, cfg: ExperimentConfig, task: Task, ledger: Ledger, run_dir: Path, results: dict[str, Any]):
         self.cfg, self.task, self.ledger, self.run_dir = cfg, task, ledger, run_dir
         self.results = results
+        self.results.setdefault("splits", split_columns(cfg))
         self.pending: dict[int, dict[str, Any]] = {}
         self.strategy = None  # set by the ServerApp: its state is saved with every row
         self._t_round = time.monotonic()
@@ -66,11 +68,23 @@ class RunRecorder:
                 row[key] = value
 
     def scores(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any] | None:
-        """Held-out scores of ``arrays``, or None when this round is not evaluated."""
+        """Held-out scores of ``arrays``, or None when this round is not evaluated.
+
+        Test scores sit under their own keys; validation scores (with ``data.num-val-examples``
+        > 0) under ``val_<key>``, and then test is scored in the last round only.
+        """
         every = self.cfg.train.eval_every
         if server_round not in (0, self.cfg.num_rounds) and server_round % every:
             return None
-        return self.task.evaluate(record_to_state(arrays))  # through the frozen-prefix cache when it applies
+        state = record_to_state(arrays)
+        val_loader = self.task.validation_loader()
+        out: dict[str, Any] = {}
+        if val_loader is not None:
+            val = self.task.evaluate(state, val_loader)
+            out.update({f"val_{key}": val[key] for key in VAL_KEYS})
+        if val_loader is None or server_round == self.cfg.num_rounds:
+            out.update(self.task.evaluate(state))  # through the frozen-prefix cache when it applies
+        return out
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """``Strategy.start``'s ``evaluate_fn``: score, write the round's row, print progress."""
@@ -79,8 +93,8 @@ class RunRecorder:
         per_round = self.ledger.per_round().get(server_round, {})
         row: dict[str, Any] = {
             "round": server_round,
-            "accuracy": None if scores is None else scores["accuracy"],
-            "loss": None if scores is None else scores["loss"],
+            "accuracy": None if scores is None else scores.get("accuracy"),
+            "loss": None if scores is None else scores.get("loss"),
             "participants": list(fields.pop("participants", [])),
             "aggregated": list(fields.pop("aggregated", [])),
             "failed": list(fields.pop("failed", [])),
@@ -88,9 +102,11 @@ class RunRecorder:
             **{key: per_round.get(key, 0) for key in BYTE_KEYS},
             "wall_s": time.monotonic() - self._t_round,
         }
-        if scores is not None:
+        if scores is not None and "accuracy" in scores:
             row["balanced_accuracy"] = scores["balanced_accuracy"]
             row["per_class_accuracy"] = scores["per_class_accuracy"]
+        if scores is not None:
+            row.update({f"val_{key}": scores[f"val_{key}"] for key in VAL_KEYS if f"val_{key}" in scores})
         row.update(fields)  # per-client train metrics, strategy extras, epsilon
         self.results["rounds"].append(row)
         state = self.strategy.state_for_results() if self.strategy is not None else {}
@@ -104,7 +120,7 @@ class RunRecorder:
         self._t_round = time.monotonic()
         if scores is None:
             return None
-        return MetricRecord({"accuracy": scores["accuracy"], "loss": scores["loss"]})
+        return MetricRecord({k: scores[k] for k in ("accuracy", "loss", "val_accuracy", "val_loss") if k in scores})
 
     def interrupted(self, t_start: float) -> dict[str, Any]:
         """Write the results of a run stopped by the user: status ``interrupted`` after the last completed round."""
@@ -122,11 +138,11 @@ class RunRecorder:
         return self.results
 
     def _log_progress(self, row: dict[str, Any]) -> None:
+        score = _score_text(row)
         if row["round"] == 0:
-            log.info("round 0: accuracy %.4f loss %.4f", row["accuracy"], row["loss"])
+            log.info("round 0: %s", score)
             return
         rounds = self.results["rounds"]
-        score = "not evaluated" if row["accuracy"] is None else f"accuracy {row['accuracy']:.4f} loss {row['loss']:.4f}"
         log.info(
             "round %d/%d: %s | %d online, %d aggregated, %d failed, %d rejected | "
             "cumulative bytes up %s down %s | %.1f s",
@@ -135,6 +151,29 @@ class RunRecorder:
             format_bytes(sum(r["uplink_payload_bytes"] for r in rounds)),
             format_bytes(sum(r["downlink_payload_bytes"] for r in rounds)), row["wall_s"],
         )  # fmt: skip
+
+
+VAL_KEYS = ("accuracy", "loss", "balanced_accuracy")
+
+
+def split_columns(cfg: ExperimentConfig) -> dict[str, str]:
+    """Which split each score column of a round row comes from (written to results.json)."""
+    test = f"test ({cfg.data.num_test_examples} held-out rows)"
+    columns = {key: test for key in ("accuracy", "loss", "balanced_accuracy", "per_class_accuracy")}
+    if cfg.data.num_val_examples:
+        val = f"validation ({cfg.data.num_val_examples} rows carved from the training pool; every evaluated round)"
+        columns = {key: f"{where}; last round only" for key, where in columns.items()}
+        columns.update({f"val_{key}": val for key in VAL_KEYS})
+    return columns
+
+
+def _score_text(row: dict[str, Any]) -> str:
+    parts = [
+        f"{name} {row[key]:.4f}"
+        for key, name in (("val_accuracy", "val accuracy"), ("accuracy", "accuracy"), ("loss", "loss"))
+        if row.get(key) is not None
+    ]
+    return " ".join(parts) or "not evaluated"
 
 
 def format_bytes(n: int) -> str:

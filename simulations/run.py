@@ -1,4 +1,4 @@
-"""The one launcher: ``fedpeft check`` / ``simulate`` / ``plot`` / ``sweep`` / ``report`` (or ``python -m simulations.run``).
+"""The one launcher: ``fedpeft check`` / ``simulate`` / ``plot`` / ``sweep`` / ``tune`` / ``report`` (or ``python -m simulations.run``).
 
 The command line only: parsing, dispatch and exit codes. Starting a run is
 simulations/launch.py's ``simulate`` (re-exported here for callers of
@@ -16,7 +16,7 @@ from fedpeft.check import check_experiment, config_sources
 from fedpeft.config import ConfigError, load_config, parse_override
 from fedpeft.report import add_parser as add_report_parser
 from fedpeft.rundir import check_run_dir
-from simulations.experiments import sweep
+from simulations.experiments import sweep, tune
 from simulations.front_door import run_main
 from simulations.launch import default_run_dir_of, run_dir_flag, simulate
 from simulations.quiet import quiet_run_logs, use_one_log_format
@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         "--target", type=float, help="accuracy target: draw it and print the bytes each run needed to reach it"
     )
     sweep.add_parser(sub)
+    tune.add_parser(sub)
     add_report_parser(sub)
     sub.add_parser("deploy", help="certs | memory | loopback: Flower's deployment runtime (simulations/deploy.py)")
     return parser
@@ -95,6 +96,8 @@ def _run_command(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
     if args.command == "sweep":
         return sweep.main(args, argv)
+    if args.command == "tune":
+        return tune.main(args, argv)
     if args.command == "report":
         from fedpeft.report import parse_baseline, write_report
 
