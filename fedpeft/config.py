@@ -287,7 +287,7 @@ class TaskConfig:
     """
 
     kind: str = "classification"
-    label_words: str = "negative,positive"
+    label_words: str = "positive,negative"
     instruction: str = "Is this movie review positive or negative? Answer with one word."
     num_sample_generations: int = 4
     max_new_tokens: int = 8

@@ -199,7 +199,7 @@ def _validate_task(cfg: ExperimentConfig) -> None:
     _check(
         len(words) == len(set(words)) and all("," not in w for w in words),
         "task.label-words",
-        'distinct words, comma-separated, e.g. "negative,positive" (label 0 first)',
+        'distinct words, comma-separated, e.g. "positive,negative" (label 0 first: embedded fresh, rotten)',
         task.label_words,
     )
     _check(
