@@ -73,6 +73,11 @@ class RunRecorder:
         if scores is not None:
             row["balanced_accuracy"] = scores["balanced_accuracy"]
             row["per_class_accuracy"] = scores["per_class_accuracy"]
+            for key in ("perplexity", "exact_match"):  # causal-LM tasks (fedpeft/lm_eval.py)
+                if key in scores:
+                    row[key] = scores[key]
+            if scores.get("generations"):
+                append_generations(self.run_dir, server_round, scores["generations"])
         row.update(fields)  # per-client train metrics, strategy extras, epsilon
         self.results["rounds"].append(row)
         if self.strategy is not None and hasattr(self.strategy, "state_for_results"):
@@ -84,7 +89,7 @@ class RunRecorder:
         self._t_round = time.monotonic()
         if scores is None:
             return None
-        return MetricRecord({"accuracy": scores["accuracy"], "loss": scores["loss"]})
+        return MetricRecord({k: scores[k] for k in ("accuracy", "loss") if scores[k] is not None})
 
     def interrupted(self, t_start: float) -> dict[str, Any]:
         """Write the results of a run stopped by the user: status ``interrupted`` after the last completed round."""
@@ -101,11 +106,17 @@ class RunRecorder:
         return self.results
 
     def _log_progress(self, row: dict[str, Any]) -> None:
+        score = "not evaluated" if row["loss"] is None else f"loss {row['loss']:.4f}"
+        if row["accuracy"] is not None:
+            score = f"accuracy {row['accuracy']:.4f} {score}"
+        if row.get("perplexity") is not None:
+            score += f" perplexity {row['perplexity']:.3f}"
+        if row.get("exact_match") is not None:
+            score += f" exact-match {row['exact_match']:.4f}"
         if row["round"] == 0:
-            log.info("round 0: accuracy %.4f loss %.4f", row["accuracy"], row["loss"])
+            log.info("round 0: %s", score)
             return
         rounds = self.results["rounds"]
-        score = "not evaluated" if row["accuracy"] is None else f"accuracy {row['accuracy']:.4f} loss {row['loss']:.4f}"
         log.info(
             "round %d/%d: %s | %d online, %d aggregated, %d failed, %d rejected | "
             "cumulative bytes up %s down %s | %.1f s",
@@ -114,6 +125,20 @@ class RunRecorder:
             format_bytes(sum(r["uplink_payload_bytes"] for r in rounds)),
             format_bytes(sum(r["downlink_payload_bytes"] for r in rounds)), row["wall_s"],
         )  # fmt: skip
+
+
+GENERATIONS_FILE = "generations.jsonl"
+
+
+def append_generations(run_dir: Path, server_round: int, samples: list[dict[str, Any]]) -> Path:
+    """Append one JSON line per sample reply (round, prompt, reply, target) to ``run_dir/generations.jsonl``."""
+    import json
+
+    path = Path(run_dir) / GENERATIONS_FILE
+    with path.open("a", encoding="utf-8") as f:
+        for sample in samples:
+            f.write(json.dumps({"round": server_round, **sample}, ensure_ascii=False) + "\n")
+    return path
 
 
 def format_bytes(n: int) -> str:

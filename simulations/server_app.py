@@ -188,7 +188,13 @@ def run_experiment(
         return recorder.interrupted(t_start)
     final = outcome.arrays if outcome.arrays is not None and len(outcome.arrays) else initial
     set_adapter_state(task.model, record_to_state(final))
-    results["adapter_dir"] = str(export_adapter(task.model, run_dir / "adapter", cfg.peft, cfg.model).resolve())
+    if cfg.task.kind == "causal-lm":  # peft CAUSAL_LM folder + tokenizer + how to rebuild the base
+        from fedpeft.lm_export import export_lm_adapter
+
+        adapter_dir = export_lm_adapter(task.model, task.tokenizer, run_dir / "adapter", cfg)
+    else:
+        adapter_dir = export_adapter(task.model, run_dir / "adapter", cfg.peft, cfg.model)
+    results["adapter_dir"] = str(adapter_dir.resolve())
     results["ledger"] = ledger.to_json()
     results["wall_s"] = time.monotonic() - t_start
     aggregated_any = any(r["aggregated"] for r in results["rounds"][1:])
