@@ -37,7 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.compute-dtype": ("auto", "float32", "bfloat16", "float16"),
     "peft.method": ("lora", "ia3", "prompt", "bitfit", "head", "full"),
     "peft.lora-variant": ("lora", "ffa"),
-    "partition.scheme": ("iid", "dirichlet"),
+    "partition.scheme": ("iid", "dirichlet", "natural-id"),
     "participation.model": ("always", "uniform", "bernoulli", "markov", "cyclic", "trace"),
     "participation.p-source": ("constant", "list", "uniform", "label-correlated"),
     "train.optimizer": ("adamw", "sgd"),
@@ -105,12 +105,25 @@ class PeftConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Text-classification data: ``embedded`` (Rotten Tomatoes snippets), an HF name or a file."""
+    """Data: ``embedded`` (Rotten Tomatoes snippets), an HF name or a file.
+
+    The causal-LM task reads instructions (fedpeft/instruct.py): ``embedded`` as label-word
+    instructions, ``embedded-dialog`` (chatterbot-corpus' English dialogs, grouped by
+    category), or a file / HF dataset with Alpaca-style ``instruction_column`` /
+    ``input_column`` / ``response_column``, or a ``messages_column`` of HF chat turns (used
+    when the response column is absent). ``group_column`` names each row's natural id for
+    ``partition.scheme = "natural-id"`` (the dialog set's group is its category).
+    """
 
     dataset: str = "embedded"
     split: str = "train"
     text_column: str = "text"
     label_column: str = "label"
+    instruction_column: str = "instruction"
+    input_column: str = "input"  # optional: a file without it, or "", has no input
+    response_column: str = "response"
+    messages_column: str = "messages"
+    group_column: str = ""  # "" = no natural id (embedded-dialog: its category)
     num_train_examples: int = 2000
     num_test_examples: int = 500
     max_seq_len: int = 64

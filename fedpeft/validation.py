@@ -52,6 +52,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(0 < cfg.participation.fraction <= 1, "participation.fraction", "in (0, 1]", cfg.participation.fraction)
     _check(cfg.participation.min_clients >= 0, "participation.min-clients", ">= 0", cfg.participation.min_clients)
     _validate_participation(cfg)
+    _validate_natural_id(cfg)
     _check(cfg.train.lr > 0, "train.lr", "> 0", cfg.train.lr)
     _check(cfg.train.local_epochs >= 0, "train.local-epochs", ">= 0", cfg.train.local_epochs)
     _check(cfg.train.local_steps >= 0, "train.local-steps", ">= 0", cfg.train.local_steps)
@@ -241,6 +242,22 @@ def _validate_task(cfg: ExperimentConfig) -> None:
         "1 with task.kind='causal-lm' (cohort nodes train classifiers only so far)",
         cfg.simulation.cohort_size,
     )
+
+
+def _validate_natural_id(cfg: ExperimentConfig) -> None:
+    """``natural-id`` partitions by a group per example: only data that has one."""
+    if cfg.data.group_column and cfg.data.dataset in ("embedded", "embedded-dialog"):
+        has = "groups by its category" if cfg.data.dataset == "embedded-dialog" else "has no group column"
+        raise ConfigError(
+            f"data.group-column={cfg.data.group_column!r} names a column of a file or HF dataset, and "
+            f'data.dataset={cfg.data.dataset!r} {has}; set data.group-column = ""'
+        )
+    if cfg.partition.scheme == "natural-id" and cfg.data.dataset != "embedded-dialog" and not cfg.data.group_column:
+        raise ConfigError(
+            f"partition.scheme='natural-id' needs a group per example, and data.dataset={cfg.data.dataset!r} "
+            "has none: set data.group-column to the column holding it (e.g. user_id), use "
+            "data.dataset='embedded-dialog' (grouped by category), or another partition.scheme"
+        )
 
 
 def _validate_participation(cfg: ExperimentConfig) -> None:
