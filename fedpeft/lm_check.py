@@ -30,7 +30,7 @@ def check_causal_lm_experiment(cfg: ExperimentConfig, sources=None):
     from fedpeft.check_size import size_summary
     from fedpeft.lm_batches import encode_rows
     from fedpeft.lm_eval import label_word_ids
-    from fedpeft.lm_task import load_instruction, lm_partitions
+    from fedpeft.lm_task import lm_partitions, load_instruction
 
     t0 = time.monotonic()
     report = CheckReport()

@@ -158,12 +158,15 @@ def lm_partitions(cfg: ExperimentConfig) -> list:
     """Example indices per partition (cached per process; a pure function of the config).
 
     ``partition.scheme = "dirichlet"`` skews the label (label-word tasks) or the natural group
-    (e.g. the dialog corpus' category) across clients.
+    (e.g. the dialog corpus' category) across clients; ``natural-id`` gives each partition its own
+    groups (fedpeft/partition.py).
     """
     key = (cfg.data, cfg.partition, cfg.task.label_words, cfg.task.instruction, cfg.seed)
     if key not in _PARTS:
-        keys, _ = partition_keys(load_instruction(cfg).train)
-        _PARTS[key] = partition.partition_indices(keys, cfg.partition, cfg.seed)
+        train = load_instruction(cfg).train
+        keys, _ = partition_keys(train)
+        groups = np.array([ex.group for ex in train]) if cfg.partition.scheme == "natural-id" else None
+        _PARTS[key] = partition.partition_indices(keys, cfg.partition, cfg.seed, groups=groups)
     return _PARTS[key]
 
 
