@@ -189,3 +189,47 @@ def test_check_reports_the_causal_lm_and_its_trainable_count():
     # LoRA r 8 on q,k,v,o (64->64, 64->32, 64->32, 64->64), gate/up (64->128), down (128->64), 2 layers
     per_layer = 8 * ((64 + 64) + (64 + 32) * 2 + (64 + 64) + (64 + 128) * 2 + (128 + 64))
     assert f"{2 * per_layer:,}" in text or str(2 * per_layer) in text
+
+
+def test_dp_sgd_without_noise_or_clipping_equals_a_plain_step_on_the_response_loss(task):
+    """Opacus' per-sample gradients of the response loss average back to the batch gradient (loss = mean of
+    per-example means), so DP-SGD with sigma 0 and a clip no gradient reaches is plain SGD."""
+    from fedpeft import adapters
+    from fedpeft.config import TrainConfig
+    from fedpeft.privacy import dp_sgd
+    from fedpeft.train import batch_loss, build_optimizer
+
+    rows = task.partition(0)[:8]
+    loader = task.train_loader(rows, 1, 0)  # batch size 8: one full batch
+    batch = next(iter(loader))
+    sgd = TrainConfig(optimizer="sgd", lr=0.5)
+
+    adapters.set_adapter_state(task.model, task.initial_state)
+    opt = build_optimizer(task.model, sgd)
+    task.model.train()
+    batch_loss(task.model, batch).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    plain = adapters.get_adapter_state(task.model)
+
+    adapters.set_adapter_state(task.model, task.initial_state)
+    with dp_sgd(
+        task.model,
+        build_optimizer(task.model, sgd),
+        loader,
+        noise_multiplier=0.0,
+        clip_norm=1e6,
+        noise_seed=1,
+        sampling_seed=2,
+        poisson=False,
+    ) as session:
+        for b in session.loader:
+            session.optimizer.zero_grad(set_to_none=True)
+            batch_loss(task.model, b).backward()
+            session.optimizer.step()
+    private = adapters.get_adapter_state(task.model)
+    task.model.eval()
+    moved = max(float(abs(plain[k] - task.initial_state[k]).max()) for k in plain)
+    assert moved > 1e-4
+    for key in plain:
+        assert abs(private[key] - plain[key]).max() < 1e-5 * max(1.0, moved * 100), key
