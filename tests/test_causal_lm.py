@@ -233,3 +233,23 @@ def test_dp_sgd_without_noise_or_clipping_equals_a_plain_step_on_the_response_lo
     assert moved > 1e-4
     for key in plain:
         assert abs(private[key] - plain[key]).max() < 1e-5 * max(1.0, moved * 100), key
+
+
+@pytest.mark.parametrize(
+    ("overrides", "trains"),
+    [
+        ({"peft.method": "ia3"}, "ia3_l"),
+        ({"peft.method": "prompt", "peft.num-virtual-tokens": 4}, "prompt_encoder"),
+        ({"peft.lora-variant": "ffa"}, "lora_B"),
+    ],
+)
+def test_ia3_prompt_tuning_and_ffa_lora_train_and_score_a_causal_lm(overrides, trains):
+    from fedpeft.task import load_task
+
+    cfg = tiny_lm_config(**{"data.num-test-examples": 8, "train.local-steps": 1, **overrides})
+    task = load_task(cfg)
+    delta, result = task.local_update(task.initial_state, 0, 1)
+    assert math.isfinite(result.mean_loss)
+    assert all(trains in k for k in delta) and any(float(abs(v).max()) > 0 for v in delta.values())
+    scores = task.evaluate(task.initial_state)  # prompt tuning goes through plain forwards + generate
+    assert 0 <= scores["accuracy"] <= 1 and math.isfinite(scores["loss"])
