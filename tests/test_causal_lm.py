@@ -205,6 +205,7 @@ def test_dp_sgd_without_noise_or_clipping_equals_a_plain_step_on_the_response_lo
     sgd = TrainConfig(optimizer="sgd", lr=0.5)
 
     adapters.set_adapter_state(task.model, task.initial_state)
+    task.model.zero_grad(set_to_none=True)  # earlier tests' last local step leaves its gradients behind
     opt = build_optimizer(task.model, sgd)
     task.model.train()
     batch_loss(task.model, batch).backward()
