@@ -31,16 +31,25 @@ log = logging.getLogger(__name__)
 PEFT_LIBRARY_METHODS = ("lora", "ia3", "prompt")
 
 
-def inject_adapters(model: nn.Module, cfg: PeftConfig, seed: int = 0) -> nn.Module:
-    """Wrap ``model`` with the PEFT method in ``cfg``; only its parameters train."""
-    head_name, head = head_module(model)
-    head_root = head_name.split(".")[0]
-    if cfg.method == "lst":  # a side network beside the frozen backbone, not a peft tuner (fedpeft/lst.py)
-        from fedpeft.backbone import MaskedMeanPooler
-        from fedpeft.lst_prune import build_lst_model
+def inject_adapters(model: nn.Module, cfg: PeftConfig, seed: int = 0, *, causal_lm: bool = False) -> nn.Module:
+    """Wrap ``model`` with the PEFT method in ``cfg``; only its parameters train.
 
-        pooling = "mean" if isinstance(getattr(model.base_model, "pooler", None), MaskedMeanPooler) else "head"
-        return build_lst_model(model, cfg, num_labels=head.out_features, pooling=pooling, seed=seed)
+    ``causal_lm``: ``model`` is an ``AutoModelForCausalLM`` (fedpeft/causal_lm.py): peft's
+    ``TaskType.CAUSAL_LM``, no head to save (the LM head is tied to the embeddings and stays frozen).
+    """
+    head_root: str | None = None
+    if causal_lm:
+        if cfg.method not in PEFT_LIBRARY_METHODS:
+            raise ConfigError(f"peft.method={cfg.method!r} cannot train a causal LM; use lora, ia3 or prompt")
+    else:
+        head_name, head = head_module(model)
+        head_root = head_name.split(".")[0]
+        if cfg.method == "lst":  # a side network beside the frozen backbone, not a peft tuner (fedpeft/lst.py)
+            from fedpeft.backbone import MaskedMeanPooler
+            from fedpeft.lst_prune import build_lst_model
+
+            pooling = "mean" if isinstance(getattr(model.base_model, "pooler", None), MaskedMeanPooler) else "head"
+            return build_lst_model(model, cfg, num_labels=head.out_features, pooling=pooling, seed=seed)
     if cfg.method == "lora":
         modules = dict(model.named_modules())
         check_lora_targets(cfg, list(modules), [n for n, m in modules.items() if isinstance(m, nn.Linear)])
@@ -111,7 +120,7 @@ def parse_layers(text: str) -> list[int] | None:
 def _freeze(model: nn.Module, cfg: PeftConfig, head_root: str) -> None:
     # peft's set_adapter makes the whole active adapter trainable; undo what the config freezes.
     for name, p in model.named_parameters():
-        if not cfg.train_head and f"{head_root}.modules_to_save" in name:
+        if head_root and not cfg.train_head and f"{head_root}.modules_to_save" in name:
             p.requires_grad_(False)
         if cfg.lora_variant == "ffa" and ".lora_A." in name:
             p.requires_grad_(False)  # FFA-LoRA: A stays at its seeded initialisation
@@ -139,15 +148,17 @@ def use_rank(model: nn.Module, rank: int) -> None:
     _freeze(model, cfg, head_root)
 
 
-def _peft_config(cfg: PeftConfig, head_root: str, rank: int | None = None):
+def _peft_config(cfg: PeftConfig, head_root: str | None, rank: int | None = None):
     from peft import IA3Config, LoraConfig, PromptTuningConfig, TaskType
 
-    save = [head_root]  # SEQ_CLS adds it anyway; peft.train-head=false freezes it later
+    # SEQ_CLS adds the head anyway; peft.train-head=false freezes it later. A causal LM (head_root None) saves none.
+    save = [head_root] if head_root else None
+    task_type = TaskType.SEQ_CLS if head_root else TaskType.CAUSAL_LM
     if cfg.method == "lora":
         targets = [t.strip() for t in cfg.target_modules.split(",") if t.strip()]
         rank = rank or cfg.lora_rank
         return LoraConfig(
-            task_type=TaskType.SEQ_CLS,
+            task_type=task_type,
             r=rank,
             lora_alpha=cfg.lora_alpha * rank / cfg.lora_rank,
             lora_dropout=cfg.lora_dropout,
@@ -157,10 +168,8 @@ def _peft_config(cfg: PeftConfig, head_root: str, rank: int | None = None):
         )
     if cfg.method == "ia3":
         # peft's per-architecture defaults pick the key/value/feed-forward modules.
-        return IA3Config(task_type=TaskType.SEQ_CLS, modules_to_save=save)
-    return PromptTuningConfig(
-        task_type=TaskType.SEQ_CLS, num_virtual_tokens=cfg.num_virtual_tokens, modules_to_save=save
-    )
+        return IA3Config(task_type=task_type, modules_to_save=save)
+    return PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens, modules_to_save=save)
 
 
 def trainable_names(model: nn.Module) -> list[str]:

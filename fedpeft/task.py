@@ -251,7 +251,14 @@ def describe_model(cfg: ExperimentConfig, num_labels: int) -> str:
 
 
 def load_task(cfg: ExperimentConfig) -> Task:
-    """Build (or fetch from the process cache) everything a client or server needs."""
+    """Build (or fetch from the process cache) everything a client or server needs.
+
+    ``task.kind = "causal-lm"`` gives a :class:`fedpeft.lm_task.CausalLMTask`, the same seam.
+    """
+    if cfg.task.kind == "causal-lm":
+        from fedpeft.lm_task import load_lm_task
+
+        return load_lm_task(cfg)
     splits = data.load_splits(cfg.data)
     num_labels = len(splits.train.label_names)
     holder: dict[str, backbone.WeightBytes] = {}

@@ -56,8 +56,15 @@ def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
 
 
 def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], logits_fn: LogitsFn | None = None) -> torch.Tensor:
-    """Mean cross-entropy of one batch (``logits_fn``: e.g. a prefix cache's forward)."""
+    """Mean cross-entropy of one batch (``logits_fn``: e.g. a prefix cache's forward).
+
+    Token labels (2-D, a causal LM's) give the response-only loss of fedpeft/lm_batches.py.
+    """
     logits = forward_logits(model, batch) if logits_fn is None else logits_fn(batch)
+    if batch["labels"].dim() == 2:  # a causal LM's token targets, -100 on prompt and padding
+        from fedpeft.lm_batches import response_loss
+
+        return response_loss(logits, batch["labels"])
     return F.cross_entropy(logits.float(), batch["labels"].to(logits.device))
 
 

@@ -30,6 +30,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(cfg.num_rounds >= 1, "num-rounds", ">= 1", cfg.num_rounds)
     _check(cfg.seed >= 0, "seed", ">= 0", cfg.seed)
     _validate_model(cfg)
+    _validate_task(cfg)
     _check(cfg.peft.lora_rank > 0, "peft.lora-rank", "> 0", cfg.peft.lora_rank)
     _check(cfg.peft.lora_alpha > 0, "peft.lora-alpha", "> 0", cfg.peft.lora_alpha)
     _check(0 <= cfg.peft.lora_dropout < 1, "peft.lora-dropout", "in [0, 1)", cfg.peft.lora_dropout)
@@ -316,6 +317,89 @@ def _validate_model(cfg: ExperimentConfig) -> None:
             "one 'label=text' per label when model.head-init='prompts', e.g. \"fresh=a good movie; rotten=a bad movie\"",
             model.label_prompts,
         )
+
+
+# Classifier-only settings: a causal LM has no pooler and no classification head (its LM head is tied to the
+# embeddings). Each is refused under task.kind="causal-lm" when set to anything but its default.
+CLASSIFIER_ONLY = {
+    "model.pooling": "head",
+    "model.head-init": "random",
+    "model.label-prompts": "",
+    "model.head-scale": 10.0,
+}
+# What a causal LM can train here: Llama's layers have no biases (BitFit has nothing to train), the LM head is tied
+# to the input embeddings and stays frozen ("head" would train nothing), and "full" is not wired for causal LMs.
+CAUSAL_LM_METHODS = ("lora", "ia3", "prompt")
+
+
+def _validate_task(cfg: ExperimentConfig) -> None:
+    task = cfg.task
+    words = task.label_word_list()
+    _check(
+        len(words) == len(set(words)) and all("," not in w for w in words),
+        "task.label-words",
+        'distinct words, comma-separated, e.g. "positive,negative" (label 0 first: embedded fresh, rotten)',
+        task.label_words,
+    )
+    _check(
+        task.num_sample_generations >= 0,
+        "task.num-sample-generations",
+        ">= 0 (0 = no generations.jsonl)",
+        task.num_sample_generations,
+    )
+    _check(task.max_new_tokens >= 1, "task.max-new-tokens", ">= 1", task.max_new_tokens)
+    if task.kind != "causal-lm":
+        _check(
+            cfg.data.dataset != "embedded-dialog",
+            "data.dataset",
+            "a labelled text set with task.kind='classification' ('embedded-dialog' is instruction data: "
+            'set task.kind = "causal-lm")',
+            cfg.data.dataset,
+        )
+        return
+    flat = cfg.to_flat()
+    for key, default in CLASSIFIER_ONLY.items():
+        _check(
+            flat[key] == default,
+            key,
+            f"{default!r} (its default) with task.kind='causal-lm': it configures a sequence classifier's "
+            f"pooling / head, which a causal LM does not have; remove the setting or use task.kind='classification'",
+            flat[key],
+        )
+    _check(
+        cfg.peft.method in CAUSAL_LM_METHODS,
+        "peft.method",
+        f"one of {CAUSAL_LM_METHODS} with task.kind='causal-lm' (Llama-style layers have no biases, so bitfit "
+        "trains nothing; the LM head is tied to the embeddings and stays frozen, so head trains nothing; "
+        "full is not supported for causal LMs)",
+        cfg.peft.method,
+    )
+    _check(
+        cfg.strategy.name not in ("spsa",),
+        "strategy.name",
+        "a first-order strategy (fedavg, fedau, known_p_oracle, hetlora, flexlora) with task.kind='causal-lm': "
+        "SPSA on a causal LM is not implemented yet",
+        cfg.strategy.name,
+    )
+    _check(
+        cfg.simulation.cohort_size == 1,
+        "simulation.cohort-size",
+        "1 with task.kind='causal-lm' (cohort nodes train classifiers only so far)",
+        cfg.simulation.cohort_size,
+    )
+    _check(
+        cfg.data.num_val_examples == 0,
+        "data.num-val-examples",
+        "0 with task.kind='causal-lm' (the validation carve covers classification data only so far; "
+        "hold out rows in your own file instead)",
+        cfg.data.num_val_examples,
+    )
+    _check(
+        cfg.evaluate.fraction_clients == 0,
+        "evaluate.fraction-clients",
+        "0 with task.kind='causal-lm' (per-client evaluation scores classifiers only so far)",
+        cfg.evaluate.fraction_clients,
+    )
 
 
 def _validate_natural_id(cfg: ExperimentConfig) -> None:

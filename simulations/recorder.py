@@ -107,6 +107,11 @@ class RunRecorder:
             row["per_class_accuracy"] = scores["per_class_accuracy"]
         if scores is not None:
             row.update({f"val_{key}": scores[f"val_{key}"] for key in VAL_KEYS if f"val_{key}" in scores})
+            for key in ("perplexity", "exact_match"):  # causal-LM tasks (fedpeft/lm_eval.py)
+                if key in scores:
+                    row[key] = scores[key]
+            if scores.get("generations"):
+                append_generations(self.run_dir, server_round, scores["generations"])
         row.update(fields)  # per-client train metrics, strategy extras, epsilon
         self.results["rounds"].append(row)
         state = self.strategy.state_for_results() if self.strategy is not None else {}
@@ -120,7 +125,8 @@ class RunRecorder:
         self._t_round = time.monotonic()
         if scores is None:
             return None
-        return MetricRecord({k: scores[k] for k in ("accuracy", "loss", "val_accuracy", "val_loss") if k in scores})
+        keys = ("accuracy", "loss", "val_accuracy", "val_loss")
+        return MetricRecord({k: scores[k] for k in keys if scores.get(k) is not None})
 
     def interrupted(self, t_start: float) -> dict[str, Any]:
         """Write the results of a run stopped by the user: status ``interrupted`` after the last completed round."""
@@ -173,7 +179,25 @@ def _score_text(row: dict[str, Any]) -> str:
         for key, name in (("val_accuracy", "val accuracy"), ("accuracy", "accuracy"), ("loss", "loss"))
         if row.get(key) is not None
     ]
+    if row.get("perplexity") is not None:  # causal-LM tasks
+        parts.append(f"perplexity {row['perplexity']:.3f}")
+    if row.get("exact_match") is not None:
+        parts.append(f"exact-match {row['exact_match']:.4f}")
     return " ".join(parts) or "not evaluated"
+
+
+GENERATIONS_FILE = "generations.jsonl"
+
+
+def append_generations(run_dir: Path, server_round: int, samples: list[dict[str, Any]]) -> Path:
+    """Append one JSON line per sample reply (round, prompt, reply, target) to ``run_dir/generations.jsonl``."""
+    import json
+
+    path = Path(run_dir) / GENERATIONS_FILE
+    with path.open("a", encoding="utf-8") as f:
+        for sample in samples:
+            f.write(json.dumps({"round": server_round, **sample}, ensure_ascii=False) + "\n")
+    return path
 
 
 def format_bytes(n: int) -> str:

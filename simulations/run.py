@@ -55,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument(
         "--target", type=float, help="accuracy target: draw it and print the bytes each run needed to reach it"
     )
+    gen = sub.add_parser("generate", help="greedy reply of a causal-LM run's adapter to a prompt")
+    gen.add_argument("run_dir", metavar="RUN_DIR", help="a finished task.kind='causal-lm' run folder (or its adapter/)")
+    gen.add_argument("--prompt", required=True, help="the user turn (the chat template is applied)")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="reply length limit (default 64)")
+    gen.add_argument("--save-merged", metavar="DIR", help="also write an fp32 copy with the adapter merged (inference)")
     sweep.add_parser(sub)
     tune.add_parser(sub)
     add_report_parser(sub)
@@ -98,6 +103,8 @@ def _run_command(args: argparse.Namespace, argv: list[str]) -> int:
         return sweep.main(args, argv)
     if args.command == "tune":
         return tune.main(args, argv)
+    if args.command == "generate":
+        return _generate(args)
     if args.command == "report":
         from fedpeft.report import parse_baseline, write_report
 
@@ -124,6 +131,20 @@ def _run_command(args: argparse.Namespace, argv: list[str]) -> int:
         cfg, args.out, plot=not args.no_plot, in_process=args.in_process, overwrite=args.overwrite, checked=report
     )
     print(path)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """``fedpeft generate RUN_DIR --prompt ...``: rebuild base + adapter, print the greedy reply."""
+    from fedpeft.lm_export import export_merged, generate_text, load_lm_export, resolve_adapter_dir
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    adapter = resolve_adapter_dir(args.run_dir)
+    model, tokenizer = load_lm_export(adapter)
+    print(generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens))
+    if args.save_merged:
+        print(export_merged(adapter, args.save_merged), file=sys.stderr)
     return 0
 
 

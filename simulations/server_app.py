@@ -254,7 +254,13 @@ def close_run(run: OpenRun, final_arrays) -> dict[str, Any]:
     cfg, task, results = run.cfg, run.task, run.results
     final = final_arrays if final_arrays is not None and len(final_arrays) else run.initial
     set_adapter_state(task.model, record_to_state(final))
-    results["adapter_dir"] = str(export_adapter(task.model, RunDir(run.run_dir).adapter, cfg.peft, cfg.model).resolve())
+    if cfg.task.kind == "causal-lm":  # peft CAUSAL_LM folder + tokenizer + how to rebuild the base
+        from fedpeft.lm_export import export_lm_adapter
+
+        adapter_dir = export_lm_adapter(task.model, task.tokenizer, RunDir(run.run_dir).adapter, cfg)
+    else:
+        adapter_dir = export_adapter(task.model, RunDir(run.run_dir).adapter, cfg.peft, cfg.model)
+    results["adapter_dir"] = str(adapter_dir.resolve())
     results["ledger"] = run.ledger.to_json()
     results["wall_s"] = time.monotonic() - run.t_start
     aggregated_any = any(r["aggregated"] for r in results["rounds"][1:])
