@@ -43,7 +43,7 @@ def trace_round(all_calls: bool = False) -> list[tuple[str, int]]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from fedpeft.task import load_task
+    from fedpeft.tasks import load_task
     from simulations.inprocess import run_in_process
     from tests.helpers import tiny_config
 

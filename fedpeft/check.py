@@ -389,13 +389,17 @@ def check_experiment(cfg: ExperimentConfig, sources: Sources | None = None) -> C
     from fedpeft.check_size import size_summary
     from fedpeft.tracking import check_tracking
 
-    if cfg.task.kind == "causal-lm":  # its own data, model class and scoring (fedpeft/lm_check.py)
-        from fedpeft.lm_check import check_causal_lm_experiment
-
-        return check_causal_lm_experiment(cfg, sources)
     t0 = time.monotonic()
     report = CheckReport()
     report.warnings += check_settings(cfg, sources or Sources())
+    if cfg.task.kind == "causal-lm":  # its own data, model class and scoring (fedpeft/lm_check.py)
+        from fedpeft.lm_check import check_causal_lm_experiment
+
+        check_trace(cfg)
+        report.warnings += check_resources(cfg)
+        check_causal_lm_experiment(cfg, report)
+        report.seconds = time.monotonic() - t0
+        return report
     tracking = check_tracking(cfg)  # a missing package or an unreachable server: before any data is read
     check_trace(cfg)
     splits = load_checked_splits(cfg, report)

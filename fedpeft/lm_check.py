@@ -11,7 +11,6 @@ start from the cached folder.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 from fedpeft.config import ConfigError, ExperimentConfig
@@ -19,25 +18,23 @@ from fedpeft.config import ConfigError, ExperimentConfig
 log = logging.getLogger(__name__)
 
 
-def check_causal_lm_experiment(cfg: ExperimentConfig, sources=None):
-    """The causal-LM counterpart of :func:`fedpeft.check.check_experiment`; returns its report."""
+def check_causal_lm_experiment(cfg: ExperimentConfig, report):
+    """The causal-LM part of :func:`fedpeft.check.check_experiment`: data, model, sizes into ``report``.
+
+    ``report`` is the :class:`fedpeft.check.CheckReport` whose settings, trace and resources
+    ``check_experiment`` has already checked (passed in, so this module does not import check.py back).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     from fedpeft import adapters
     from fedpeft.causal_lm import check_causal_lm_config, lm_peft_config, load_lm_tokenizer, resolve_lm_path
-    from fedpeft.check import CheckReport, Sources, check_resources, check_settings, check_trace
     from fedpeft.check_size import size_summary
     from fedpeft.lm_batches import encode_rows
     from fedpeft.lm_eval import label_word_ids
     from fedpeft.lm_task import lm_partitions, load_instruction
 
-    t0 = time.monotonic()
-    report = CheckReport()
-    report.warnings += check_settings(cfg, sources or Sources())
-    check_trace(cfg)
     splits = load_instruction(cfg)
-    report.warnings += check_resources(cfg)
     path = resolve_lm_path(cfg.model.name)
     if Path(path).exists() and not (Path(path) / "config.json").is_file():
         raise ConfigError(
@@ -70,5 +67,4 @@ def check_causal_lm_experiment(cfg: ExperimentConfig, sources=None):
         f"{cfg.peft.method}: {size_summary(cfg, trainable, {})}; quantization {cfg.model.quantization}",
         f"partitions: {len(sizes)}, sizes {min(sizes)}..{max(sizes)}",
     ]
-    report.seconds = time.monotonic() - t0
     return report

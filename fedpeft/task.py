@@ -250,15 +250,11 @@ def describe_model(cfg: ExperimentConfig, num_labels: int) -> str:
     return f"{cfg.model.name}, {quant}, {peft}, {num_labels} labels"
 
 
-def load_task(cfg: ExperimentConfig) -> Task:
-    """Build (or fetch from the process cache) everything a client or server needs.
+def load_classification_task(cfg: ExperimentConfig) -> Task:
+    """Build (or fetch from the process cache) a sequence-classification task (``task.kind = "classification"``).
 
-    ``task.kind = "causal-lm"`` gives a :class:`fedpeft.lm_task.CausalLMTask`, the same seam.
+    Callers use :func:`fedpeft.tasks.load_task`, which picks the kind.
     """
-    if cfg.task.kind == "causal-lm":
-        from fedpeft.lm_task import load_lm_task
-
-        return load_lm_task(cfg)
     splits = data.load_splits(cfg.data)
     num_labels = len(splits.train.label_names)
     holder: dict[str, backbone.WeightBytes] = {}

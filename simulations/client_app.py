@@ -47,7 +47,7 @@ def first_order_train(content: RecordDict, context: Context, cfg: ExperimentConf
     """Local first-order steps from the global adapter; reply with the delta."""
     from fedpeft.privacy import history_from_lists, history_to_lists
     from fedpeft.records import record_to_state
-    from fedpeft.task import load_task
+    from fedpeft.tasks import load_task
 
     pid = partition_id(context, cfg)
     round_ = int(content["config"]["server-round"])
@@ -113,7 +113,7 @@ def evaluate(content: RecordDict, context: Context, cfg: ExperimentConfig) -> Re
     and an evaluate message (from a strategy of your own) scores the client's training rows.
     """
     from fedpeft.records import record_to_state
-    from fedpeft.task import load_task
+    from fedpeft.tasks import load_task
 
     pid = partition_id(context, cfg)
     task = load_task(cfg)
@@ -180,7 +180,7 @@ def train_together(contents: dict[int, RecordDict], cfg: ExperimentConfig) -> di
     """A first-order cohort in one call (fedpeft/cohort.py); a failure fails every client of it."""
     from fedpeft.cohort import train_cohort
     from fedpeft.records import record_to_state
-    from fedpeft.task import load_task
+    from fedpeft.tasks import load_task
 
     task = load_task(cfg)
     jobs = [(record_to_state(c["arrays"]), pid, int(c["config"]["server-round"])) for pid, c in contents.items()]

@@ -32,7 +32,8 @@ from fedpeft.privacy_plan import plan_privacy
 from fedpeft.records import record_to_state, state_to_record
 from fedpeft.results import default_run_dir, git_revision, load_results, package_versions, write_results
 from fedpeft.rundir import RunDir
-from fedpeft.task import load_task, set_threads
+from fedpeft.task import set_threads
+from fedpeft.tasks import load_task
 from simulations.cohort import CohortGrid
 from simulations.grids import MeteringGrid
 from simulations.interrupt import RunInterrupted

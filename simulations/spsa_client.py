@@ -18,7 +18,8 @@ from fedpeft import onebyte, privacy, zo
 from fedpeft.config import ExperimentConfig
 from fedpeft.records import record_to_state, state_to_record
 from fedpeft.spsa_update import spsa_local_update
-from fedpeft.task import Task, load_task
+from fedpeft.task import Task
+from fedpeft.tasks import load_task
 from fedpeft.zo_log import replay_round, unpack_header, unpack_log
 from simulations.node import DP_STATE_KEY, node_data_path, partition_id
 from strategies.base import CONTRACT_KEY, KIND_SPSA, contract_record

@@ -40,7 +40,7 @@ class FreshTasks:
 
     def __call__(self, cfg: ExperimentConfig):
         from fedpeft.adapters import set_adapter_state
-        from fedpeft.task import load_task
+        from fedpeft.tasks import load_task
 
         task = load_task(cfg)
         set_adapter_state(task.model, task.initial_state)

@@ -7,7 +7,7 @@ import torch
 from fedpeft import adapters, backbone
 from fedpeft.comm import payload_bytes
 from fedpeft.records import state_to_record
-from fedpeft.task import load_task
+from fedpeft.tasks import load_task
 from fedpeft.train import forward_logits
 from tests.helpers import tiny_config
 

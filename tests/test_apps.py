@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from fedpeft.comm import DOWN, UP, Ledger, message_bytes, payload_bytes
 from fedpeft.records import record_to_state, state_to_record
-from fedpeft.task import load_task
+from fedpeft.tasks import load_task
 from simulations.client_app import build_client_app
 from simulations.grids import InMemoryGrid, MeteringGrid
 from simulations.server_app import discover_partitions

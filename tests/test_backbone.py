@@ -10,7 +10,7 @@ import torch
 
 from fedpeft import backbone
 from fedpeft.config import ModelConfig
-from fedpeft.task import load_task
+from fedpeft.tasks import load_task
 from tests.helpers import tiny_config
 
 
@@ -43,7 +43,7 @@ _CHILD = """
 import json, sys, torch, numpy as np
 torch.set_num_threads(1)
 from tests.helpers import tiny_config
-from fedpeft.task import load_task
+from fedpeft.tasks import load_task
 task = load_task(tiny_config())
 delta, _ = task.local_update(task.initial_state, int(sys.argv[1]), 1)
 print(json.dumps({k: v.ravel()[:64].tolist() + [float(np.abs(v).sum())] for k, v in delta.items()}))

@@ -14,7 +14,7 @@ from tests.lm_helpers import tiny_lm_config
 
 @pytest.fixture(scope="module")
 def task():
-    from fedpeft.task import load_task
+    from fedpeft.tasks import load_task
 
     return load_task(tiny_lm_config())
 
@@ -245,7 +245,7 @@ def test_dp_sgd_without_noise_or_clipping_equals_a_plain_step_on_the_response_lo
     ],
 )
 def test_ia3_prompt_tuning_and_ffa_lora_train_and_score_a_causal_lm(overrides, trains):
-    from fedpeft.task import load_task
+    from fedpeft.tasks import load_task
 
     cfg = tiny_lm_config(**{"data.num-test-examples": 8, "train.local-steps": 1, **overrides})
     task = load_task(cfg)

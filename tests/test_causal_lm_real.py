@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def task():
-    from fedpeft.task import load_task
+    from fedpeft.tasks import load_task
 
     cfg = ExperimentConfig.from_flat(
         {

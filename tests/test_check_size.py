@@ -7,7 +7,7 @@ from fedpeft.check import check_experiment, check_model
 from fedpeft.check_size import payload_bytes_per_client_round, rank_tiers
 from fedpeft.comm import payload_bytes
 from fedpeft.records import state_to_record
-from fedpeft.task import load_task
+from fedpeft.tasks import load_task
 from tests.helpers import tiny_config
 
 # MiniLM: "query,key,value,dense" adapts query/key/value/attention.output.dense (384 -> 384),

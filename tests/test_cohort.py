@@ -13,7 +13,7 @@ from fedpeft import adapters
 from fedpeft.cohort import batch_blocker, concat_batches, find_sites, train_batched, train_cohort
 from fedpeft.grouped import Segments, grouped_chain
 from fedpeft.rng import derive_seed
-from fedpeft.task import load_task
+from fedpeft.tasks import load_task
 from fedpeft.train import build_optimizer, forward_logits, train_local
 from tests.helpers import tiny_config
 

@@ -11,7 +11,7 @@ import torch
 
 from fedpeft.backbone import compute_context, quantization_config, resolve_compute_dtype
 from fedpeft.config import ConfigError
-from fedpeft.task import load_task
+from fedpeft.tasks import load_task
 from fedpeft.train import forward_logits
 from tests.helpers import tiny_config
 

@@ -150,7 +150,7 @@ def test_memory_splits_frozen_and_trainable_bytes_and_counts_optimizer_state():
 def test_on_cuda_auto_puts_an_nf4_backbone_on_the_gpu_and_reports_gpu_memory():
     import bitsandbytes as bnb
 
-    from fedpeft.task import load_task
+    from fedpeft.tasks import load_task
 
     task = load_task(tiny_config(**{"model.device": "auto"}))
     task.local_update(dict(task.initial_state), 0, 1)

@@ -62,7 +62,8 @@ def test_reported_epsilon_is_opacus_for_the_spsa_step_history():
 def _ctx(cfg):
     """The ServerApp's context for ``cfg`` (3 clients always online): initial adapter and privacy plan."""
     from fedpeft.privacy_plan import plan_privacy
-    from fedpeft.task import load_task, partitions
+    from fedpeft.task import partitions
+    from fedpeft.tasks import load_task
 
     plan = None
     if cfg is not None:

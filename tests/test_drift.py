@@ -15,7 +15,7 @@ from fedpeft.drift import (
     scaffold_client_update,
 )
 from fedpeft.records import record_to_state, state_to_record
-from fedpeft.task import load_task
+from fedpeft.tasks import load_task
 from simulations.drift_client import drift_terms
 from tests.helpers import tiny_config
 

@@ -4,7 +4,7 @@ import numpy as np
 
 from fedpeft.holdout import holdout_count
 from fedpeft.results import load_results
-from fedpeft.task import load_task
+from fedpeft.tasks import load_task
 from simulations.inprocess import run_in_process
 from simulations.resume import read_checkpoint
 from strategies.client_eval import evaluation_partitions

@@ -204,7 +204,7 @@ def test_peft_layers_rejects_anything_but_comma_separated_indices():
 
 
 def test_lora_on_the_top_layer_only_adds_adapters_to_that_layer_alone():
-    from fedpeft.task import load_task
+    from fedpeft.tasks import load_task
 
     task = load_task(tiny_config(**{"peft.layers": "5", "peft.target-modules": "query,value"}))
     lora = [name for name in task.initial_state if "lora_" in name]

@@ -5,7 +5,7 @@ import pytest
 
 from fedpeft import adapters, backbone
 from fedpeft.config import ConfigError, ModelConfig, PeftConfig
-from fedpeft.task import load_task
+from fedpeft.tasks import load_task
 from tests.helpers import tiny_config
 
 # all-MiniLM-L6-v2 with its [CLS] pooler: 22,713,216; the 2-class head: 384 x 2 + 2.

@@ -107,7 +107,7 @@ def test_flexlora_global_product_is_the_average_of_the_clients_products_at_full_
 @pytest.mark.slow
 def test_a_three_rank_run_records_every_rank_and_each_clients_bytes_are_its_factor_sizes_times_four(tmp_path):
     # FlexLoRA shares HetLoRA's sending and validation, and adds the SVD over the real model's keys.
-    from fedpeft.task import load_task
+    from fedpeft.tasks import load_task
     from simulations.inprocess import run_in_process
 
     cfg = tiny_config(**{"strategy.name": "flexlora", "clients.rank-profile": "2,4,8", "num-rounds": 1})

@@ -65,7 +65,7 @@ def test_int8_on_the_cpu_and_nf4_on_cuda_give_no_warning():
 def test_on_cuda_an_int8_model_without_the_outlier_path_builds_and_trains():
     import bitsandbytes as bnb
 
-    from fedpeft.task import load_task
+    from fedpeft.tasks import load_task
 
     task = load_task(tiny_config(**{"model.quantization": "int8", "model.device": "cuda", "model.int8-threshold": 0}))
     _, result = task.local_update(dict(task.initial_state), 0, 1)

@@ -9,7 +9,7 @@ import torch
 from fedpeft import adapters, backbone
 from fedpeft.config import ConfigError, load_config
 from fedpeft.ranks import candidate_ranks, client_ranks
-from fedpeft.task import load_task
+from fedpeft.tasks import load_task
 from fedpeft.train import forward_logits
 from strategies.lora_hetero import slice_rank, state_rank
 from tests.helpers import tiny_config

@@ -15,7 +15,7 @@ from fedpeft.config import ConfigError, PeftConfig
 from fedpeft.lst import LSTPlan, chosen_layers, plan_lst
 from fedpeft.lst_prune import _top, dense_weight
 from fedpeft.lst_store import ActivationStore, store_fingerprint
-from fedpeft.task import load_task
+from fedpeft.tasks import load_task
 from fedpeft.train import forward_logits
 from tests.helpers import tiny_config
 

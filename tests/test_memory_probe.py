@@ -83,7 +83,7 @@ def test_deploy_memory_measures_each_quantization_in_its_own_fresh_process(tmp_p
 
 
 def test_on_the_cpu_a_client_reply_carries_no_peak_cuda_bytes():
-    from fedpeft.task import load_task
+    from fedpeft.tasks import load_task
     from simulations.reply import delta_reply
 
     task = load_task(tiny_config(**{"model.device": "cpu"}))
@@ -96,7 +96,7 @@ def test_on_the_cpu_a_client_reply_carries_no_peak_cuda_bytes():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_a_local_round_reports_its_peak_cuda_bytes():
-    from fedpeft.task import load_task
+    from fedpeft.tasks import load_task
     from simulations.reply import delta_reply
 
     task = load_task(tiny_config(**{"model.device": "cuda"}))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedpeft import adapters, data, prefix_cache
-from fedpeft.task import load_task
+from fedpeft.tasks import load_task
 from fedpeft.train import forward_logits
 from tests.helpers import tiny_config
 

@@ -12,7 +12,7 @@ from fedpeft.adapters import compute_delta, get_adapter_state, set_adapter_state
 from fedpeft.config import ConfigError
 from fedpeft.privacy_plan import plan_privacy
 from fedpeft.records import record_to_state, state_to_record
-from fedpeft.task import load_task
+from fedpeft.tasks import load_task
 from fedpeft.train import build_optimizer, train_local
 from strategies import FedAUWeights, Mean, PeftStrategy, UniformWeights
 from strategies.base import StrategyContext

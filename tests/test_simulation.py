@@ -6,7 +6,7 @@ import pytest
 from flwr.app import Message
 
 from fedpeft.results import load_results
-from fedpeft.task import load_task
+from fedpeft.tasks import load_task
 from simulations.inprocess import run_in_process
 from simulations.run import main, simulate
 from tests.helpers import tiny_config

@@ -166,7 +166,7 @@ def test_one_byte_spsa_lowers_the_loss_of_a_digits_classifier():
 @pytest.mark.slow
 def test_a_flower_simulation_with_spsa_sends_k_bytes_per_client_and_replays_to_the_same_hash(tmp_path):
     from fedpeft.results import load_results
-    from fedpeft.task import load_task
+    from fedpeft.tasks import load_task
     from fedpeft.zo_log import RoundLog, replay_round
     from simulations.run import simulate
 
@@ -189,7 +189,7 @@ def test_a_flower_simulation_with_spsa_sends_k_bytes_per_client_and_replays_to_t
 
 def test_spsa_on_the_top_layers_runs_through_the_prefix_cache_with_the_uncached_losses(tmp_path):
     from fedpeft.results import load_results
-    from fedpeft.task import load_task
+    from fedpeft.tasks import load_task
     from simulations.inprocess import run_in_process
 
     flat = {"strategy.name": "spsa", "num-rounds": 1, "spsa.local-steps": 3, "data.max-seq-len": 16,
@@ -212,7 +212,7 @@ def test_one_byte_spsa_lowers_the_held_out_loss_of_minilm_with_a_prompt_head():
     """The spsa_minilm setup (NF4 MiniLM, mean pooling, prompt head, LoRA on value + head), in-process."""
     from fedpeft import data
     from fedpeft.config import load_config
-    from fedpeft.task import load_task
+    from fedpeft.tasks import load_task
     from fedpeft.train import batch_loss
 
     cfg = load_config("simulations/configs/spsa_minilm.toml", {"data.num-test-examples": 256})
@@ -256,7 +256,7 @@ def test_an_spsa_client_with_a_data_path_trains_on_its_own_file_not_the_bundled_
     # the bundled partition 0 of the tiny config holds ~32 rows, so it would show 2 x 8 = 16.
     from flwr.app import Context
 
-    from fedpeft.task import load_task
+    from fedpeft.tasks import load_task
     from simulations.spsa_client import spsa_train
 
     cfg = tiny_config(**{"strategy.name": "spsa", "spsa.local-steps": 2, "spsa.batch-size": 8, "data.max-seq-len": 16})

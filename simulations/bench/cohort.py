@@ -33,7 +33,8 @@ import torch
 
 from fedpeft.cohort import train_cohort
 from fedpeft.config import ExperimentConfig
-from fedpeft.task import load_task, set_threads
+from fedpeft.task import set_threads
+from fedpeft.tasks import load_task
 from simulations.quiet import quiet_libraries
 
 SEQUENTIAL_CLIENTS = 4

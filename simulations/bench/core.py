@@ -29,7 +29,8 @@ import torch
 from fedpeft import adapters, backbone
 from fedpeft.config import ExperimentConfig, TrainConfig
 from fedpeft.results import load_results
-from fedpeft.task import load_task, set_threads
+from fedpeft.task import set_threads
+from fedpeft.tasks import load_task
 from fedpeft.train import train_local
 from simulations.bench import cohort_engine
 from simulations.inprocess import run_in_process

@@ -25,7 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from fedpeft import privacy  # noqa: E402
 from fedpeft.adapters import set_adapter_state  # noqa: E402
 from fedpeft.config import ExperimentConfig  # noqa: E402
-from fedpeft.task import load_task, set_threads  # noqa: E402
+from fedpeft.task import set_threads  # noqa: E402
+from fedpeft.tasks import load_task
 from fedpeft.train import batch_loss, build_optimizer, forward_logits  # noqa: E402
 
 

@@ -51,7 +51,7 @@ def measure_one(device: str, quantization: str, dtype: str, steps: int) -> dict:
     """(a) in this process: median seconds per step (after a warm-up step) and peak device bytes."""
     import torch
 
-    from fedpeft.task import load_task
+    from fedpeft.tasks import load_task
     from fedpeft.train import train_local
 
     task = load_task(step_config(device, quantization, dtype, steps=steps + 1))
@@ -89,7 +89,7 @@ def measure_fresh(device: str, quantization: str, dtype: str, steps: int) -> dic
 def cohort_rates(device: str, sizes: list[int], steps: int, repeats: int) -> dict:
     """(b) client-steps per second by cohort size (1 = one client after another), medians, ratio to 1."""
     from fedpeft.cohort import train_cohort
-    from fedpeft.task import load_task
+    from fedpeft.tasks import load_task
 
     task = load_task(step_config(device, "nf4", "auto", clients=max(sizes), steps=steps))
     samples: dict[int, list[float]] = {k: [] for k in sizes}
@@ -108,7 +108,7 @@ def largest_cohort(device: str, budget_bytes: int, limit: int) -> dict:
     import torch
 
     from fedpeft.cohort import train_cohort
-    from fedpeft.task import load_task
+    from fedpeft.tasks import load_task
 
     fits, peaks, k = 0, {}, 2
     while k <= limit:

@@ -69,7 +69,8 @@ def child_memory(method: str, batch: int, seq: int, steps: int) -> dict:
     """Peak training memory above the loaded-model baseline, in this (fresh) process."""
     import torch
 
-    from fedpeft.task import load_task, set_threads
+    from fedpeft.task import set_threads
+    from fedpeft.tasks import load_task
     from fedpeft.train import batch_loss, build_optimizer
 
     set_threads(1)
@@ -143,7 +144,8 @@ def child_memory(method: str, batch: int, seq: int, steps: int) -> dict:
 
 def child_cpu(method: str, rounds: int) -> dict:
     """``train-cpu-s`` of one 200-snippet client in rounds 2..``rounds`` (round 1 fills LST's store)."""
-    from fedpeft.task import load_task, set_threads
+    from fedpeft.task import set_threads
+    from fedpeft.tasks import load_task
 
     set_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

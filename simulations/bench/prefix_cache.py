@@ -23,7 +23,8 @@ from pathlib import Path
 
 from fedpeft import adapters, prefix_cache
 from fedpeft.config import ExperimentConfig, load_config
-from fedpeft.task import load_task, set_threads
+from fedpeft.task import set_threads
+from fedpeft.tasks import load_task
 from fedpeft.train import evaluate, train_local
 from simulations.quiet import quiet_libraries
 

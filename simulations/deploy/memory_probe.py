@@ -112,7 +112,8 @@ def measure_here(cfg: ExperimentConfig) -> dict[str, Any]:
     import torch
 
     from fedpeft.memory import measure_client_memory
-    from fedpeft.task import load_task, set_threads
+    from fedpeft.task import set_threads
+    from fedpeft.tasks import load_task
 
     set_threads(cfg.simulation.torch_threads)
     task = load_task(cfg)

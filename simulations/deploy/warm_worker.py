@@ -276,7 +276,7 @@ def _run_config(context: Context):
 
 def _log_memory(context: Context) -> None:
     from fedpeft.memory import format_memory, measure_client_memory
-    from fedpeft.task import load_task
+    from fedpeft.tasks import load_task
 
     cfg = _run_config(context)
     log.info("memory: %s", format_memory(measure_client_memory(load_task(cfg).model, cfg.train.optimizer)))
