@@ -55,16 +55,29 @@ def write_checkpoint(
 
 @contextmanager
 def _signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM for the block (main thread: the in-process runner's KeyboardInterrupt)."""
+    """Hold SIGINT and SIGTERM for the block (main thread: the in-process runner's KeyboardInterrupt).
+
+    The handlers are swapped for one that only records the signal, and a recorded signal is raised
+    again, to the restored handler, when the block ends. (A thread signal mask would not do: a
+    process-directed signal goes to any thread that does not block it, and Ray's and gRPC's threads
+    do not, so the main thread's handler would still run inside the block.)
+    """
     if threading.current_thread() is not threading.main_thread():  # Flower's engine: the handler only sets a flag
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    pending: list[int] = []
+
+    def record(signum, frame) -> None:
+        pending.append(signum)
+
+    previous = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a held signal is delivered now
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(pending):  # delivered now, once each
+            signal.raise_signal(s)
 
 
 def read_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,16 +30,21 @@ def test_sigterm_sets_the_stop_flag_under_the_engine_handler_and_the_old_handler
 
 
 def test_sigterm_raises_keyboard_interrupt_in_the_main_thread_like_ctrl_c():
+    before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or Ray's handler once a test in this process started Ray
     with pytest.raises(KeyboardInterrupt), sigterm_as_ctrl_c():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # interrupted long before this ends
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_a_signal_during_the_checkpoint_renames_waits_until_both_are_done():
     from simulations.resume import _signals_held
 
     order = []
+    # another thread that does not block signals (Ray and gRPC start such threads): a main-thread
+    # signal mask alone would let the kernel hand SIGTERM to it, and the handler would run in the block
+    other = threading.Thread(target=time.sleep, args=(1.0,), daemon=True)
+    other.start()
     with pytest.raises(KeyboardInterrupt), sigterm_as_ctrl_c():
         with _signals_held():
             os.kill(os.getpid(), signal.SIGTERM)
