@@ -293,7 +293,11 @@ def test_natural_id_partitions_cover_every_row_once_each_holding_one_group(ids):
 def test_natural_id_on_data_without_groups_is_refused_by_the_config():
     with pytest.raises(ConfigError, match=r"natural-id.*set data.group-column"):
         ExperimentConfig.from_flat({"partition.scheme": "natural-id"})
-    cfg = ExperimentConfig.from_flat({"partition.scheme": "natural-id", "data.dataset": "embedded-dialog"})
+    with pytest.raises(ConfigError, match=r"'embedded-dialog' is instruction data: set task.kind"):
+        ExperimentConfig.from_flat({"partition.scheme": "natural-id", "data.dataset": "embedded-dialog"})
+    cfg = ExperimentConfig.from_flat(
+        {"partition.scheme": "natural-id", "data.dataset": "embedded-dialog", "task.kind": "causal-lm"}
+    )
     assert cfg.data.group_column == ""
     with pytest.raises(ConfigError, match=r"'embedded-dialog' groups by its category; set data.group-column = \"\""):
         cfg.replace({"data.group-column": "topic"})
