@@ -8,6 +8,7 @@ couples the two modules. Relative imports are resolved against the importing mod
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,54 @@ def test_importing_the_client_app_leaves_the_deployment_tooling_unloaded():
     code = "import sys, simulations.client_app; print(sorted(m for m in sys.modules if m.startswith('simulations.deploy')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def entries(lines: list[str]) -> list[str]:
+    """Each line joined with the indented continuation lines below it (a file-map entry)."""
+    joined = []
+    for i, line in enumerate(lines):
+        rest = []
+        for follow in lines[i + 1 :]:
+            if not follow.startswith(" "):
+                break
+            rest.append(follow.strip())
+        joined.append(" ".join([line, *rest]))
+    return joined
+
+
+def unlisted_modules(readme: str, root: Path = ROOT) -> list[str]:
+    """Project modules README's file map does not name.
+
+    A top-level module must appear by path (``fedpeft/train.py``); a module in a sub-folder
+    (``simulations/bench/scale.py``) by path, or by its file name on its folder's line
+    (``simulations/bench/   benchmarks: ... scale.py (10,000 clients) ...``). ``__init__.py`` files are exempt.
+    """
+    files_section = readme.split("## Files", 1)[-1]
+    lines = files_section.splitlines()
+    missing = []
+    for package in PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            if path.name == "__init__.py" or rel in files_section:
+                continue
+            folder = rel.rsplit("/", 1)[0] + "/"
+            folder_lines = [
+                entry for line, entry in zip(lines, entries(lines), strict=True) if line.startswith(folder + " ")
+            ]
+            if folder.count("/") > 1 and any(re.search(rf"\b{re.escape(path.name)}\b", line) for line in folder_lines):
+                continue
+            missing.append(rel)
+    return missing
+
+
+def test_the_file_map_check_flags_an_unlisted_module(tmp_path):
+    (tmp_path / "fedpeft" / "sub").mkdir(parents=True)
+    for name in ("fedpeft/a.py", "fedpeft/b.py", "fedpeft/sub/c.py", "fedpeft/sub/d.py", "fedpeft/__init__.py"):
+        (tmp_path / name).write_text("")
+    readme = "## Files\nfedpeft/a.py   one\nfedpeft/sub/   things: xd.py,\n              c.py\n"
+    assert unlisted_modules(readme, tmp_path) == ["fedpeft/b.py", "fedpeft/sub/d.py"]
+
+
+def test_the_readme_file_map_lists_every_module():
+    missing = unlisted_modules((ROOT / "README.md").read_text())
+    assert not missing, f"README.md's '## Files' map does not list: {missing} (add one line each)"
