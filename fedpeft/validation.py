@@ -375,13 +375,6 @@ def _validate_task(cfg: ExperimentConfig) -> None:
         cfg.peft.method,
     )
     _check(
-        cfg.strategy.name not in ("spsa",),
-        "strategy.name",
-        "a first-order strategy (fedavg, fedau, known_p_oracle, hetlora, flexlora) with task.kind='causal-lm': "
-        "SPSA on a causal LM is not implemented yet",
-        cfg.strategy.name,
-    )
-    _check(
         cfg.simulation.cohort_size == 1,
         "simulation.cohort-size",
         "1 with task.kind='causal-lm' (cohort nodes train classifiers only so far)",
