@@ -370,3 +370,26 @@ def test_spsa_steps_on_prompt_and_label_words_lower_the_label_word_loss(fresh_ta
     assert len(update.result.codes) == 12 and update.result.skipped == 0
     after = task.evaluate(zo.to_state(master), loader)["loss"]
     assert after < before, (before, after)
+
+
+def test_a_cohort_node_trains_its_lm_clients_one_after_another_with_the_same_numbers(tmp_path, mechanism_runs):
+    """simulation.cohort-size = 3 on one Flower node (cohort-batched = false): each client's own local update."""
+    alone, _ = mechanism_runs("fedavg-ledger")
+    cohort = run_lm(tmp_path, "cohort", **{"simulation.cohort-size": 3, "simulation.cohort-batched": False})
+    keys = ("loss", "accuracy", "perplexity", "aggregated", "uplink_payload_bytes", "downlink_payload_bytes")
+    assert [{k: r[k] for k in keys} for r in cohort["rounds"]] == [{k: r[k] for k in keys} for r in alone["rounds"]]
+
+
+def test_dpzero_per_example_losses_of_a_causal_lm_batch_average_to_its_response_loss(fresh_task):
+    import torch
+
+    from fedpeft.spsa_update import per_example_loss
+    from fedpeft.train import batch_loss
+
+    task = fresh_task(tiny_lm_config(**SHRINK))
+    batch = next(iter(task.train_loader(task.partition(2), 1, 2)))
+    with torch.no_grad():
+        each = per_example_loss(task.model, batch)
+        whole = batch_loss(task.model, batch)
+    assert each.shape == (4,) and len(set(each.tolist())) == 4  # one loss per prompt, not one per token
+    assert float(each.mean()) == pytest.approx(float(whole), rel=1e-6)
