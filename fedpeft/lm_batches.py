@@ -68,11 +68,14 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     ``labels.shape[1]`` positions are the sequence's own.
     """
     logits = logits[:, -labels.shape[1] :, :]
-    shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:].to(logits.device)
-    per_token = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE, reduction="none")
-    counts = (shift_labels != IGNORE).sum(dim=1)
-    return per_token.sum(dim=1), counts
+    targets = shift_labels != IGNORE
+    # Only target positions are scored: a softmax over the whole vocabulary at every prompt and padding
+    # position (SmolLM2: 49,152 logits each, most positions ignored) was most of a tiny model's step.
+    rows, cols = targets.nonzero(as_tuple=True)
+    per_target = F.cross_entropy(logits[rows, cols].float(), shift_labels[rows, cols], reduction="none")
+    sums = per_target.new_zeros(labels.shape[0]).index_add(0, rows, per_target)
+    return sums, targets.sum(dim=1)
 
 
 def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -10,14 +10,16 @@ response loss for token targets. Strategies never see the kind: they aggregate n
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from torch import nn
 
 from fedpeft import adapters, backbone, partition
-from fedpeft.config import ConfigError, ExperimentConfig
+from fedpeft.config import ConfigError, DataConfig, ExperimentConfig
 from fedpeft.task import Task
 
 log = logging.getLogger(__name__)
@@ -35,12 +37,14 @@ class CausalLMTask(Task):
         return [self.splits.train[i] for i in parts[partition_id]]
 
     def client_rows(self, partition_id: int, data_path: str = "") -> list:
-        """This client's training examples (a SuperNode's own data file is not supported for causal LMs yet)."""
+        """This client's training examples: its node's own instruction file if ``data_path`` is set, else its partition.
+
+        ``data_path`` comes from a SuperNode's ``--node-config data-path=/path/file.jsonl``; the file is read
+        with the experiment's column settings (``data.instruction-column`` / ``input-column`` /
+        ``response-column`` or ``messages-column``), as ``data.dataset`` would be (fedpeft/instruct_files.py).
+        """
         if data_path:
-            raise ConfigError(
-                "node-config data-path is not supported with task.kind='causal-lm' yet; "
-                "let the server's data.dataset be partitioned"
-            )
+            return node_examples(data_path, self.cfg.data)
         return self.partition(partition_id)
 
     def label_histograms(self) -> np.ndarray:
@@ -50,16 +54,22 @@ class CausalLMTask(Task):
 
     def train_loader(self, rows: list, round_: int, partition_id: int):
         """Shuffled, right-padded batches of encoded examples, seeded by (seed, round, partition)."""
-        from fedpeft.lm_batches import build_lm_loader
         from fedpeft.rng import torch_generator
+
+        generator = torch_generator(self.cfg.seed, "batches", round_, partition_id)
+        return self.shuffled_loader(rows, batch_size=self.cfg.train.batch_size, generator=generator)
+
+    def shuffled_loader(self, rows: list, *, batch_size: int, generator):
+        """Right-padded batches of encoded examples in the order ``generator`` shuffles them (SPSA's too)."""
+        from fedpeft.lm_batches import build_lm_loader
 
         return build_lm_loader(
             rows,
             self.tokenizer,
             max_seq_len=self.cfg.data.max_seq_len,
-            batch_size=self.cfg.train.batch_size,
+            batch_size=batch_size,
             shuffle=True,
-            generator=torch_generator(self.cfg.seed, "batches", round_, partition_id),
+            generator=generator,
         )
 
     def logits_fn(self):
@@ -131,6 +141,29 @@ def _loader_scores(model: nn.Module, loader) -> dict:
         "accuracy": hits / max(tokens, 1),
         "num_examples": float(n),
     }
+
+
+def node_examples(path: str, cfg: DataConfig) -> list:
+    """A node's own instruction file as examples (cached per process: a warm worker reads it once).
+
+    Every row is an Alpaca row or a chat-messages row of ``cfg``'s columns; a bad row is refused
+    with fedpeft/instruct_files.py's errors naming the row and the fix.
+    """
+    from fedpeft.instruct_files import load_file_examples
+
+    key = (path, cfg)
+    if key not in _NODE_EXAMPLES:
+        if not Path(path).expanduser().is_file():
+            raise ConfigError(
+                f"node-config data-path={path!r} is not a file on this node; give the path of its own "
+                "instruction file (jsonl / json / csv / parquet)"
+            )
+        _NODE_EXAMPLES[key] = load_file_examples(dataclasses.replace(cfg, dataset=str(path), group_column=""))
+        log.info("node data %s: %d instruction examples", path, len(_NODE_EXAMPLES[key]))
+    return _NODE_EXAMPLES[key]
+
+
+_NODE_EXAMPLES: dict[tuple, list] = {}
 
 
 def partition_keys(examples: list) -> tuple[np.ndarray, int]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fedpeft import data, privacy, zo
+from fedpeft import privacy, zo
 from fedpeft.rng import torch_generator
 from fedpeft.task import Task
 from fedpeft.train import batch_loss, forward_logits
@@ -57,12 +57,11 @@ def spsa_local_update(
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     zo.copy_into_(params, master)
     rows = task.client_rows(partition_id, data_path)
-    loader = data.build_loader(
+    # The task's own batches: a classifier's labels, or a causal LM's prompt + response tokens, whose
+    # loss (batch_loss) is the response's cross-entropy: the label word's under MeZO's prompt + label words.
+    loader = task.shuffled_loader(
         rows,
-        task.tokenizer,
-        max_seq_len=cfg.data.max_seq_len,
         batch_size=cfg.spsa.batch_size,
-        shuffle=True,
         generator=torch_generator(cfg.seed, "spsa-batches", round_, partition_id),
     )
     sigma, rate = dpzero_noise(task, len(rows))
@@ -92,8 +91,17 @@ def spsa_local_update(
 
 
 def per_example_loss(model, batch, logits_fn=None) -> torch.Tensor:
-    """Cross-entropy of every example of the batch (DPZero clips per example)."""
+    """Cross-entropy of every example of the batch (DPZero clips per example).
+
+    A causal LM's token targets (2-D labels) give each example's mean response-token loss,
+    the per-example terms of fedpeft/lm_batches.py's ``response_loss``.
+    """
     logits = forward_logits(model, batch) if logits_fn is None else logits_fn(batch)
+    if batch["labels"].dim() == 2:
+        from fedpeft.lm_batches import token_losses
+
+        sums, counts = token_losses(logits, batch["labels"])
+        return sums / counts.clamp(min=1)
     return F.cross_entropy(logits.float(), batch["labels"].to(logits.device), reduction="none")
 
 

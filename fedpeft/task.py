@@ -76,13 +76,17 @@ class Task:
     def train_loader(self, rows: data.TextData, round_: int, partition_id: int):
         """Shuffled batches for local training, seeded by (seed, round, partition)."""
         gen = torch_generator(self.cfg.seed, "batches", round_, partition_id)
+        return self.shuffled_loader(rows, batch_size=self.cfg.train.batch_size, generator=gen)
+
+    def shuffled_loader(self, rows: data.TextData, *, batch_size: int, generator: torch.Generator):
+        """Batches of ``batch_size`` rows in the order ``generator`` shuffles them (SPSA's own batches too)."""
         return data.build_loader(
             rows,
             self.tokenizer,
             max_seq_len=self.cfg.data.max_seq_len,
-            batch_size=self.cfg.train.batch_size,
+            batch_size=batch_size,
             shuffle=True,
-            generator=gen,
+            generator=generator,
         )
 
     def local_update(

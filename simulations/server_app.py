@@ -272,7 +272,11 @@ def close_run(run: OpenRun, final_arrays) -> dict[str, Any]:
         log(WARNING, "%s", results["error"])
     path = write_results(run.run_dir, results)
     run.recorder.close()
-    log(INFO, "wrote %s (final accuracy %.4f)", path, results["rounds"][-1]["accuracy"])
+    final = results["rounds"][-1]
+    if final.get("accuracy") is not None:
+        log(INFO, "wrote %s (final accuracy %.4f)", path, final["accuracy"])
+    else:  # a causal LM with free-form replies (no label words) has no accuracy, only its response perplexity
+        log(INFO, "wrote %s (final perplexity %.4g)", path, final.get("perplexity") or float("nan"))
     return results
 
 

@@ -154,7 +154,7 @@ def test_evaluation_reports_label_accuracy_exact_match_perplexity_and_samples(ta
         ({"peft.method": "head"}, "tied to the embeddings"),
         ({"model.pooling": "mean"}, "model.pooling"),
         ({"model.head-init": "prompts"}, "model.head-init"),
-        ({"strategy.name": "spsa"}, "SPSA on a causal LM"),
+        ({"simulation.cohort-size": 2}, "cohort-batched"),  # the batched cohort step computes a classifier's loss
         ({"task.label-words": "positive,positive"}, "distinct words"),
     ],
 )

@@ -8,8 +8,8 @@ torch thread on the CPU, the same random token batch (every token a target) and 
 q/k/v/o/gate/up/down; the first step is a warm-up and is not timed. ``random-smollm2`` is a
 randomly initialised Llama of SmolLM2-135M's shape (no weights needed, e.g. on a GPU machine);
 ``tiny`` (2 layers, hidden 64) exists to test this script. Prints median seconds per step and the
-ratio to fp32, and the peak memory. Not done here: the cohort-size 1/8/32 GPU mode (cohorts are
-refused for causal LMs so far).
+ratio to fp32, and the peak memory. Not done here: the cohort-size 1/8/32 GPU mode (batched cohorts are
+refused for causal LMs so far: only `simulation.cohort-batched = false`, one client after another).
 """
 
 from __future__ import annotations
