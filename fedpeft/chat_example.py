@@ -24,8 +24,12 @@ class Example:
 
 @dataclass(frozen=True)
 class InstructionSplits:
-    """A training pool and a held-out test set; ``label_words`` is ``()`` for free-form tasks."""
+    """A training pool, a held-out test set and validation rows (``data.num-val-examples``, else None).
+
+    ``label_words`` is ``()`` for free-form tasks.
+    """
 
     train: list[Example]
     test: list[Example]
     label_words: tuple[str, ...]
+    validation: list[Example] | None = None

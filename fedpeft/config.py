@@ -106,6 +106,10 @@ class DataConfig:
     # test is then scored in the last round only (fedpeft/data.py carve_validation)
     num_val_examples: int = 0
     max_seq_len: int = 64
+    # true: the num-train-examples training rows hold each label equally (the first rows of each label in
+    # the shuffled pool; skipped rows stay available to validation); partitioners then skew labels across
+    # clients from a balanced pool. Classification data and the embedded snippets as instructions.
+    balanced_train: bool = False
 
 
 @dataclass(frozen=True)
@@ -342,6 +346,9 @@ class TaskConfig:
     a multi-token word is scored as a whole). ``instruction``: the user turn's instruction before each
     snippet. ``num_sample_generations``: replies written to the run's ``generations.jsonl`` per
     evaluated round. ``max_new_tokens``: the greedy generation's length (exact match and samples).
+    ``num_generate_eval``: how many held-out prompts (the first ones) get a greedy reply for exact
+    match; -1 = every one. Label-word accuracy always ranks every prompt: it needs no decoding,
+    while each greedy token is another forward of the whole model.
     """
 
     kind: str = "classification"
@@ -349,6 +356,7 @@ class TaskConfig:
     instruction: str = "Is this movie review positive or negative? Answer with one word."
     num_sample_generations: int = 4
     max_new_tokens: int = 8
+    num_generate_eval: int = -1
 
     def label_word_list(self) -> tuple[str, ...]:
         """``label_words`` as a tuple, entries stripped (``""`` -> ``()``)."""

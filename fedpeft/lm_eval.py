@@ -7,7 +7,9 @@
   that gives the response loss (the logits at the last prompt position), so scoring costs
   no extra forward; otherwise each word gets a forward of prompt + word.
 - **Exact match**: greedy generation (``task.max-new-tokens``), parsed to the first label
-  word found in the reply (the model answers "The review is positive.", not "positive").
+  word found in the reply (the model answers "The review is positive.", not "positive"),
+  on the first ``task.num-generate-eval`` prompts (-1: all): every generated token is one
+  more forward of the model, so on a CPU a subset keeps the evaluation short.
 - **Response loss / perplexity**: mean next-token loss over every response token of the
   test set (the trained targets: response and end-of-turn), and its exponential.
 - **Balanced accuracy** and per-label accuracy of the label-word predictions.
@@ -16,6 +18,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import dataclass
@@ -137,6 +140,21 @@ class PrefillScores:
     replies: list[str]  # greedy continuations of the prompts
 
 
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """Tokens every prompt starts with, leaving each prompt at least its last token of its own.
+
+    The chat template's system turn and the task's instruction open every prompt of a
+    label-word set (about 40 of SmolLM2's ~70 prompt tokens), so they are encoded once.
+    """
+    if not prompts:
+        return 0
+    first, limit = prompts[0], min(len(p) for p in prompts) - 1
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
 @torch.no_grad()
 def prefill_scores(
     model: nn.Module,
@@ -146,39 +164,62 @@ def prefill_scores(
     *,
     max_new_tokens: int,
     batch_size: int,
+    num_generate: int | None = None,
 ) -> PrefillScores:
     """Response loss, label-word scores and greedy replies from one forward of each batch.
 
-    Each row is laid out as ``[left padding][prompt][response][right padding]`` so every
-    prompt ends at the same column P: one forward with the KV cache gives the response loss
-    (teacher forcing) and, at column P-1, the first reply token's distribution; the cache is
-    then cropped back to the prompts (``DynamicCache.crop``) and reused for every further
-    token of each label word and for greedy decoding. Positions come from the attention mask
-    (left padding would otherwise shift them). Equal, up to float rounding, to the plain
-    forwards of :func:`label_word_scores` and :func:`greedy_replies` (tested); not for prompt
-    tuning, whose virtual tokens peft prepends on every call.
+    The prompts' shared beginning (:func:`shared_prefix_length`: system turn and instruction)
+    is encoded once, and its KV cache is repeated for every batch. After it, each row is laid
+    out as ``[left padding][rest of prompt][response][right padding]`` so every prompt ends at
+    the same column P: one forward with the KV cache gives the response loss (teacher forcing)
+    and, at column P-1, the first reply token's distribution; the cache is then cropped back
+    to the prompts (``DynamicCache.crop``) and reused for every further token of each label
+    word and for greedy decoding. Positions come from the attention mask (the padding in the
+    middle would otherwise shift them). Greedy replies are decoded for the first
+    ``num_generate`` rows only (None: all): each decoding step is a forward of the whole
+    model, and exact match on a subset is what a reader needs. Equal, up to float rounding,
+    to the plain forwards of :func:`label_word_scores` and :func:`greedy_replies` (tested);
+    not for prompt tuning, whose virtual tokens peft prepends on every call.
     """
-    device, pad_id, eos = _device(model), tokenizer.pad_token_id, tokenizer.eos_token_id
+    device, pad_id = _device(model), tokenizer.pad_token_id
+    cuts = [_first_target(r["labels"]) for r in rows]
+    shared = shared_prefix_length([r["input_ids"][:c] for r, c in zip(rows, cuts, strict=True)])
+    prefix_cache = None
+    if shared:
+        prefix = torch.tensor([rows[0]["input_ids"][:shared]], device=device)
+        with compute_context(model):
+            prefix_cache = model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
+    n_generate = len(rows) if num_generate is None else min(num_generate, len(rows))
     loss_sums, counts, word_scores, replies = [], [], [], []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        cut = [_first_target(r["labels"]) for r in chunk]
+        cut = [c - shared for c in cuts[start : start + batch_size]]
         width_p = max(cut)
-        width_r = max(len(r["input_ids"]) - c for r, c in zip(chunk, cut, strict=True))
+        width_r = max(len(r["input_ids"]) - shared - c for r, c in zip(chunk, cut, strict=True))
         n = len(chunk)
         ids = torch.full((n, width_p + width_r), pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         targets = torch.full((n, width_r), IGNORE, dtype=torch.long)
         for i, (r, c) in enumerate(zip(chunk, cut, strict=True)):
-            resp = r["input_ids"][c:]
-            ids[i, width_p - c : width_p + len(resp)] = torch.tensor(r["input_ids"])
-            mask[i, width_p - c : width_p + len(resp)] = 1
-            targets[i, : len(resp)] = torch.tensor(r["labels"][c:])
+            own = r["input_ids"][shared:]
+            ids[i, width_p - c : width_p - c + len(own)] = torch.tensor(own)
+            mask[i, width_p - c : width_p - c + len(own)] = 1
+            targets[i, : len(own) - c] = torch.tensor(r["labels"][shared + c :])
+        mask = torch.cat([torch.ones((n, shared), dtype=mask.dtype), mask], dim=1)  # the cached prefix
         ids, mask, targets = ids.to(device), mask.to(device), targets.to(device)
         pos = (mask.cumsum(1) - 1).clamp(min=0)
+        cache = None
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(n)
         with compute_context(model):
             out = model(
-                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=width_r + 1
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos[:, shared:],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=width_r + 1,
             )
         logits = out.logits[:, -(width_r + 1) :].float()  # columns P-1 .. P+R-1
         per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
@@ -186,8 +227,9 @@ def prefill_scores(
         counts.append((targets != IGNORE).sum(1).cpu())
         first = logits[:, 0].log_softmax(-1)
         cache = out.past_key_values
-        _crop_to(cache, width_p)
-        prompt_mask, last_pos = mask[:, :width_p], pos[:, width_p - 1]
+        end = shared + width_p  # the prompts' last column + 1, prefix included
+        _crop_to(cache, end)
+        prompt_mask, last_pos = mask[:, :end], pos[:, end - 1]
 
         if words:
             cols = []
@@ -198,27 +240,48 @@ def prefill_scores(
                         model, cache, torch.tensor([w[:-1]] * n, device=device), prompt_mask, last_pos, 0
                     ).log_softmax(-1)
                     score += more.gather(2, torch.tensor([w[1:]] * n, device=device)[..., None])[..., 0].sum(1)
-                    _crop_to(cache, width_p)
+                    _crop_to(cache, end)
                 cols.append(score.cpu())
             word_scores.append(torch.stack(cols, dim=1))
-        token = first.argmax(-1)
-        done = token == eos
-        generated, past_mask = [token], prompt_mask
-        for t in range(1, max_new_tokens):
-            if bool(done.all()):
-                break
-            logits_t = _cached_step(model, cache, token[:, None], past_mask, last_pos, t - 1)
-            past_mask = torch.cat([past_mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
-            token = torch.where(done, torch.full_like(token, pad_id), logits_t[:, -1].argmax(-1))
-            done |= token == eos
-            generated.append(token)
-        replies += tokenizer.batch_decode(torch.stack(generated, 1).cpu(), skip_special_tokens=True)
+        g = min(n, n_generate - start)
+        if g > 0:
+            if g < n:  # decode only the rows that are generated
+                cache.batch_select_indices(torch.arange(g, device=device))
+            replies += _greedy_from_cache(
+                model, tokenizer, cache, first[:g], prompt_mask[:g], last_pos[:g], max_new_tokens
+            )
     return PrefillScores(
         loss_sums=torch.cat(loss_sums),
         token_counts=torch.cat(counts),
         word_scores=torch.cat(word_scores) if words else None,
         replies=replies,
     )
+
+
+def _greedy_from_cache(
+    model: nn.Module,
+    tokenizer,
+    cache,
+    first: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    last_pos: torch.Tensor,
+    max_new_tokens: int,
+) -> list[str]:
+    """Greedy replies after cached prompts, given the first reply token's log-probabilities."""
+    pad_id, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    n = first.shape[0]
+    token = first.argmax(-1)
+    done = token == eos
+    generated, past_mask = [token], prompt_mask
+    for t in range(1, max_new_tokens):
+        if bool(done.all()):
+            break
+        logits_t = _cached_step(model, cache, token[:, None], past_mask, last_pos, t - 1)
+        past_mask = torch.cat([past_mask, torch.ones((n, 1), dtype=past_mask.dtype, device=past_mask.device)], dim=1)
+        token = torch.where(done, torch.full_like(token, pad_id), logits_t[:, -1].argmax(-1))
+        done |= token == eos
+        generated.append(token)
+    return tokenizer.batch_decode(torch.stack(generated, 1).cpu(), skip_special_tokens=True)
 
 
 def _crop_to(cache, length: int) -> None:
@@ -249,6 +312,7 @@ def reference_scores(
     *,
     max_new_tokens: int,
     batch_size: int,
+    num_generate: int | None = None,
 ) -> PrefillScores:
     """:func:`prefill_scores`' results from plain forwards (right-padded) and ``generate`` (prompt tuning)."""
     pad_id = tokenizer.pad_token_id
@@ -269,7 +333,9 @@ def reference_scores(
         loss_sums=torch.cat(sums),
         token_counts=torch.cat(counts),
         word_scores=label_word_scores(model, prompts, words, pad_id=pad_id, batch_size=batch_size) if words else None,
-        replies=greedy_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size),
+        replies=greedy_replies(
+            model, tokenizer, prompts[:num_generate], max_new_tokens=max_new_tokens, batch_size=batch_size
+        ),
     )
 
 
@@ -289,12 +355,13 @@ def evaluate_lm(
     batch_size: int,
     max_new_tokens: int,
     num_samples: int,
+    num_generate: int = -1,
 ) -> dict:
     """Every score of the module docstring over ``examples`` (the held-out set).
 
     Returns ``loss`` (mean response-token loss over all response tokens), ``perplexity``,
-    ``accuracy`` (label-word ranking), ``exact_match`` (parsed greedy reply),
-    ``balanced_accuracy``, ``per_class_accuracy``, ``num_examples`` and ``generations``
+    ``accuracy`` (label-word ranking, every example), ``exact_match`` (parsed greedy reply, the
+    first ``num_generate`` examples only; -1: every example), ``balanced_accuracy``, ``per_class_accuracy``, ``num_examples`` and ``generations``
     (the first ``num_samples`` examples: prompt, reply, target). The label scores are None
     for a free-form task (no label words) or when no example has a label.
     """
@@ -302,7 +369,16 @@ def evaluate_lm(
     rows = encode_rows(tokenizer, examples, max_seq_len)
     words = label_word_ids(tokenizer, label_words) if label_words else []
     score = reference_scores if _is_prompt_learning(model) else prefill_scores
-    result = score(model, tokenizer, rows, words, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    n_match = len(rows) if num_generate < 0 else min(num_generate, len(rows))
+    result = score(
+        model,
+        tokenizer,
+        rows,
+        words,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        num_generate=max(n_match, min(num_samples, len(rows))),
+    )
     loss = float(result.loss_sums.sum()) / max(int(result.token_counts.sum()), 1)
     scores: dict = {
         "loss": loss,
@@ -316,8 +392,9 @@ def evaluate_lm(
     labelled = [i for i, ex in enumerate(examples) if ex.label >= 0]
     if words and labelled:
         predicted = result.word_scores[labelled].argmax(dim=1).tolist()
-        parsed = [parse_label(result.replies[i], label_words) for i in labelled]
         truth = [examples[i].label for i in labelled]
+        generated = [i for i in labelled if i < n_match]
+        parsed = [parse_label(result.replies[i], label_words) for i in generated]
         per_class = []
         for c in range(len(label_words)):
             idx = [k for k, t in enumerate(truth) if t == c]
@@ -325,7 +402,11 @@ def evaluate_lm(
         present = [a for a in per_class if a is not None]
         scores.update(
             accuracy=sum(p == t for p, t in zip(predicted, truth, strict=True)) / len(truth),
-            exact_match=sum(p == t for p, t in zip(parsed, truth, strict=True)) / len(truth),
+            exact_match=(
+                sum(p == examples[i].label for p, i in zip(parsed, generated, strict=True)) / len(generated)
+                if generated
+                else None
+            ),
             balanced_accuracy=sum(present) / len(present),
             per_class_accuracy=per_class,
         )

@@ -25,6 +25,13 @@ from fedpeft.task import Task
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class HeldOutExamples:
+    """Instruction examples to score like the test set (what a causal LM's ``validation_loader`` gives)."""
+
+    examples: list
+
+
 @dataclass
 class CausalLMTask(Task):
     """A PEFT causal LM with its tokenizer and instruction splits (``splits``: ``InstructionSplits``)."""
@@ -79,28 +86,34 @@ class CausalLMTask(Task):
     def evaluate(self, state: adapters.State, loader=None) -> dict:
         """fedpeft/lm_eval.py's scores of the model at ``state`` on the held-out set.
 
-        With ``loader`` (a client scoring its own rows) only the response loss is computed:
-        ``accuracy`` is then the next-token accuracy of the response tokens.
+        ``loader`` is None (the test set), the :class:`HeldOutExamples` of
+        :meth:`validation_loader` (the same scores; no greedy replies, which validation does
+        not report), or a client's own batches: then only the response loss is computed and
+        ``accuracy`` is the next-token accuracy of the response tokens.
         """
         from fedpeft.lm_eval import evaluate_lm
 
         adapters.set_adapter_state(self.model, state)
-        if loader is not None:
+        if loader is not None and not isinstance(loader, HeldOutExamples):
             return _loader_scores(self.model, loader)
+        validation = isinstance(loader, HeldOutExamples)
         return evaluate_lm(
             self.model,
             self.tokenizer,
-            self.splits.test,
+            loader.examples if validation else self.splits.test,
             label_words=self.splits.label_words,
             max_seq_len=self.cfg.data.max_seq_len,
             batch_size=self.cfg.train.eval_batch_size,
             max_new_tokens=self.cfg.task.max_new_tokens,
-            num_samples=self.cfg.task.num_sample_generations,
+            num_samples=0 if validation else self.cfg.task.num_sample_generations,
+            num_generate=0 if validation else self.cfg.task.num_generate_eval,
         )
 
-    def validation_loader(self):
-        """None: ``data.num-val-examples`` is refused for causal-LM tasks (fedpeft/validation.py) until carved here."""
-        return None
+    def validation_loader(self) -> HeldOutExamples | None:
+        """The validation rows (``data.num-val-examples`` > 0, the embedded snippets), else None."""
+        if not self.splits.validation:
+            return None
+        return HeldOutExamples(self.splits.validation)
 
     def test_loader(self):
         """The held-out set as right-padded batches, in order."""

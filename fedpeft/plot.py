@@ -40,25 +40,29 @@ def plot_runs(
     *,
     total_bytes: bool = False,
     target: float | None = None,
+    metric: str = "accuracy",
 ) -> Path:
     """Accuracy vs cumulative uplink bytes (log x) and accuracy vs round, one line per run.
 
     Runs that differ only in their seed form one group, drawn as its mean with a shaded
     95% Student-t confidence band (see :func:`plot_groups`). ``total_bytes=True`` adds a
     panel of accuracy vs cumulative payload bytes in both directions (uplink + downlink);
-    ``target`` draws a dashed line at that accuracy.
+    ``target`` draws a dashed line at that accuracy. ``metric`` plots another column of the
+    round rows instead (e.g. ``balanced_accuracy``).
     """
     if not paths:
         raise ValueError("give at least one run folder or results.json to plot")
     files = list(dict.fromkeys(RunDir.results_of(p).resolve() for p in paths))
     loaded = [load_results(p) for p in files]  # a run given twice (folder and file) is one run
     for path, results in zip(files, loaded, strict=True):
-        require_metric(results, path)  # never an empty figure
+        require_metric(results, path, metric)  # never an empty figure
     groups = [[loaded[i] for i in idx] for idx in group_by_experiment(loaded)]
     labels = [run_label(g[0]) for g in groups]
     if len(set(labels)) < len(labels):  # same name/strategy/method/quantization: name what differs
         labels = group_labels([experiment_config(g[0]["config"]) for g in groups])
-    return plot_groups(list(zip(labels, groups, strict=True)), out, title, total_bytes=total_bytes, target=target)
+    return plot_groups(
+        list(zip(labels, groups, strict=True)), out, title, metric=metric, total_bytes=total_bytes, target=target
+    )
 
 
 def plot_groups(

@@ -46,6 +46,12 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(
         cfg.data.num_val_examples >= 0, "data.num-val-examples", ">= 0 (0 = no validation)", cfg.data.num_val_examples
     )
+    _check(
+        not cfg.data.balanced_train or cfg.data.num_train_examples > 0,
+        "data.num-train-examples",
+        "> 0 with data.balanced-train = true (how many balanced training rows to draw)",
+        cfg.data.num_train_examples,
+    )
     _check(cfg.data.max_seq_len >= 8, "data.max-seq-len", ">= 8", cfg.data.max_seq_len)
     _check(cfg.partition.num_partitions >= 1, "partition.num-partitions", ">= 1", cfg.partition.num_partitions)
     _check(cfg.partition.alpha > 0, "partition.alpha", "> 0", cfg.partition.alpha)
@@ -348,6 +354,12 @@ def _validate_task(cfg: ExperimentConfig) -> None:
         task.num_sample_generations,
     )
     _check(task.max_new_tokens >= 1, "task.max-new-tokens", ">= 1", task.max_new_tokens)
+    _check(
+        task.num_generate_eval >= -1,
+        "task.num-generate-eval",
+        ">= -1 (-1 = exact match on every held-out prompt, 0 = none)",
+        task.num_generate_eval,
+    )
     if task.kind != "causal-lm":
         _check(
             cfg.data.dataset != "embedded-dialog",
@@ -384,11 +396,18 @@ def _validate_task(cfg: ExperimentConfig) -> None:
         cfg.simulation.cohort_batched,
     )
     _check(
-        cfg.data.num_val_examples == 0,
+        cfg.data.num_val_examples == 0 or cfg.data.dataset == "embedded",
         "data.num-val-examples",
-        "0 with task.kind='causal-lm' (the validation carve covers classification data only so far; "
-        "hold out rows in your own file instead)",
+        "0 with task.kind='causal-lm' on instruction data (the validation carve covers classification data and "
+        "the embedded snippets only so far; hold out rows in your own file instead)",
         cfg.data.num_val_examples,
+    )
+    _check(
+        not cfg.data.balanced_train or cfg.data.dataset == "embedded",
+        "data.balanced-train",
+        "false with task.kind='causal-lm' on instruction data (balancing needs labels: the embedded snippets "
+        "as instructions, or classification data)",
+        cfg.data.balanced_train,
     )
     _check(
         cfg.evaluate.fraction_clients == 0,

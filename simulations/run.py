@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("runs", nargs="+", help="run folders or results.json files")
     plot.add_argument("--out", required=True, help="PNG to write")
     plot.add_argument("--title")
+    plot.add_argument(
+        "--metric", default="accuracy", help="round column to plot (default accuracy; e.g. balanced_accuracy)"
+    )
     plot.add_argument("--total-bytes", action="store_true", help="add a panel: accuracy vs uplink + downlink bytes")
     plot.add_argument(
         "--target", type=float, help="accuracy target: draw it and print the bytes each run needed to reach it"
@@ -95,7 +98,16 @@ def _run_command(args: argparse.Namespace, argv: list[str]) -> int:
         from fedpeft.plot import plot_runs, target_table  # matplotlib: only when plotting
 
         _check_plot_args(args)
-        print(plot_runs(args.runs, args.out, title=args.title, total_bytes=args.total_bytes, target=args.target))
+        print(
+            plot_runs(
+                args.runs,
+                args.out,
+                title=args.title,
+                total_bytes=args.total_bytes,
+                target=args.target,
+                metric=args.metric,
+            )
+        )
         if args.target is not None:
             print(target_table(args.runs, args.target))
         return 0

@@ -218,6 +218,8 @@ CASES = [
      ["nodir", "create it first"]),
     ("plot-out-bad-suffix", lambda t: ["plot", str(_earlier_run(t)), "--out", str(t / "p.txt")],
      ["p.txt", "must end in .png"]),
+    ("plot-metric-absent", lambda t: ["plot", str(_earlier_run(t)), "--out", str(t / "p.png"), "--metric", "f1"],
+     ["no 'f1' in any round", "its rows have: accuracy"]),
     ("plot-target-impossible", lambda t: ["plot", str(_earlier_run(t)), "--out", str(t / "p.png"), "--target", "1.5"],
      ["--target 1.5", "pass a value in (0, 1]"]),
 ]  # fmt: skip

@@ -78,17 +78,33 @@ def test_a_multi_token_label_word_scores_the_sum_of_its_token_log_probs(task):
 def test_one_shared_prefill_equals_plain_forwards_and_generate(task):
     from fedpeft import adapters
     from fedpeft.lm_batches import encode_rows
-    from fedpeft.lm_eval import label_word_ids, prefill_scores, reference_scores
+    from fedpeft.lm_eval import label_word_ids, prefill_scores, reference_scores, shared_prefix_length
 
     adapters.set_adapter_state(task.model, task.initial_state)
     rows = encode_rows(task.tokenizer, task.splits.test[:10], 96)
     words = label_word_ids(task.tokenizer, ("positive", "rotten"))
+    prompts = [r["input_ids"][: r["labels"].index(next(t for t in r["labels"] if t != -100))] for r in rows]
+    assert shared_prefix_length(prompts) > 30  # system turn + instruction: encoded once, its cache reused
     fast = prefill_scores(task.model, task.tokenizer, rows, words, max_new_tokens=5, batch_size=4)
     ref = reference_scores(task.model, task.tokenizer, rows, words, max_new_tokens=5, batch_size=4)
     assert torch.allclose(fast.loss_sums, ref.loss_sums, atol=1e-3)
     assert torch.equal(fast.token_counts, ref.token_counts)
     assert torch.allclose(fast.word_scores, ref.word_scores, atol=1e-3)
+    assert torch.equal(fast.word_scores.argmax(1), ref.word_scores.argmax(1))  # the same label-word predictions
     assert fast.replies == ref.replies
+    some = prefill_scores(task.model, task.tokenizer, rows, words, max_new_tokens=5, batch_size=4, num_generate=6)
+    assert some.replies == ref.replies[:6]  # a batch cut in the middle decodes its first rows only
+    assert torch.equal(some.word_scores, fast.word_scores)
+
+
+def test_the_shared_prefix_stops_at_the_first_difference_and_leaves_each_prompt_a_token():
+    from fedpeft.lm_eval import shared_prefix_length
+
+    assert shared_prefix_length([[1, 2, 3, 9], [1, 2, 4]]) == 2
+    assert shared_prefix_length([[1, 2], [1, 2, 3]]) == 1  # the shorter prompt keeps its last token
+    assert shared_prefix_length([[5, 6, 7]]) == 2
+    assert shared_prefix_length([[1], [2]]) == 0
+    assert shared_prefix_length([]) == 0
 
 
 def test_parse_label_takes_the_first_label_word_in_the_reply():
@@ -145,6 +161,46 @@ def test_evaluation_reports_label_accuracy_exact_match_perplexity_and_samples(ta
     assert scores["perplexity"] == pytest.approx(math.exp(scores["loss"]))
     assert len(scores["per_class_accuracy"]) == 2
     assert [g["target"] for g in scores["generations"]] == [ex.response for ex in task.splits.test[:2]]
+
+
+def test_exact_match_on_the_first_prompts_only_leaves_label_word_accuracy_on_all(task):
+    from fedpeft import adapters
+    from fedpeft.lm_eval import evaluate_lm, parse_label
+
+    adapters.set_adapter_state(task.model, task.initial_state)
+    kw = {"label_words": ("positive", "negative"), "max_seq_len": 96, "batch_size": 4, "max_new_tokens": 4}
+    every = evaluate_lm(task.model, task.tokenizer, task.splits.test, num_samples=5, **kw)
+    first5 = evaluate_lm(task.model, task.tokenizer, task.splits.test, num_samples=5, num_generate=5, **kw)
+    assert first5["accuracy"] == every["accuracy"] and first5["loss"] == pytest.approx(every["loss"])
+    assert first5["generations"] == every["generations"]
+    hits = [
+        parse_label(g["reply"], kw["label_words"]) == ex.label
+        for g, ex in zip(first5["generations"], task.splits.test[:5], strict=True)
+    ]
+    assert first5["exact_match"] == pytest.approx(sum(hits) / 5)
+    none = evaluate_lm(task.model, task.tokenizer, task.splits.test, num_samples=0, num_generate=0, **kw)
+    assert none["exact_match"] is None and none["accuracy"] == every["accuracy"] and none["generations"] == []
+
+
+def test_validation_rows_of_the_snippets_are_scored_like_test_without_generating(task):
+    from fedpeft.lm_task import HeldOutExamples
+    from fedpeft.tasks import load_task
+
+    carved = load_task(tiny_lm_config(**{"data.num-val-examples": 12, "data.balanced-train": True}))
+    loader = carved.validation_loader()
+    assert isinstance(loader, HeldOutExamples) and len(loader.examples) == 12
+    assert task.validation_loader() is None
+    assert [ex.label for ex in carved.splits.train].count(0) == 24  # 48 balanced rows
+    assert not {ex.messages[0]["content"] for ex in loader.examples} & {
+        ex.messages[0]["content"] for ex in carved.splits.train
+    }
+    val = carved.evaluate(carved.initial_state, loader)
+    assert val["num_examples"] == 12.0 and val["exact_match"] is None and val["generations"] == []
+    assert abs(val["accuracy"] * 12 - round(val["accuracy"] * 12)) < 1e-9 and val["balanced_accuracy"] is not None
+    with pytest.raises(ConfigError, match="data.num-val-examples"):
+        tiny_lm_config(**{"data.num-val-examples": 12, "data.dataset": "embedded-dialog"})
+    with pytest.raises(ConfigError, match="data.balanced-train"):
+        tiny_lm_config(**{"data.balanced-train": True, "data.dataset": "embedded-dialog"})
 
 
 @pytest.mark.parametrize(

@@ -195,3 +195,4 @@ def test_fedpeft_plot_draws_a_band_for_seeds_of_one_group_and_a_line_for_a_singl
     paths = [sweep / "lr-0.01" / "seed-0", sweep / "lr-0.01" / "seed-1", sweep / "lr-0.1" / "seed-0"]
     out = plot_runs(paths, tmp_path / "bands.png", total_bytes=True, target=0.7)
     assert out.stat().st_size > 10_000
+    assert plot_runs(paths, tmp_path / "balanced.png", metric="balanced_accuracy").stat().st_size > 10_000

@@ -60,6 +60,27 @@ def test_a_validation_split_larger_than_the_pool_is_a_config_error_naming_the_fi
         load_splits(DataConfig(num_train_examples=12_400, num_test_examples=100, num_val_examples=500))
 
 
+def test_a_balanced_training_draw_takes_the_first_rows_of_each_label_in_pool_order():
+    plain = load_splits(DataConfig(num_train_examples=0, num_test_examples=100))
+    cfg = DataConfig(num_train_examples=301, num_test_examples=100, balanced_train=True)
+    balanced = load_splits(cfg)
+    assert np.bincount(balanced.train.labels).tolist() == [151, 150]  # the odd row goes to label 0
+    pool = list(zip(plain.train.texts, plain.train.labels.tolist(), strict=True))
+    firsts = {0: set([t for t, y in pool if y == 0][:151]), 1: set([t for t, y in pool if y == 1][:150])}
+    expected = [t for t, y in pool if t in firsts[y]]  # pool order kept
+    assert list(balanced.train.texts) == expected
+    assert balanced.test.texts == plain.test.texts
+    # validation comes from the rows the balanced draw skipped, and the draw does not move with it
+    carved = load_splits(
+        DataConfig(num_train_examples=301, num_test_examples=100, num_val_examples=60, balanced_train=True)
+    )
+    assert carved.train.texts == balanced.train.texts and not set(carved.validation.texts) & set(carved.train.texts)
+    with pytest.raises(ConfigError, match=r"data.balanced-train needs 6000 rows of each label.*num-train-examples <="):
+        load_splits(DataConfig(num_train_examples=12_000, num_test_examples=100, balanced_train=True))
+    with pytest.raises(ConfigError, match=r"data.num-train-examples.*> 0 with data.balanced-train"):
+        ExperimentConfig.from_flat({"data.balanced-train": True, "data.num-train-examples": 0})
+
+
 def test_a_negative_validation_size_is_refused_at_config_time():
     with pytest.raises(ConfigError, match="data.num-val-examples"):
         ExperimentConfig.from_flat({"data.num-val-examples": -5})
