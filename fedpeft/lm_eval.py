@@ -156,7 +156,7 @@ def prefill_scores(
     token of each label word and for greedy decoding. Positions come from the attention mask
     (left padding would otherwise shift them). Equal, up to float rounding, to the plain
     forwards of :func:`label_word_scores` and :func:`greedy_replies` (tested); not for prompt
-    tuning, whose virtual tokens peft prepends on every call.
+    tuning, whose virtual tokens peft prepends on every call, nor for LST (no KV cache).
     """
     device, pad_id, eos = _device(model), tokenizer.pad_token_id, tokenizer.eos_token_id
     loss_sums, counts, word_scores, replies = [], [], [], []
@@ -278,6 +278,12 @@ def _is_prompt_learning(model: nn.Module) -> bool:
     return bool(getattr(cfg, "is_prompt_learning", False))
 
 
+def _is_lst(model: nn.Module) -> bool:
+    from fedpeft.lst import LSTModel
+
+    return isinstance(model, LSTModel)
+
+
 @torch.no_grad()
 def evaluate_lm(
     model: nn.Module,
@@ -301,7 +307,8 @@ def evaluate_lm(
     model.eval()
     rows = encode_rows(tokenizer, examples, max_seq_len)
     words = label_word_ids(tokenizer, label_words) if label_words else []
-    score = reference_scores if _is_prompt_learning(model) else prefill_scores
+    # LST's side network keeps no KV cache (fedpeft/lst_lm.py): plain forwards and its own greedy loop.
+    score = reference_scores if _is_prompt_learning(model) or _is_lst(model) else prefill_scores
     result = score(model, tokenizer, rows, words, max_new_tokens=max_new_tokens, batch_size=batch_size)
     loss = float(result.loss_sums.sum()) / max(int(result.token_counts.sum()), 1)
     scores: dict = {
