@@ -39,8 +39,12 @@ def inject_adapters(model: nn.Module, cfg: PeftConfig, seed: int = 0, *, causal_
     """
     head_root: str | None = None
     if causal_lm:
+        if cfg.method == "lst":  # side network + frozen tied embeddings as its output (fedpeft/lst_lm.py)
+            from fedpeft.lst_lm_build import build_lst_lm
+
+            return build_lst_lm(model, cfg)
         if cfg.method not in PEFT_LIBRARY_METHODS:
-            raise ConfigError(f"peft.method={cfg.method!r} cannot train a causal LM; use lora, ia3 or prompt")
+            raise ConfigError(f"peft.method={cfg.method!r} cannot train a causal LM; use lora, ia3, prompt or lst")
     else:
         head_name, head = head_module(model)
         head_root = head_name.split(".")[0]

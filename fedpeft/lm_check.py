@@ -48,10 +48,25 @@ def check_causal_lm_experiment(cfg: ExperimentConfig, report):
             f"data.max-seq-len={cfg.data.max_seq_len} is more than the {max_positions} positions of "
             f"{cfg.model.name!r}; set data.max-seq-len <= {max_positions}"
         )
-    with torch.device("meta"):
-        meta_model = AutoModelForCausalLM.from_config(config)
-    peft_model = adapters.inject_adapters(meta_model, lm_peft_config(cfg.peft), seed=cfg.seed, causal_lm=True)
-    trainable = adapters.num_trainable(peft_model)
+    lst_line = None
+    if cfg.peft.method == "lst":  # counted from the plan: pruning reads weights, which the meta device has not
+        from fedpeft.lst_lm_build import lm_memory_summary, plan_lm
+
+        plan = plan_lm(cfg.peft, config)
+        trainable = plan.num_params()
+        lst_line = lm_memory_summary(
+            plan,
+            batch_size=cfg.train.batch_size,
+            max_seq_len=cfg.data.max_seq_len,
+            optimizer=cfg.train.optimizer,
+            vocab=config.vocab_size,
+        )
+        lst_line += f", budget train.lst-store-mb={cfg.train.lst_store_mb}"
+    else:
+        with torch.device("meta"):
+            meta_model = AutoModelForCausalLM.from_config(config)
+        peft_model = adapters.inject_adapters(meta_model, lm_peft_config(cfg.peft), seed=cfg.seed, causal_lm=True)
+        trainable = adapters.num_trainable(peft_model)
     tokenizer = load_lm_tokenizer(path)
     words = splits.label_words
     if words:
@@ -67,4 +82,6 @@ def check_causal_lm_experiment(cfg: ExperimentConfig, report):
         f"{cfg.peft.method}: {size_summary(cfg, trainable, {})}; quantization {cfg.model.quantization}",
         f"partitions: {len(sizes)}, sizes {min(sizes)}..{max(sizes)}",
     ]
+    if lst_line:
+        report.summary.append(lst_line)
     return report

@@ -179,7 +179,7 @@ def prefill_scores(
     ``num_generate`` rows only (None: all): each decoding step is a forward of the whole
     model, and exact match on a subset is what a reader needs. Equal, up to float rounding,
     to the plain forwards of :func:`label_word_scores` and :func:`greedy_replies` (tested);
-    not for prompt tuning, whose virtual tokens peft prepends on every call.
+    not for prompt tuning, whose virtual tokens peft prepends on every call, nor for LST (no KV cache).
     """
     device, pad_id = _device(model), tokenizer.pad_token_id
     cuts = [_first_target(r["labels"]) for r in rows]
@@ -344,6 +344,12 @@ def _is_prompt_learning(model: nn.Module) -> bool:
     return bool(getattr(cfg, "is_prompt_learning", False))
 
 
+def _is_lst(model: nn.Module) -> bool:
+    from fedpeft.lst import LSTModel
+
+    return isinstance(model, LSTModel)
+
+
 @torch.no_grad()
 def evaluate_lm(
     model: nn.Module,
@@ -368,7 +374,8 @@ def evaluate_lm(
     model.eval()
     rows = encode_rows(tokenizer, examples, max_seq_len)
     words = label_word_ids(tokenizer, label_words) if label_words else []
-    score = reference_scores if _is_prompt_learning(model) else prefill_scores
+    # LST's side network keeps no KV cache (fedpeft/lst_lm.py): plain forwards and its own greedy loop.
+    score = reference_scores if _is_prompt_learning(model) or _is_lst(model) else prefill_scores
     n_match = len(rows) if num_generate < 0 else min(num_generate, len(rows))
     result = score(
         model,

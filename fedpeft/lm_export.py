@@ -1,8 +1,8 @@
 """Export of a federated causal-LM adapter, reloading it, generating with it, and a merged copy.
 
 The adapter folder is peft's own ``CAUSAL_LM`` format (``PeftModel.from_pretrained(base,
-folder)`` loads it) plus the tokenizer and ``fedpeft_model.json``, which says how to rebuild
-the base: the embedded SmolLM2 GGUF (package, file, install command; fedpeft/causal_lm.py
+folder)`` loads it), or for LST the side network's own (fedpeft/lst_export.py), plus the
+tokenizer and ``fedpeft_model.json``, which says how to rebuild the base: the embedded SmolLM2 GGUF (package, file, install command; fedpeft/causal_lm.py
 converts it) or the user's HF id / folder, and the quantization it was trained on. peft's own
 ``base_model_name_or_path`` holds the folder the base was loaded from (for the embedded model,
 this machine's conversion cache).
@@ -40,7 +40,12 @@ def export_lm_adapter(model: nn.Module, tokenizer, out_dir: str | Path, cfg: Exp
     """Write the trained adapter (peft format), the tokenizer and ``fedpeft_model.json`` to ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), selected_adapters=["default"])
+    if cfg.peft.method == "lst":  # not a peft adapter: the side network's own format (fedpeft/lst_export.py)
+        from fedpeft.lst_export import export_lst
+
+        export_lst(model, out, model_cfg=cfg.model)
+    else:
+        model.save_pretrained(str(out), selected_adapters=["default"])
     tokenizer.save_pretrained(str(out))
     meta = {
         "task": "causal-lm",
@@ -82,7 +87,12 @@ def load_lm_export(adapter_dir: str | Path, *, quantization: str | None = None, 
     if device is not None:
         fields["device"] = device
     base = load_causal_lm(ModelConfig(**fields))
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    if meta["method"] == "lst":
+        from fedpeft.lst_export import load_lst_causal_lm
+
+        model = load_lst_causal_lm(adapter_dir, base)
+    else:
+        model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     return model, load_lm_tokenizer(str(Path(adapter_dir).resolve()))
 
 
@@ -106,6 +116,11 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     meta = read_export_meta(adapter_dir)
     if meta["method"] == "prompt":
         raise ConfigError("a prompt-tuning adapter cannot be merged into weights; load it with PeftModel instead")
+    if meta["method"] == "lst":
+        raise ConfigError(
+            "an LST side network cannot be merged into the backbone's weights (it is a second network beside it); "
+            "load it with fedpeft.lm_export.load_lm_export or use fedpeft generate without --save-merged"
+        )
     model, tokenizer = load_lm_export(adapter_dir, quantization="none", device="cpu")
     merged = model.merge_and_unload()
     out = Path(out_dir)

@@ -250,6 +250,10 @@ class LSTModel(nn.Module):
         self.backbone.eval()
         return self
 
+    def side_logits(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The side network's logits on ladder inputs (stored or computed); the causal LM adds its tied head."""
+        return self.side(states, attention_mask)
+
     def forward(
         self,
         input_ids: torch.Tensor,

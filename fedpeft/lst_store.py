@@ -127,7 +127,7 @@ class ActivationStore:
 
         def logits(batch: dict[str, torch.Tensor]) -> torch.Tensor:
             states = batch_ladder_states(model, batch, lambda ids, tt: self.fetch(model, ids, tt))
-            return model.side(states, batch["attention_mask"].to(states.device))
+            return model.side_logits(states, batch["attention_mask"].to(states.device))
 
         return logits
 

@@ -335,7 +335,8 @@ CLASSIFIER_ONLY = {
 }
 # What a causal LM can train here: Llama's layers have no biases (BitFit has nothing to train), the LM head is tied
 # to the input embeddings and stays frozen ("head" would train nothing), and "full" is not wired for causal LMs.
-CAUSAL_LM_METHODS = ("lora", "ia3", "prompt")
+# LST's side network reads the backbone and writes through the frozen tied head (fedpeft/lst_lm.py).
+CAUSAL_LM_METHODS = ("lora", "ia3", "prompt", "lst")
 
 
 def _validate_task(cfg: ExperimentConfig) -> None:
