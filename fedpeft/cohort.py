@@ -33,6 +33,7 @@ from torch import nn
 from fedpeft import adapters
 from fedpeft.batches import cycle_batches
 from fedpeft.grouped import CohortHead, CohortLoraLinear, CohortStep, Segments, swapped_modules
+from fedpeft.logit_adjust import label_log_prior
 from fedpeft.rng import derive_seed
 from fedpeft.task import Task
 from fedpeft.train import TrainResult, build_param_optimizer, forward_logits, planned_steps
@@ -62,6 +63,7 @@ class ClientRun:
     batches: Iterator[dict[str, torch.Tensor]]
     losses: list[float] = field(default_factory=list)
     num_examples: int = 0
+    logit_offset: torch.Tensor | None = None  # train.logit-adjust * log(label prior), fedpeft/logit_adjust.py
 
     def result(self) -> tuple[adapters.State, TrainResult]:
         """(delta, TrainResult) as ``Task.local_update`` reports them."""
@@ -192,7 +194,11 @@ def train_batched(task: Task, jobs: list[Job]) -> list[ClientRun]:
         loader = task.train_loader(task.client_rows(pid), rnd, pid)
         batches = itertools.islice(cycle_batches(loader), planned_steps(len(loader), cfg.train))
         optimizer = build_param_optimizer(list(params.values()), cfg.train)
-        clients.append(ClientRun(pid, rnd, state, params, optimizer, batches))
+        offset = None
+        if cfg.train.logit_adjust != 0:
+            rows = task.client_rows(pid)
+            offset = cfg.train.logit_adjust * label_log_prior(rows.labels, len(rows.label_names)).to(device)
+        clients.append(ClientRun(pid, rnd, state, params, optimizer, batches, logit_offset=offset))
     step = CohortStep()
     swaps = _cohort_modules(model, sites, clients, step)
     pad_id = task.tokenizer.pad_token_id or 0
@@ -234,6 +240,9 @@ def _train_step(model: nn.Module, clients: list[ClientRun], step: CohortStep, pa
     for i in step.active:
         clients[i].optimizer.zero_grad(set_to_none=True)
     logits = forward_logits(model, batch)
+    if clients[step.active[0]].logit_offset is not None:  # each row gets its own client's offset
+        offsets = torch.stack([clients[i].logit_offset for i in step.active])
+        logits = logits.float() + offsets[step.segments.client]
     per_row = F.cross_entropy(logits.float(), batch["labels"].to(logits.device), reduction="none")
     sums = per_row.new_zeros(len(counts)).index_add(0, step.segments.client, per_row)
     losses = sums / torch.tensor(counts, dtype=sums.dtype, device=sums.device)

@@ -167,6 +167,9 @@ class TrainConfig:
     # FedProx (Li et al. 2020): mu of the proximal term mu/2 ||w - w_global||^2 over the trained PEFT tensors,
     # sent by the strategy in each train message (fedpeft/drift.py); 0 = off (plain local steps)
     prox_mu: float = 0.0
+    # Logit adjustment against label skew (fedpeft/logit_adjust.py): local training's loss sees
+    # logits + tau * log(client label prior); evaluation the raw logits. 0 = off
+    logit_adjust: float = 0.0
     # LST: budget of one client's stored ladder inputs (fedpeft/lst_store.py); beyond it they are recomputed
     lst_store_mb: int = 1024
 

@@ -117,7 +117,8 @@ class Task:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         adapters.set_adapter_state(self.model, global_state)
-        loader = self.train_loader(self.client_rows(partition_id, data_path), round_, partition_id)
+        rows = self.client_rows(partition_id, data_path)
+        loader = self.train_loader(rows, round_, partition_id)
         hook = None
         if correction is not None:
             hook = gradient_hook(adapters.trainable_parameters(self.model), global_state, correction)
@@ -125,6 +126,8 @@ class Task:
         if store is not None:  # the first round computes every row's ladder inputs; later ones find them all
             store.fill(self.model, loader)
         logits_fn = store.logits_fn(self.model) if store is not None else self.logits_fn()
+        if self.cfg.train.logit_adjust != 0:  # local loss only; evaluation keeps the raw logits
+            logits_fn = self._adjusted(logits_fn, rows)
         if self.cfg.dp.mode == "sample":
             from fedpeft.privacy import train_local_private
 
@@ -155,6 +158,15 @@ class Task:
         if device.type == "cuda":
             result = dataclasses.replace(result, peak_cuda_bytes=int(torch.cuda.max_memory_allocated(device)))
         return delta, result
+
+    def _adjusted(self, logits_fn, rows: data.TextData):
+        """``logits_fn`` (None: the full forward) plus ``train.logit-adjust`` * log(the rows' label prior)."""
+        from fedpeft.logit_adjust import adjusted_logits_fn, label_log_prior
+        from fedpeft.train import forward_logits
+
+        forward = logits_fn if logits_fn is not None else (lambda batch: forward_logits(self.model, batch))
+        log_prior = label_log_prior(rows.labels, len(self.splits.train.label_names))
+        return adjusted_logits_fn(forward, log_prior, self.cfg.train.logit_adjust)
 
     def client_ranks(self) -> list[int]:
         """Every partition's LoRA rank, from ``clients.rank-profile`` (fedpeft/ranks.py)."""

@@ -134,8 +134,36 @@ def validate(cfg: ExperimentConfig) -> None:
         cfg.simulation.cohort_size,
     )
     _validate_drift(cfg)
+    _validate_logit_adjust(cfg)
     _validate_byzantine(cfg)
     _validate_evaluate(cfg)
+
+
+def _validate_logit_adjust(cfg: ExperimentConfig) -> None:
+    # The adjusted loss (fedpeft/logit_adjust.py) offsets a classifier's logits in first-order local training.
+    tau = cfg.train.logit_adjust
+    _check(tau >= 0, "train.logit-adjust", ">= 0 (0 = off; 1 = Menon et al.'s logit-adjusted loss)", tau)
+    if tau == 0:
+        return
+    _check(
+        cfg.task.kind == "classification",
+        "train.logit-adjust",
+        "0 with task.kind='causal-lm' (it offsets a classifier's class logits; a causal LM has none)",
+        tau,
+    )
+    _check(
+        cfg.strategy.name != "spsa",
+        "train.logit-adjust",
+        "0 with strategy.name='spsa' (SPSA's zeroth-order loss is not adjusted)",
+        tau,
+    )
+    _check(
+        cfg.dp.mode != "sample",
+        "train.logit-adjust",
+        "0 with dp.mode='sample' (the offset reads all of a client's labels, which DP-SGD's per-record "
+        "accounting does not cover; dp.mode='client' protects whole clients and allows it)",
+        tau,
+    )
 
 
 def _validate_drift(cfg: ExperimentConfig) -> None:
