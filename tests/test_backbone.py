@@ -55,15 +55,23 @@ def _fingerprint(delta):
 
 
 def test_two_clients_in_one_process_match_two_fresh_processes():
-    task = load_task(tiny_config())
-    in_process = [_fingerprint(task.local_update(task.initial_state, pid, 1)[0]) for pid in (0, 1)]
-    fresh = []
-    for pid in (0, 1):
-        root = __import__("pathlib").Path(__file__).resolve().parents[1]
-        out = subprocess.run(
-            [sys.executable, "-c", _CHILD, str(pid)], capture_output=True, text=True, check=True, cwd=root
-        )
-        fresh.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    # the fresh processes start first and run while this one trains (CI has two cores)
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "cwd": root}
+    children = [subprocess.Popen([sys.executable, "-c", _CHILD, str(pid)], **pipes) for pid in (0, 1)]
+    try:
+        task = load_task(tiny_config())
+        in_process = [_fingerprint(task.local_update(task.initial_state, pid, 1)[0]) for pid in (0, 1)]
+        fresh = []
+        for child in children:
+            out, err = child.communicate(timeout=600)
+            assert child.returncode == 0, err[-2000:]
+            fresh.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
     assert in_process[0] != in_process[1]
     assert in_process == fresh
 
