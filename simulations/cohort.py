@@ -104,11 +104,6 @@ def unpack(packed: RecordDict) -> dict[int, RecordDict]:
     return out
 
 
-def is_cohort(content: RecordDict) -> bool:
-    """Whether a message carries a packed cohort."""
-    return COHORT_KEY in content.config_records
-
-
 def error_record(reason: str) -> RecordDict:
     """One client's failure inside a cohort reply: its own reason (``"<ExceptionType>: <message>"``)."""
     return RecordDict({ERROR_KEY: ConfigRecord({"reason": reason})})

@@ -29,11 +29,11 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedpeft.config import ConfigError, ExperimentConfig
 from simulations.cohort import (
+    COHORT_KEY,
     WORKER_KEY,
     NoReply,
     cohort_partitions,
     error_record,
-    is_cohort,
     num_workers,
     pack,
     unpack,
@@ -89,7 +89,7 @@ def cohort_mod(overrides: dict[str, Any], *, per_client_mods: bool = False):
 
         cfg = experiment_config(context, overrides)
         content = msg.content
-        if not is_cohort(content):
+        if COHORT_KEY not in content.config_records:  # one client's message (or the worker handshake)
             if "config" in content.config_records and content["config"].get("query") == "partition-ids":
                 partitions = worker_partitions(context, cfg)  # CohortGrid.discover's handshake
                 return Message(RecordDict({"config": ConfigRecord({"partition-ids": partitions})}), reply_to=msg)

@@ -8,7 +8,7 @@ from fedpeft.choices import FAULT_KINDS
 from fedpeft.results import load_results
 from simulations.cohort import cohort_partitions, num_workers, pack, unpack
 from simulations.inprocess import run_in_process
-from tests.helpers import tiny_config
+from tests.helpers import faulty_config, tiny_config
 from tests.same_numbers import drop_timings
 
 
@@ -81,21 +81,12 @@ def test_a_batched_cohort_run_trains_every_client_and_meters_each_as_if_alone(tm
 def test_faults_inside_a_cohort_are_recorded_exactly_as_on_one_client_nodes(tmp_path):
     # seed 2's plan (simulations/faults.py planned_fault), partition by partition:
     # round 1: 1 crash, 2 hang; round 2: 0 and 2 sign-flip; round 3: 1 sign-flip, 2 metrics; round 4: 1 slow, 4 metrics, 5 nan
-    cfg = tiny_config(
+    cfg = faulty_config(
         **{
             "seed": 2,
             "num-rounds": 4,
             "partition.num-partitions": 6,
-            "partition.scheme": "iid",
-            "partition.min-partition-size": 4,
-            "peft.method": "head",
-            "train.local-steps": 1,
-            "train.batch-size": 4,
-            "data.max-seq-len": 16,
-            "data.num-test-examples": 32,
-            "faults.rate": 0.5,
             "faults.kinds": "crash,hang,nan,metrics,slow,sign-flip",
-            "faults.slow-s": 0.05,
             "simulation.round-timeout-s": 3.0,
         }
     )
