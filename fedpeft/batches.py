@@ -1,4 +1,4 @@
-"""Endless batches: the one loop first-order training, cohorts and SPSA all step through.
+"""Endless batches: the one loop first-order training, cohorts and SPSA all step through, and how many steps.
 
 A leaf (no imports) so ``zo.py``, which the SPSA strategy uses on the server, does not pull in the
 training stack to get it.
@@ -19,3 +19,9 @@ def cycle_batches(batches: Iterable) -> Iterator:
             yield batch
         if empty:
             raise ValueError("no batches to take local steps on (empty partition or data-path file?)")
+
+
+def planned_steps(num_batches: int, local_steps: int, local_epochs: int) -> int:
+    """Local steps a client takes per round: ``train.local-steps`` when set, else ``local-epochs`` passes
+    over ``num_batches`` batches (training and the privacy plan both count with this)."""
+    return local_steps if local_steps > 0 else local_epochs * num_batches

@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedpeft import adapters
-from fedpeft.batches import cycle_batches
+from fedpeft.batches import cycle_batches, planned_steps
 from fedpeft.grouped import CohortHead, CohortLoraLinear, CohortStep, Segments, swapped_modules
 from fedpeft.logit_adjust import label_log_prior
 from fedpeft.rng import derive_seed
 from fedpeft.task import Task
-from fedpeft.train import TrainResult, build_param_optimizer, forward_logits, planned_steps
+from fedpeft.train import TrainResult, build_param_optimizer, forward_logits
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,9 @@ def train_batched(task: Task, jobs: list[Job]) -> list[ClientRun]:
             for n in adapters.trainable_names(model)
         }
         loader = task.train_loader(task.client_rows(pid), rnd, pid)
-        batches = itertools.islice(cycle_batches(loader), planned_steps(len(loader), cfg.train))
+        batches = itertools.islice(
+            cycle_batches(loader), planned_steps(len(loader), cfg.train.local_steps, cfg.train.local_epochs)
+        )
         optimizer = build_param_optimizer(list(params.values()), cfg.train)
         offset = None
         if cfg.train.logit_adjust != 0:

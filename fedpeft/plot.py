@@ -135,6 +135,11 @@ def plot_groups(
     if title:
         fig.suptitle(title)
     fig.tight_layout(rect=(0, bottom, 1, 1))
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: str | Path) -> Path:
+    """Write ``fig`` to ``out`` (folders made, 120 dpi), close it, and return the path."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

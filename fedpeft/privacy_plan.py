@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedpeft.batches import planned_steps
 from fedpeft.config import ConfigError
 
 if TYPE_CHECKING:
@@ -88,11 +89,6 @@ def poisson_rate(num_examples: int, batch_size: int) -> float:
     return 1.0 / math.ceil(num_examples / batch_size)
 
 
-def local_steps_per_round(num_examples: int, batch_size: int, local_steps: int, local_epochs: int) -> int:
-    """Local steps a client takes per round (``train.local-steps``, else epochs x batches)."""
-    return local_steps if local_steps > 0 else local_epochs * math.ceil(num_examples / batch_size)
-
-
 def client_noise_multiplier(dp: DPConfig, *, num_examples: int, batch_size: int, steps_per_round: int, num_rounds: int):
     """``sigma`` for a client with ``num_examples`` rows: ``dp.noise-multiplier`` or planned from the target."""
     if dp.target_epsilon <= 0:
@@ -115,7 +111,7 @@ def sample_schedule(cfg: ExperimentConfig, num_examples: int) -> tuple[int, int]
     if cfg.strategy.name == "spsa":
         return cfg.spsa.batch_size, cfg.spsa.local_steps
     batch = cfg.train.batch_size
-    return batch, local_steps_per_round(num_examples, batch, cfg.train.local_steps, cfg.train.local_epochs)
+    return batch, planned_steps(math.ceil(num_examples / batch), cfg.train.local_steps, cfg.train.local_epochs)
 
 
 def sample_noise_multiplier(cfg: ExperimentConfig, num_examples: int) -> float:

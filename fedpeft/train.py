@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedpeft.backbone import compute_context
-from fedpeft.batches import cycle_batches
+from fedpeft.batches import cycle_batches, planned_steps
 from fedpeft.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -68,11 +68,6 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], logits_fn: Logi
     return F.cross_entropy(logits.float(), batch["labels"].to(logits.device))
 
 
-def planned_steps(num_batches: int, cfg: TrainConfig) -> int:
-    """``train.local-steps`` when set, else ``local-epochs`` passes over the loader."""
-    return cfg.local_steps if cfg.local_steps > 0 else cfg.local_epochs * num_batches
-
-
 def train_local(
     model: nn.Module,
     loader: torch.utils.data.DataLoader,
@@ -92,7 +87,7 @@ def train_local(
     backward and optimizer step (FedProx / SCAFFOLD terms, fedpeft/drift.py); None adds nothing.
     """
     optimizer = optimizer or build_optimizer(model, cfg)
-    steps = planned_steps(len(loader), cfg)
+    steps = planned_steps(len(loader), cfg.local_steps, cfg.local_epochs)
     losses: list[float] = []
     examples = 0
     model.train()

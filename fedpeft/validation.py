@@ -122,12 +122,6 @@ def validate(cfg: ExperimentConfig) -> None:
         cfg.faults.kinds,
     )
     _check(
-        cfg.faults.rate == 0 or cfg.simulation.cohort_size == 1,
-        "faults.rate",
-        "0 when simulation.cohort-size > 1 (faults are injected per one-client node)",
-        cfg.faults.rate,
-    )
-    _check(
         cfg.simulation.cohort_size >= 1,
         "simulation.cohort-size",
         ">= 1 (1 = one client per node)",
@@ -248,12 +242,6 @@ def _validate_byzantine(cfg: ExperimentConfig) -> None:
         faults.byzantine_fraction,
     )
     _check(faults.byzantine_scale > 0, "faults.byzantine-scale", "> 0", faults.byzantine_scale)
-    _check(
-        faults.byzantine_fraction == 0 or cfg.simulation.cohort_size == 1,
-        "faults.byzantine-fraction",
-        "0 when simulation.cohort-size > 1 (faults are injected per one-client node)",
-        faults.byzantine_fraction,
-    )
     _check(
         faults.byzantine_fraction == 0 or cfg.strategy.name != "spsa",
         "faults.byzantine-fraction",

@@ -11,9 +11,12 @@ round's per-client messages for the partitions of one worker into one Flower mes
 (each distinct ArrayRecord once, e.g. the global adapter FedAvg sends to everyone), and
 unpacks the worker's reply into one reply per client, so strategies and the metering grid
 outside it see exactly what they would see with one client per node: the byte ledger
-counts every client's own logical message as if sent alone. Client side, the ClientApp
-unpacks a cohort, runs every client's handler with that client's own state, and packs the
-replies (simulations/client_app.py). Deployment is unchanged: one device, one client.
+counts every client's own logical message as if sent alone. Client side, a Flower mod
+(simulations/cohort_worker.py) unpacks a cohort, calls the rest of the ClientApp once per
+client with that client's own context, and packs the replies; a client that gives no reply
+(:class:`NoReply`) is listed under ``no-reply`` and handed out here as the failure the
+strategy records for a client that timed out alone (``NO_REPLY``; the wait itself cannot
+end early otherwise: Flower's Grid has no "no reply" outcome). Deployment is unchanged: one device, one client.
 """
 
 from __future__ import annotations
@@ -24,16 +27,19 @@ import time
 import uuid
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
-from simulations.grids import DelegatingGrid
+from simulations.grids import DelegatingGrid, collect_replies
+from strategies.screening import NO_REPLY
 
 log = logging.getLogger(__name__)
 
 COHORT_KEY = "cohort"
 ERROR_KEY = "error"
+#: node-config key of a client's context inside a cohort worker (its value: the worker's index)
+WORKER_KEY = "cohort-worker"
 #: virtual node id of partition p (Flower's own node ids are random 63-bit integers)
 VIRTUAL_BASE = 1 << 40
 
@@ -53,8 +59,15 @@ def cohort_partitions(worker: int, num_partitions: int, cohort_size: int) -> lis
 # --- packing (both sides) ---------------------------------------------------------------
 
 
-def pack(contents: dict[int, RecordDict]) -> RecordDict:
-    """One RecordDict holding every client's records; an ArrayRecord shared by several is stored once."""
+class NoReply(Exception):  # noqa: N818 (an outcome, not an error: the client stays silent)
+    """Raised for a client of a cohort that gives no reply this round (an injected hang, simulations/faults.py)."""
+
+
+def pack(contents: dict[int, RecordDict], no_reply: Iterable[int] = ()) -> RecordDict:
+    """One RecordDict holding every client's records; an ArrayRecord shared by several is stored once.
+
+    ``no_reply`` lists clients that give no reply at all (a worker's reply only).
+    """
     packed = RecordDict()
     shared: dict[int, str] = {}
     refs: list[str] = []
@@ -70,6 +83,8 @@ def pack(contents: dict[int, RecordDict]) -> RecordDict:
     config = ConfigRecord({"partitions": list(contents)})
     if refs:  # Flower's records reject empty lists
         config["array-refs"] = refs
+    if no_reply := list(no_reply):
+        config["no-reply"] = no_reply
     packed[COHORT_KEY] = config
     return packed
 
@@ -89,40 +104,9 @@ def unpack(packed: RecordDict) -> dict[int, RecordDict]:
     return out
 
 
-def is_cohort(content: RecordDict) -> bool:
-    """Whether a message carries a packed cohort."""
-    return COHORT_KEY in content.config_records
-
-
-def error_record(err: BaseException) -> ConfigRecord:
-    """One client's failure inside a cohort reply: its own exception type and message."""
-    return ConfigRecord({"reason": f"{type(err).__name__}: {err}"})
-
-
-# --- client side: one context per simulated client ------------------------------------------
-
-
-def client_context(context: Context, pid: int, num_partitions: int) -> Context:
-    """Client ``pid``'s view of the worker's context: its own node config and state."""
-    prefix = f"c{pid}:"
-    state = RecordDict({k[len(prefix) :]: v for k, v in context.state.items() if k.startswith(prefix)})
-    node_config = {**dict(context.node_config), "partition-id": pid, "num-partitions": num_partitions}
-    return Context(
-        run_id=context.run_id,
-        node_id=context.node_id,
-        node_config=node_config,
-        state=state,
-        run_config=context.run_config,
-    )
-
-
-def save_client_state(context: Context, pid: int, client: Context) -> None:
-    """Write client ``pid``'s state back into the worker's context (prefixed keys)."""
-    prefix = f"c{pid}:"
-    for key in [k for k in context.state if k.startswith(prefix)]:
-        del context.state[key]
-    for key, value in client.state.items():
-        context.state[prefix + key] = value
+def error_record(reason: str) -> RecordDict:
+    """One client's failure inside a cohort reply: its own reason (``"<ExceptionType>: <message>"``)."""
+    return RecordDict({ERROR_KEY: ConfigRecord({"reason": reason})})
 
 
 # --- server side ---------------------------------------------------------------------------
@@ -201,18 +185,8 @@ class CohortGrid(DelegatingGrid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push, then poll until every client's reply is in or ``timeout`` passes."""
-        pending = set(self.push_messages(messages))
-        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
-        replies: list[Message] = []
-        while pending:
-            got = list(self.pull_messages(pending))
-            replies.extend(got)
-            pending -= {m.metadata.reply_to_message_id for m in got}
-            if pending and time.monotonic() < deadline:
-                time.sleep(0.1)
-            else:
-                break
-        return replies
+        messages = list(messages)
+        return collect_replies(self.pull_messages, set(self.push_messages(messages)), messages, timeout, 0.1)
 
     def _unpack_reply(self, reply: Message, group: list[Message]) -> None:
         if reply.has_error():  # the whole worker failed: every client in it did
@@ -220,9 +194,13 @@ class CohortGrid(DelegatingGrid):
                 self._ready[msg.metadata.message_id] = Message(reply.error, reply_to=msg)
             return
         contents = unpack(reply.content)
+        silent = set(reply.content[COHORT_KEY].get("no-reply", []))
         for msg in group:
-            content = contents.get(msg.metadata.dst_node_id - VIRTUAL_BASE)
-            if content is None:
+            pid = msg.metadata.dst_node_id - VIRTUAL_BASE
+            content = contents.get(pid)
+            if pid in silent:  # recorded as if it had timed out alone (the worker's reply did arrive)
+                out = Message(Error(code=ErrorCode.REPLY_MESSAGE_UNAVAILABLE, reason=NO_REPLY), reply_to=msg)
+            elif content is None:
                 out = Message(Error(code=ErrorCode.UNKNOWN, reason="missing from its worker's reply"), reply_to=msg)
             elif ERROR_KEY in content.config_records:
                 out = Message(

@@ -1,6 +1,8 @@
 """Fault injection: a Flower mod that makes simulated clients fail, from a seed, at a rate.
 
-Enabled by ``faults.rate > 0`` (fedpeft/config.py FaultsConfig). Which client-round fails,
+Enabled by ``faults.rate > 0`` (fedpeft/config.py FaultsConfig). The mod sees one client's
+message, on a one-client node or inside a cohort worker (simulations/cohort_worker.py calls it
+once per client). Which client-round fails,
 and how, is a pure function of (run seed, round, partition) (:func:`planned_fault`), so a
 test can list every fault it expects and check that the results record each one in its
 round: crashes and hangs as failed clients, corrupt deltas and absurd metrics as rejected
@@ -27,7 +29,7 @@ from flwr.app import Array, ArrayRecord, Context, Message
 
 from fedpeft.config import BYZANTINE_KINDS, FAULT_KINDS, ExperimentConfig
 from fedpeft.rng import numpy_rng
-from simulations.cohort import COHORT_KEY
+from simulations.cohort import WORKER_KEY, NoReply
 from simulations.node import experiment_config, partition_id
 
 log = logging.getLogger(__name__)
@@ -65,8 +67,8 @@ def fault_mod(overrides: dict):
     """A ClientApp mod injecting :func:`planned_fault` into train messages."""
 
     def mod(msg: Message, context: Context, call_next) -> Message:
-        if not msg.metadata.message_type.startswith("train") or COHORT_KEY in msg.content.config_records:
-            return call_next(msg, context)  # faults are injected per one-client node (the config enforces it)
+        if not msg.metadata.message_type.startswith("train"):
+            return call_next(msg, context)
         cfg = experiment_config(context, overrides)
         if not faults_enabled(cfg):
             return call_next(msg, context)
@@ -78,6 +80,9 @@ def fault_mod(overrides: dict):
         log.info("round %d partition %d: injecting fault %r", round_, pid, kind)
         if kind == "crash":
             raise RuntimeError(f"injected fault: crash (round {round_}, partition {pid})")
+        if kind == "hang" and WORKER_KEY in context.node_config:
+            # inside a cohort worker, sleeping past the timeout would silence every client of the worker
+            raise NoReply(f"injected fault: hang (round {round_}, partition {pid})")
         if kind in ("hang", "slow"):
             time.sleep(cfg.simulation.round_timeout_s + 0.5 if kind == "hang" else cfg.faults.slow_s)
         reply = call_next(msg, context)

@@ -73,6 +73,33 @@ def message_kind(msg: Message) -> str:
     return "setup"
 
 
+def collect_replies(
+    pull: Callable[[set[str]], Iterable[Message]],
+    pending: set[str],
+    sent: list[Message],
+    timeout: float | None,
+    interval_s: float,
+) -> list[Message]:
+    """Flower's push-then-poll wait: ``pull`` until every id in ``pending`` has its reply or ``timeout`` passes.
+
+    Written here (not Flower's ``send_and_receive``) so that a Ctrl-C (simulations/interrupt.py) ends the
+    wait within one poll interval and the round's progress line counts replies as they come.
+    """
+    progress = RoundProgress(total=len(sent), server_round=message_round(sent[0]) if sent else 0)
+    deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+    received: list[Message] = []
+    while pending:
+        check_stop()
+        got = list(pull(pending))
+        received.extend(got)
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        progress.add(len(got))
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(interval_s)
+    return received
+
+
 class MeteringGrid(DelegatingGrid):
     """Records every message sent and every reply received in ``ledger`` (see the module docstring).
 
@@ -105,30 +132,14 @@ class MeteringGrid(DelegatingGrid):
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Send, wait for replies, record both directions; SuperLink errors are re-attributed.
-
-        The wait is Flower's push-then-poll loop, written here so that a Ctrl-C
-        (simulations/interrupt.py) ends it within one poll interval instead of after
-        ``simulation.round-timeout-s``.
-        """
+        """Send, wait for replies (:func:`collect_replies`), record both directions; SuperLink errors are re-attributed."""
         check_stop()
         messages = list(messages)
         if not messages:
             return []
         self._record_sent(messages)
         pending = set(self.grid.push_messages(messages))
-        progress = RoundProgress(total=len(messages), server_round=message_round(messages[0]))
-        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
-        received: list[Message] = []
-        while pending:
-            check_stop()
-            got = list(self.grid.pull_messages(pending))
-            received.extend(got)
-            pending -= {m.metadata.reply_to_message_id for m in got}
-            progress.add(len(got))
-            if not pending or time.monotonic() >= deadline:
-                break
-            time.sleep(self.poll_interval_s)
+        received = collect_replies(self.grid.pull_messages, pending, messages, timeout, self.poll_interval_s)
         replies = self.attribute_superlink_errors(received, messages)
         self._record_received(replies, round_of={m.metadata.message_id: message_round(m) for m in messages})
         return replies

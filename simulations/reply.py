@@ -1,4 +1,4 @@
-"""The reply a first-order client sends: its delta, its metrics, and the contract (kind "delta").
+"""The replies a client sends: a first-order delta with its metrics and contract (kind "delta"), or its scores.
 
 A leaf module (fedpeft, flwr and the strategies' contract only) so the ClientApp's handlers, the
 cohort path and tests build replies without importing the ClientApp, which wires mods and
@@ -40,3 +40,15 @@ def delta_reply(task, pid: int, delta: dict, result, *, cpu_s: float | None = No
         for key in ("epsilon", "delta", "noise-multiplier", "sample-rate"):
             metrics[key if key == "epsilon" else f"dp-{key}"] = float(result.privacy[key])
     return RecordDict({"arrays": state_to_record(delta), "metrics": metrics, CONTRACT_KEY: contract_record(KIND_DELTA)})
+
+
+def eval_reply(pid: int, scores: dict) -> RecordDict:
+    """An evaluate reply: the client's scores of the global adapter on its own rows (``Task.evaluate``'s dict)."""
+    metrics = {
+        "num-examples": int(scores["num_examples"]),
+        "eval-loss": scores["loss"],
+        "eval-accuracy": scores["accuracy"],
+        "eval-balanced-accuracy": scores["balanced_accuracy"],
+        "partition-id": pid,
+    }
+    return RecordDict({"metrics": MetricRecord(metrics)})

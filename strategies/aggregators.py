@@ -94,8 +94,11 @@ class StatelessAggregator:
         """No state."""
 
 
-class _WholeAdapter(StatelessAggregator):
-    """Every client trains the whole global adapter; any ``n >= 1`` can be aggregated."""
+class WholeAdapter(StatelessAggregator):
+    """Every client trains the whole global adapter; any ``n >= 1`` can be aggregated.
+
+    Stateless; an aggregator that keeps something (strategies/memory.py) overrides the checkpoint hooks.
+    """
 
     def view_key(self, partition_id: int) -> Hashable:
         """One view for all."""
@@ -118,7 +121,7 @@ class _WholeAdapter(StatelessAggregator):
         return {}
 
 
-class Mean(_WholeAdapter):
+class Mean(WholeAdapter):
     """``sum_i w_i d_i / sum_i w_i`` (FedAvg) or, with ``num_clients``, ``sum_i w_i d_i / N`` (FedAU's over-N).
 
     Parameters
@@ -155,7 +158,7 @@ class Mean(_WholeAdapter):
         return Aggregate(update=update, coefficients=coefs, max_coefficient=max(coefs))
 
 
-class Median(_WholeAdapter):
+class Median(WholeAdapter):
     """The coordinate-wise median of the deltas (weights are not used)."""
 
     name = "median"
@@ -168,7 +171,7 @@ class Median(_WholeAdapter):
         return Aggregate(update=agg.coordinate_median(deltas), coefficients=[1.0 / n] * n, max_coefficient=None)
 
 
-class TrimmedMean(_WholeAdapter):
+class TrimmedMean(WholeAdapter):
     """Per coordinate, the mean after dropping the ``floor(beta n)`` largest and smallest values.
 
     Parameters
@@ -196,7 +199,7 @@ class TrimmedMean(_WholeAdapter):
         )
 
 
-class Krum(_WholeAdapter):
+class Krum(WholeAdapter):
     """Multi-Krum: the weighted mean of the ``m`` deltas with the lowest Krum scores.
 
     Parameters

@@ -27,12 +27,10 @@ bit-identical). Both weigh clients uniformly, as in their papers (``strategy.wei
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-
 import numpy as np
 
 from fedpeft.state import State
-from strategies.aggregators import Aggregate
+from strategies.aggregators import Aggregate, WholeAdapter
 
 Memory = dict[int, State]
 
@@ -93,7 +91,7 @@ def memory_from_arrays(arrays: dict[str, np.ndarray]) -> Memory:
     return memory
 
 
-class _MemoryAggregator:
+class _MemoryAggregator(WholeAdapter):
     """Shared wiring of MIFA and FedVarp: the whole adapter travels, any ``n >= 1`` aggregates."""
 
     name = "memory"
@@ -105,22 +103,6 @@ class _MemoryAggregator:
             raise ValueError(f"num_clients must be >= 1, got {num_clients}")
         self.num_clients = num_clients
         self.memory: Memory = {}
-
-    def view_key(self, partition_id: int) -> Hashable:
-        """One view for all."""
-        return None
-
-    def view(self, current: State, partition_id: int) -> State:
-        """The global adapter."""
-        return current
-
-    def client_fields(self, partition_id: int) -> dict:
-        """Nothing to add to a client's row."""
-        return {}
-
-    def refusal(self, num_clients: int) -> str:
-        """Never refuses."""
-        return ""
 
     def round_extras(self) -> dict:
         """How many clients the memory holds and its bytes (what these methods cost the server)."""

@@ -29,6 +29,8 @@ Accepted = list[tuple[int, Item, dict]]
 MEAN_METRICS = ("train-loss", "train-loss-first", "train-loss-last", "spsa-mean-abs-g")
 #: the largest ``num-examples`` a reply may claim
 MAX_EXAMPLES = 1e12
+#: the failure of a client whose reply did not come (a cohort worker reports a silent client with it)
+NO_REPLY = "no reply within simulation.round-timeout-s"
 
 
 class ReplyScreen:
@@ -85,7 +87,7 @@ class ReplyScreen:
             accepted.append((pid, item, metrics))
         for pid in self.expected:
             if pid not in answered:
-                reason = "no reply within simulation.round-timeout-s"
+                reason = NO_REPLY
                 self.outcome["failed"].append({"partition_id": pid, "reason": reason})
         if contract_breaks and not accepted:
             raise ContractError(self.outcome["rejected"][0]["reason"])

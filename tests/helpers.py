@@ -23,6 +23,27 @@ def tiny_config(**overrides) -> ExperimentConfig:
     return ExperimentConfig.from_flat(flat)
 
 
+def faulty_config(**overrides) -> ExperimentConfig:
+    """Many cheap clients (a linear head, one step of 4 x 16 tokens) of which half fail each round."""
+    return tiny_config(
+        **{
+            "num-rounds": 28,
+            "partition.num-partitions": 8,
+            "partition.min-partition-size": 4,
+            "partition.scheme": "iid",
+            "peft.method": "head",
+            "train.local-steps": 1,
+            "train.batch-size": 4,
+            "data.max-seq-len": 16,
+            "data.num-test-examples": 32,
+            "faults.rate": 0.5,
+            "faults.slow-s": 0.05,
+            "simulation.round-timeout-s": 2.0,
+            **overrides,
+        }
+    )
+
+
 class FreshTasks:
     """``load_task`` for tests that train the process's cached model: hands each task out at its
     initial adapter state in eval mode (as built) and, on :meth:`close`, puts every task it handed

@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedpeft.choices import FAULT_KINDS
 from fedpeft.results import load_results
 from simulations.cohort import cohort_partitions, num_workers, pack, unpack
 from simulations.inprocess import run_in_process
-from tests.helpers import tiny_config
+from tests.helpers import faulty_config, tiny_config
+from tests.same_numbers import drop_timings
 
 
 def test_workers_own_contiguous_blocks_that_cover_every_partition_once():
@@ -73,3 +75,36 @@ def test_a_batched_cohort_run_trains_every_client_and_meters_each_as_if_alone(tm
     # each client did its own number of steps on its own data, as alone
     steps = lambda rs: [[c["num-steps"] for c in r["clients"]] for r in rs["rounds"][1:]]  # noqa: E731
     assert steps(results) == steps(single)
+
+
+@pytest.mark.slow
+def test_faults_inside_a_cohort_are_recorded_exactly_as_on_one_client_nodes(tmp_path):
+    # seed 2's plan (simulations/faults.py planned_fault), partition by partition:
+    # round 1: 1 crash, 2 hang; round 2: 0 and 2 sign-flip; round 3: 1 sign-flip, 2 metrics; round 4: 1 slow, 4 metrics, 5 nan
+    cfg = faulty_config(
+        **{
+            "seed": 2,
+            "num-rounds": 4,
+            "partition.num-partitions": 6,
+            "faults.kinds": "crash,hang,nan,metrics,slow,sign-flip",
+            "simulation.round-timeout-s": 3.0,
+        }
+    )
+    alone = load_results(run_in_process(cfg, tmp_path / "alone"))
+    # two workers of three clients: the cohort mod calls the fault mod once per client
+    cohort = load_results(run_in_process(cfg.replace({"simulation.cohort-size": 3}), tmp_path / "cohort"))
+    rows = lambda rs: [  # noqa: E731 (a failure list is sorted: a hang is listed after the replies outside a cohort)
+        {**r, "failed": sorted(r.get("failed", []), key=lambda f: f["partition_id"])}
+        for r in drop_timings(rs["rounds"])
+    ]
+    assert rows(cohort) == rows(alone)
+    first = cohort["rounds"][1]
+    assert first["failed"] == [
+        {"partition_id": 1, "reason": "RuntimeError: injected fault: crash (round 1, partition 1)"},
+        {"partition_id": 2, "reason": "no reply within simulation.round-timeout-s"},
+    ]
+    assert [f["partition_id"] for f in cohort["rounds"][4]["rejected"]] == [4, 5]
+    sign_flip = FAULT_KINDS.index("sign-flip") + 1
+    assert [c["partition_id"] for c in cohort["rounds"][2]["clients"] if c.get("injected-fault") == sign_flip] == [0, 2]
+    order = lambda rows: sorted(rows, key=lambda r: (r["round"], r["direction"], r["partition_id"], r["kind"]))  # noqa: E731
+    assert order(cohort["ledger"]) == order(alone["ledger"])

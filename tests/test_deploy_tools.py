@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,7 @@ from fedpeft.memory import measure_client_memory, split_bytes
 from simulations.deploy import warm_worker
 from simulations.deploy.certs import make_deployment_certs
 from simulations.deploy.loopback import key_values, run_config_overrides
+from simulations.deploy.processes import process_alive
 from tests.helpers import tiny_config
 
 
@@ -157,3 +161,17 @@ def test_on_cuda_auto_puts_an_nf4_backbone_on_the_gpu_and_reports_gpu_memory():
     report = measure_client_memory(task.model)
     assert report.device.startswith("cuda") and report.peak_cuda_bytes > 0
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in task.model.modules())
+
+
+def test_a_process_is_alive_while_it_runs_and_dead_once_it_exits_even_unreaped():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert process_alive(os.getpid()) and process_alive(child.pid)
+        child.kill()  # exits, and stays a zombie: Popen does not reap it until asked
+        deadline = time.monotonic() + 10
+        while process_alive(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not process_alive(child.pid)  # a zombie counts as dead (and ours is reaped on the way)
+    finally:
+        child.kill()
+        child.wait()

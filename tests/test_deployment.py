@@ -9,7 +9,6 @@ bounded waits in the module fixture's finalizer, also when a test fails.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from simulations.deploy.loopback import CONNECTION, Loopback, wait_for_results
+from simulations.deploy.processes import process_alive
 
 pytestmark = pytest.mark.slow
 
@@ -128,18 +128,6 @@ def test_stopping_the_supernodes_ends_their_warm_workers(deployment, run):
     for i in range(NUM_NODES):
         deployment.stop(f"supernode-{i}")
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(process_alive(p) for p in pids):
         time.sleep(0.2)
-    assert not any(_alive(p) for p in pids)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return False
+    assert not any(process_alive(p) for p in pids)

@@ -10,52 +10,32 @@ from fedpeft.results import load_results
 from simulations.faults import planned_fault
 from simulations.inprocess import run_in_process
 from simulations.resume import read_checkpoint
-from tests.helpers import tiny_config
+from tests.helpers import faulty_config
 
 FAILED = {"crash", "hang"}
 REJECTED = {"nan", "inf", "shape", "metrics"}
 
 
-def _faulty_config(**overrides):
-    return tiny_config(
-        **{
-            "num-rounds": 28,
-            "partition.num-partitions": 8,
-            "partition.min-partition-size": 4,
-            "partition.scheme": "iid",
-            "peft.method": "head",
-            "train.local-steps": 1,
-            "train.batch-size": 4,
-            "data.max-seq-len": 16,
-            "data.num-test-examples": 32,
-            "faults.rate": 0.5,
-            "faults.slow-s": 0.05,
-            "simulation.round-timeout-s": 2.0,
-            **overrides,
-        }
-    )
-
-
 def test_planned_faults_are_seeded_and_follow_the_rate_and_kinds():
-    cfg = _faulty_config()
+    cfg = faulty_config()
     plan = [planned_fault(cfg, r, p) for r in range(1, 201) for p in range(8)]
     assert plan == [planned_fault(cfg, r, p) for r in range(1, 201) for p in range(8)]
     share = sum(k is not None for k in plan) / len(plan)
     assert 0.45 < share < 0.55
     assert {k for k in plan if k} == FAILED | REJECTED | {"slow"}
-    assert all(planned_fault(_faulty_config(**{"faults.rate": 0.0}), r, 0) is None for r in range(1, 50))
+    assert all(planned_fault(faulty_config(**{"faults.rate": 0.0}), r, 0) is None for r in range(1, 50))
 
 
 def test_fault_settings_are_checked():
     with pytest.raises(ConfigError, match="faults.kinds"):
-        _faulty_config(**{"faults.kinds": "crash,explode"})
+        faulty_config(**{"faults.kinds": "crash,explode"})
     with pytest.raises(ConfigError, match="faults.rate"):
-        _faulty_config(**{"faults.rate": 1.5})
+        faulty_config(**{"faults.rate": 1.5})
 
 
 @pytest.mark.slow
 def test_over_a_hundred_injected_faults_are_each_recorded_and_never_corrupt_the_global_state(tmp_path):
-    cfg = _faulty_config()
+    cfg = faulty_config()
     results = load_results(run_in_process(cfg, tmp_path / "faults"))
     assert results["status"] == "completed"
     injected = 0

@@ -32,6 +32,7 @@ from typing import Any
 from fedpeft.config import ExperimentConfig, load_config, parse_override
 from fedpeft.rundir import RunDir
 from simulations.deploy.certs import DeploymentCerts, make_deployment_certs
+from simulations.deploy.processes import process_alive
 
 log = logging.getLogger(__name__)
 
@@ -255,29 +256,13 @@ def _reap(pids: list[int], timeout_s: float = STOP_WAIT_S) -> None:
     deadline = time.monotonic() + timeout_s
     left = set(pids)
     while left and time.monotonic() < deadline:
-        left = {p for p in left if _alive(p)}
+        left = {p for p in left if process_alive(p)}
         time.sleep(0.1)
     for pid in left:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)  # reap it if it is our zombie child
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return True
 
 
 def wait_for_results(path: Path, *, timeout_s: float, until_rounds: int | None = None) -> dict[str, Any]:

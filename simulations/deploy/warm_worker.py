@@ -42,6 +42,8 @@ from flwr.common.serde import context_from_proto, context_to_proto, message_from
 from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
+from simulations.deploy.processes import process_alive
+
 log = logging.getLogger(__name__)
 
 NODE_CONFIG_KEY = "warm-worker"
@@ -224,7 +226,7 @@ def serve(path: Path, owner_pid: int, app_factory: str, idle_exit_s: float = IDL
     log.info("warm worker %d serving %s for SuperNode process %d", os.getpid(), path, owner_pid)
     last_run, last_seen = None, time.monotonic()
     try:
-        while _alive(owner_pid) and time.monotonic() - last_seen < idle_exit_s:
+        while process_alive(owner_pid) and time.monotonic() - last_seen < idle_exit_s:
             try:
                 conn, _ = server.accept()
             except TimeoutError:
@@ -280,16 +282,6 @@ def _log_memory(context: Context) -> None:
 
     cfg = _run_config(context)
     log.info("memory: %s", format_memory(measure_client_memory(load_task(cfg).model, cfg.train.optimizer)))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -113,6 +113,8 @@ def plot(rows: list[dict], out: str | Path, title: str | None = None) -> Path:
     ax.set_xscale("log")
     from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
+    from fedpeft.plot import save_figure
+
     ax.xaxis.set_major_locator(FixedLocator([0.5, 1, 2, 3, 5, 8, 10, 20]))  # plain numbers, not 2x10^0
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_major_formatter(ScalarFormatter())
@@ -122,11 +124,7 @@ def plot(rows: list[dict], out: str | Path, title: str | None = None) -> Path:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no point hidden
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def main(argv: list[str] | None = None) -> None:
