@@ -30,7 +30,7 @@ import numpy as np
 from fedpeft.config import ConfigError
 
 if TYPE_CHECKING:
-    from fedpeft.config import DPConfig, ExperimentConfig
+    from fedpeft.config import ClientPrivacy, ExperimentConfig, SamplePrivacy
 
 ACCOUNTANT = "rdp"
 
@@ -93,7 +93,9 @@ def local_steps_per_round(num_examples: int, batch_size: int, local_steps: int, 
     return local_steps if local_steps > 0 else local_epochs * math.ceil(num_examples / batch_size)
 
 
-def client_noise_multiplier(dp: DPConfig, *, num_examples: int, batch_size: int, steps_per_round: int, num_rounds: int):
+def client_noise_multiplier(
+    dp: SamplePrivacy | ClientPrivacy, *, num_examples: int, batch_size: int, steps_per_round: int, num_rounds: int
+):
     """``sigma`` for a client with ``num_examples`` rows: ``dp.noise-multiplier`` or planned from the target."""
     if dp.target_epsilon <= 0:
         return dp.noise_multiplier
