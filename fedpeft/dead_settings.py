@@ -36,9 +36,10 @@ def byzantine_on(fraction: float, rate: float, kinds: str) -> bool:
     return fraction > 0 or (rate > 0 and bool({k.strip() for k in kinds.split(",")} & set(BYZANTINE_KINDS)))
 
 
-def _is_file_or_embedded(f: Flat) -> bool:
+def is_file_or_embedded(dataset: str) -> bool:
+    """Whether ``data.dataset`` names the embedded set or a local file (no HF split to choose)."""
     local_suffixes = (".csv", ".json", ".jsonl", ".parquet", ".tsv")  # fedpeft.data.LOCAL_SUFFIXES, without torch
-    return f["data.dataset"] == "embedded" or Path(f["data.dataset"]).suffix in local_suffixes
+    return dataset == "embedded" or Path(dataset).suffix in local_suffixes
 
 
 def _rule(switch: str, live: Callable[[Flat], bool], why: str, keys: tuple[str, ...]) -> Rule:
@@ -102,7 +103,7 @@ RULES: tuple[Rule, ...] = (
           _keys("model", "label-prompts head-scale")),
     _unless("train.local-steps", lambda f: f["train.local-steps"] > 0, "a step count replaces epochs",
             ("train.local-epochs",)),
-    _unless("data.dataset", _is_file_or_embedded, "a split is chosen on HF datasets only", ("data.split",)),
+    _unless("data.dataset", lambda f: is_file_or_embedded(f["data.dataset"]), "a split is chosen on HF datasets only", ("data.split",)),
     _unless("model.device", _on("model.device", "cpu"), "clients run on the CPU",
             ("simulation.num-gpus-per-client",)),
     _rule("model.quantization", _on("model.quantization", "int8"), "only int8 has an outlier threshold",

@@ -378,8 +378,8 @@ def _validate_dp(cfg: ExperimentConfig) -> None:
     _check(
         cfg.strategy.name != "spsa",
         "dp.mode",
-        "'sample' with strategy.name='spsa' (DPZero): dp.mode='client' clips array deltas, but SPSA clients "
-        "send one-byte codes",
+        "not 'client' with strategy.name='spsa' (it clips array deltas, but SPSA clients send one-byte codes); "
+        "use dp.mode='sample' with strategy.name='spsa' (DPZero)",
         cfg.dp.mode,
     )
 
