@@ -27,8 +27,11 @@ def _keys(section: str, names: str) -> tuple[str, ...]:
     return tuple(f"{section}.{n}" for n in names.split())
 
 
-def _on(key: str, *values: str) -> Callable[[Flat], bool]:
-    return lambda f: f[key] in values
+Test = tuple[str, ...] | Callable[[Flat], bool]
+
+
+def _holds(switch: str, test: Test) -> Callable[[Flat], bool]:
+    return test if callable(test) else (lambda f: f[switch] in test)
 
 
 def byzantine_on(fraction: float, rate: float, kinds: str) -> bool:
@@ -42,14 +45,16 @@ def is_file_or_embedded(dataset: str) -> bool:
     return dataset == "embedded" or Path(dataset).suffix in local_suffixes
 
 
-def _rule(switch: str, live: Callable[[Flat], bool], why: str, keys: tuple[str, ...]) -> Rule:
-    """A rule whose ``keys`` matter only while ``live(flat)``; ``why`` says what is off otherwise."""
-    return switch, (lambda f: None if live(f) else why), keys
+def _rule(switch: str, live: Test, why: str, keys: tuple[str, ...]) -> Rule:
+    """``keys`` matter only while ``switch`` is one of ``live`` (or ``live(flat)``); ``why`` says what is off."""
+    on = _holds(switch, live)
+    return switch, (lambda f: None if on(f) else why), keys
 
 
-def _unless(switch: str, dead: Callable[[Flat], bool], why: str, keys: tuple[str, ...]) -> Rule:
-    """A rule whose ``keys`` stop mattering when ``dead(flat)`` (the switch replaces them)."""
-    return switch, (lambda f: why if dead(f) else None), keys
+def _unless(switch: str, dead: Test, why: str, keys: tuple[str, ...]) -> Rule:
+    """``keys`` stop mattering while ``switch`` is one of ``dead`` (or ``dead(flat)``): it replaces them."""
+    off = _holds(switch, dead)
+    return switch, (lambda f: why if off(f) else None), keys
 
 
 # (switch key, "why it is off" or None when on, keys that only matter when it is on)
@@ -57,58 +62,47 @@ Rule = tuple[str, Callable[[Flat], str | None], tuple[str, ...]]
 RULES: tuple[Rule, ...] = (
     _unless("dp.target-epsilon", lambda f: f["dp.target-epsilon"] > 0, "a target epsilon picks the noise multiplier",
             ("dp.noise-multiplier",)),
-    _rule("participation.p-source", _on("participation.p-source", "list"), "p_n are not listed",
-          ("participation.p-list",)),
-    _unless("participation.p-source", _on("participation.p-source", "list"), "p_n are listed",
-            ("participation.p-mean",)),
-    _rule("participation.p-source", _on("participation.p-source", "uniform", "label-correlated"),
-          "p_n have no floor", ("participation.p-floor",)),
-    _rule("participation.p-source", _on("participation.p-source", "label-correlated"), "p_n ignore labels",
-          ("participation.label-alpha",)),
-    _rule("partition.scheme", _on("partition.scheme", "dirichlet", "inner-dirichlet"),
-          "no Dirichlet label mix is drawn", ("partition.alpha",)),
-    _rule("partition.scheme", _on("partition.scheme", "dirichlet"), "only 'dirichlet' redraws for a minimum",
+    _rule("participation.p-source", ("list",), "p_n are not listed", ("participation.p-list",)),
+    _unless("participation.p-source", ("list",), "p_n are listed", ("participation.p-mean",)),
+    _rule("participation.p-source", ("uniform", "label-correlated"), "p_n have no floor", ("participation.p-floor",)),
+    _rule("participation.p-source", ("label-correlated",), "p_n ignore labels", ("participation.label-alpha",)),
+    _rule("partition.scheme", ("dirichlet", "inner-dirichlet"), "no Dirichlet label mix is drawn",
+          ("partition.alpha",)),
+    _rule("partition.scheme", ("dirichlet",), "only 'dirichlet' redraws for a minimum",
           ("partition.min-partition-size",)),
-    _rule("partition.scheme", _on("partition.scheme", "shard"), "only 'shard' cuts shards",
-          ("partition.shards-per-client",)),
-    _rule("partition.scheme", _on("partition.scheme", "pathological"), "only 'pathological' counts labels",
+    _rule("partition.scheme", ("shard",), "only 'shard' cuts shards", ("partition.shards-per-client",)),
+    _rule("partition.scheme", ("pathological",), "only 'pathological' counts labels",
           ("partition.classes-per-client",)),
-    _rule("peft.method", _on("peft.method", "lora"), "no LoRA is injected",
+    _rule("peft.method", ("lora",), "no LoRA is injected",
           _keys("peft", "lora-rank lora-alpha lora-dropout target-modules layers")),
-    _rule("peft.method", _on("peft.method", "lst"), "no side network is built",
+    _rule("peft.method", ("lst",), "no side network is built",
           (*_keys("peft", "lst-reduction lst-layers lst-every"), "train.lst-store-mb")),
-    _unless("peft.method", _on("peft.method", "lst"), "LST always trains its side network's head",
-            ("peft.train-head",)),
+    _unless("peft.method", ("lst",), "LST always trains its side network's head", ("peft.train-head",)),
     _unless("peft.lst-layers", lambda f: bool(f["peft.lst-layers"].strip()), "listed layers replace every k-th",
             ("peft.lst-every",)),
-    _rule("peft.method", _on("peft.method", "prompt"), "no prompt is tuned", ("peft.num-virtual-tokens",)),
-    _unless("peft.method", _on("peft.method", "head"), "head-only always trains the head", ("peft.train-head",)),
-    _rule("strategy.name", _on("strategy.name", "spsa"), "SPSA is off",
+    _rule("peft.method", ("prompt",), "no prompt is tuned", ("peft.num-virtual-tokens",)),
+    _unless("peft.method", ("head",), "head-only always trains the head", ("peft.train-head",)),
+    _rule("strategy.name", ("spsa",), "SPSA is off",
           _keys("spsa", "local-steps eps lr lr-schedule codec scale-rule scale-multiplier initial-scale batch-size "
                         "distribution")),
-    _unless("strategy.name", _on("strategy.name", "spsa"), "SPSA clients use the spsa.* settings",
+    _unless("strategy.name", ("spsa",), "SPSA clients use the spsa.* settings",
             _keys("train", "optimizer lr local-epochs local-steps batch-size weight-decay")),
-    _rule("strategy.name", _on("strategy.name", "fedau"), "only FedAU cuts intervals", ("strategy.k-cap",)),
-    _rule("strategy.server-optimizer", _on("strategy.server-optimizer", "momentum"), "only FedAvgM keeps a velocity",
-          ("strategy.server-momentum",)),
-    _rule("strategy.server-optimizer", _on("strategy.server-optimizer", "adam", "yogi", "adagrad"),
-          "no adaptive moments", _keys("strategy", "beta1 tau")),
-    _rule("strategy.server-optimizer", _on("strategy.server-optimizer", "adam", "yogi"),
-          "no decaying second moment", ("strategy.beta2",)),
-    _rule("strategy.aggregator", _on("strategy.aggregator", "trimmed-mean"), "nothing is trimmed",
-          ("strategy.trim-fraction",)),
-    _rule("strategy.aggregator", _on("strategy.aggregator", "krum"), "Krum does not select",
-          _keys("strategy", "krum-f krum-m")),
-    _rule("model.head-init", _on("model.head-init", "prompts"), "the head is not built from prompts",
+    _rule("strategy.name", ("fedau",), "only FedAU cuts intervals", ("strategy.k-cap",)),
+    _rule("strategy.server-optimizer", ("momentum",), "only FedAvgM keeps a velocity", ("strategy.server-momentum",)),
+    _rule("strategy.server-optimizer", ("adam", "yogi", "adagrad"), "no adaptive moments",
+          _keys("strategy", "beta1 tau")),
+    _rule("strategy.server-optimizer", ("adam", "yogi"), "no decaying second moment", ("strategy.beta2",)),
+    _rule("strategy.aggregator", ("trimmed-mean",), "nothing is trimmed", ("strategy.trim-fraction",)),
+    _rule("strategy.aggregator", ("krum",), "Krum does not select", _keys("strategy", "krum-f krum-m")),
+    _rule("model.head-init", ("prompts",), "the head is not built from prompts",
           _keys("model", "label-prompts head-scale")),
     _unless("train.local-steps", lambda f: f["train.local-steps"] > 0, "a step count replaces epochs",
             ("train.local-epochs",)),
-    _unless("data.dataset", lambda f: is_file_or_embedded(f["data.dataset"]), "a split is chosen on HF datasets only", ("data.split",)),
-    _unless("model.device", _on("model.device", "cpu"), "clients run on the CPU",
-            ("simulation.num-gpus-per-client",)),
-    _rule("model.quantization", _on("model.quantization", "int8"), "only int8 has an outlier threshold",
-          ("model.int8-threshold",)),
-    _rule("tracking.backend", _on("tracking.backend", "mlflow"), "only MLflow has a store and experiments",
+    _unless("data.dataset", lambda f: is_file_or_embedded(f["data.dataset"]), "a split is chosen on HF datasets only",
+            ("data.split",)),
+    _unless("model.device", ("cpu",), "clients run on the CPU", ("simulation.num-gpus-per-client",)),
+    _rule("model.quantization", ("int8",), "only int8 has an outlier threshold", ("model.int8-threshold",)),
+    _rule("tracking.backend", ("mlflow",), "only MLflow has a store and experiments",
           _keys("tracking", "uri experiment")),
     _rule("faults.byzantine-fraction", lambda f: f["faults.byzantine-fraction"] > 0, "no client is Byzantine",
           ("faults.byzantine-kind",)),
