@@ -184,7 +184,7 @@ class Key:
     modes: tuple[str, tuple[str, ...]] | None = None
 
 
-def _keys_of(section: str, cls: type, modes: tuple[str, tuple[str, ...]] | None = None) -> dict[str, Key]:
+def _keys_of(section: str, cls: type) -> dict[str, Key]:
     hints = get_type_hints(cls)
     found = {}
     for f in dataclasses.fields(cls):
@@ -193,7 +193,7 @@ def _keys_of(section: str, cls: type, modes: tuple[str, tuple[str, ...]] | None 
             continue
         want = hints[f.name]
         choices = typing.get_args(want) if typing.get_origin(want) is Literal else ()
-        found[name] = Key(name, want, f.default, f.metadata.get("help", ""), f.metadata.get("rule", ""), choices, modes)
+        found[name] = Key(name, want, f.default, f.metadata.get("help", ""), f.metadata.get("rule", ""), choices)
     return found
 
 
