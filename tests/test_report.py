@@ -157,6 +157,11 @@ def test_a_private_group_pairs_with_the_no_dp_baseline_whose_config_has_no_dp_ke
     }
     (row,) = paired_differences(summary, parse_baseline(["dp.mode=none"]))
     assert row["baseline"] == "none" and row["metrics"]["final_accuracy"]["values"] == pytest.approx([-0.10, -0.08])
+    assert group_labels([g["config"] for g in summary["groups"]]) == [
+        "dp: dp.mode=sample, train.lr=0.01",
+        "dp: dp.mode=sample, train.lr=0.1",
+        "dp: dp.mode=none, train.lr=0.01",
+    ]
 
 
 def test_summary_gives_mean_and_t_interval_over_seeds_and_counts_the_failed_seed(sweep):
