@@ -16,27 +16,34 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from fedpeft.config import BYZANTINE_KINDS, ConfigError, ExperimentConfig, prompts_for_labels, read_config_file
+from fedpeft.config import ConfigError, ExperimentConfig, prompts_for_labels, read_config_file
+from fedpeft.dead_settings import byzantine_on, dead_settings
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Sources:
-    """Where each flat key came from; ``known=False`` when the config was built in code."""
+    """The flat keys a run was given: those of its file and those of ``--set`` (``known=False``: built in code)."""
 
-    file_keys: frozenset[str] = frozenset()
-    override_keys: frozenset[str] = frozenset()
+    file: Mapping[str, Any] = field(default_factory=dict)
+    overrides: Mapping[str, Any] = field(default_factory=dict)
     known: bool = False
 
+    @property
+    def flat(self) -> dict[str, Any]:
+        """The keys as the config was built from them (overrides over the file)."""
+        return {**self.file, **self.overrides}
 
-def config_sources(path: str | Path, override_keys: list[str]) -> Sources:
+
+def config_sources(path: str | Path, overrides: Mapping[str, Any]) -> Sources:
     """The keys set by the file at ``path`` and by ``--set``."""
-    return Sources(frozenset(read_config_file(path)), frozenset(override_keys), known=True)
+    return Sources(read_config_file(path), dict(overrides), known=True)
 
 
 @dataclass
@@ -53,127 +60,23 @@ class CheckReport:
         return "\n".join(lines + [f"  warning: {w}" for w in self.warnings])
 
 
-def _keys(section: str, names: str) -> tuple[str, ...]:
-    return tuple(f"{section}.{n}" for n in names.split())
-
-
-# (switch key, "why it is off" or None when on, keys that only matter when it is on)
-Rule = tuple[str, Callable[[ExperimentConfig], str | None], tuple[str, ...]]
-INACTIVE_RULES: tuple[Rule, ...] = (
-    ("dp.mode", lambda c: "privacy is off" if c.dp.mode == "none" else None,
-     _keys("dp", "noise-multiplier clip-norm target-epsilon delta grad-sample-mode max-weight")),
-    ("dp.mode", lambda c: "the weight cap is for dp.mode='client'" if c.dp.mode == "sample" else None,
-     ("dp.max-weight",)),
-    ("dp.mode", lambda c: "per-sample gradients are for dp.mode='sample'" if c.dp.mode == "client" else None,
-     ("dp.grad-sample-mode",)),
-    ("dp.target-epsilon", lambda c: "a target epsilon picks the noise multiplier" if c.dp.target_epsilon else None,
-     ("dp.noise-multiplier",)),
-    ("participation.model", lambda c: None if c.participation.model == "trace" else "no trace is replayed",
-     ("participation.trace-file",)),
-    ("participation.model", lambda c: None if c.participation.model == "uniform" else "only 'uniform' samples",
-     _keys("participation", "fraction min-clients")),
-    ("participation.model",
-     lambda c: None if c.participation.model in ("bernoulli", "markov", "cyclic") else "no per-client p_n is drawn",
-     _keys("participation", "p-source p-mean p-floor p-list label-alpha")),
-    ("participation.model", lambda c: None if c.participation.model == "markov" else "no Markov chain runs",
-     ("participation.markov-rate",)),
-    ("participation.model", lambda c: None if c.participation.model == "cyclic" else "no cycles run",
-     ("participation.cycle-length",)),
-    ("participation.p-source", lambda c: None if c.participation.p_source == "list" else "p_n are not listed",
-     ("participation.p-list",)),
-    ("participation.p-source", lambda c: "p_n are listed" if c.participation.p_source == "list" else None,
-     ("participation.p-mean",)),
-    ("participation.p-source",
-     lambda c: None if c.participation.p_source in ("uniform", "label-correlated") else "p_n have no floor",
-     ("participation.p-floor",)),
-    ("participation.p-source",
-     lambda c: None if c.participation.p_source == "label-correlated" else "p_n ignore labels",
-     ("participation.label-alpha",)),
-    ("partition.scheme",
-     lambda c: None if c.partition.scheme in ("dirichlet", "inner-dirichlet") else "no Dirichlet label mix is drawn",
-     ("partition.alpha",)),
-    ("partition.scheme", lambda c: None if c.partition.scheme == "dirichlet" else "only 'dirichlet' redraws for a minimum",
-     ("partition.min-partition-size",)),
-    ("partition.scheme", lambda c: None if c.partition.scheme == "shard" else "only 'shard' cuts shards",
-     ("partition.shards-per-client",)),
-    ("partition.scheme", lambda c: None if c.partition.scheme == "pathological" else "only 'pathological' counts labels",
-     ("partition.classes-per-client",)),
-    ("peft.method", lambda c: None if c.peft.method == "lora" else "no LoRA is injected",
-     _keys("peft", "lora-rank lora-alpha lora-dropout target-modules layers")),
-    ("peft.method", lambda c: None if c.peft.method == "lst" else "no side network is built",
-     (*_keys("peft", "lst-reduction lst-layers lst-every"), "train.lst-store-mb")),
-    ("peft.method", lambda c: "LST always trains its side network's head" if c.peft.method == "lst" else None,
-     ("peft.train-head",)),
-    ("peft.lst-layers", lambda c: "listed layers replace every k-th" if c.peft.lst_layers.strip() else None,
-     ("peft.lst-every",)),
-    ("peft.method", lambda c: None if c.peft.method == "prompt" else "no prompt is tuned",
-     ("peft.num-virtual-tokens",)),
-    ("peft.method", lambda c: "head-only always trains the head" if c.peft.method == "head" else None,
-     ("peft.train-head",)),
-    ("strategy.name", lambda c: None if c.strategy.name == "spsa" else "SPSA is off",
-     _keys("spsa", "local-steps eps lr lr-schedule codec scale-rule scale-multiplier initial-scale batch-size "
-                   "distribution")),
-    ("strategy.name", lambda c: "SPSA clients use the spsa.* settings" if c.strategy.name == "spsa" else None,
-     _keys("train", "optimizer lr local-epochs local-steps batch-size weight-decay")),
-    ("strategy.name", lambda c: None if c.strategy.name == "fedau" else "only FedAU cuts intervals",
-     ("strategy.k-cap",)),
-    ("strategy.server-optimizer",
-     lambda c: None if c.strategy.server_optimizer == "momentum" else "only FedAvgM keeps a velocity",
-     ("strategy.server-momentum",)),
-    ("strategy.server-optimizer",
-     lambda c: None if c.strategy.server_optimizer in ("adam", "yogi", "adagrad") else "no adaptive moments",
-     _keys("strategy", "beta1 tau")),
-    ("strategy.server-optimizer",
-     lambda c: None if c.strategy.server_optimizer in ("adam", "yogi") else "no decaying second moment",
-     ("strategy.beta2",)),
-    ("strategy.aggregator", lambda c: None if c.strategy.aggregator == "trimmed-mean" else "nothing is trimmed",
-     ("strategy.trim-fraction",)),
-    ("strategy.aggregator", lambda c: None if c.strategy.aggregator == "krum" else "Krum does not select",
-     _keys("strategy", "krum-f krum-m")),
-    ("model.head-init", lambda c: None if c.model.head_init == "prompts" else "the head is not built from prompts",
-     _keys("model", "label-prompts head-scale")),
-    ("train.local-steps", lambda c: "a step count replaces epochs" if c.train.local_steps > 0 else None,
-     ("train.local-epochs",)),
-    ("data.dataset", lambda c: "a split is chosen on HF datasets only" if _is_file_or_embedded(c) else None,
-     ("data.split",)),
-    ("model.device", lambda c: "clients run on the CPU" if c.model.device == "cpu" else None,
-     ("simulation.num-gpus-per-client",)),
-    ("model.quantization", lambda c: None if c.model.quantization == "int8" else "only int8 has an outlier threshold",
-     ("model.int8-threshold",)),
-    ("tracking.backend", lambda c: None if c.tracking.backend == "mlflow" else "only MLflow has a store and experiments",
-     _keys("tracking", "uri experiment")),
-    ("faults.byzantine-fraction", lambda c: None if c.faults.byzantine_fraction > 0 else "no client is Byzantine",
-     ("faults.byzantine-kind",)),
-    ("faults.byzantine-fraction", lambda c: None if _byzantine_kinds_on(c) else "no Byzantine kind is injected",
-     ("faults.byzantine-scale",)),
-    ("evaluate.fraction-clients", lambda c: None if c.evaluate.fraction_clients > 0 else "per-client evaluation is off",
-     ("evaluate.holdout-fraction",)),
-)  # fmt: skip
-
-
 #: aggregators that bound a minority of corrupted deltas' influence (strategies/aggregators.py)
 ROBUST_AGGREGATORS = ("median", "trimmed-mean", "krum")
 
 
 def byzantine_warnings(cfg: ExperimentConfig) -> list[str]:
     """A warning when Byzantine clients attack an aggregator that does not resist them (allowed: a baseline)."""
-    if not _byzantine_kinds_on(cfg) or cfg.strategy.aggregator in ROBUST_AGGREGATORS:
+    faults = cfg.faults
+    if (
+        not byzantine_on(faults.byzantine_fraction, faults.rate, faults.kinds)
+        or cfg.strategy.aggregator in ROBUST_AGGREGATORS
+    ):
         return []
     return [
         f"Byzantine clients (faults.byzantine-fraction={cfg.faults.byzantine_fraction:g}) attack "
         f"strategy.aggregator={cfg.strategy.aggregator!r}, which averages every delta: one attacker can move "
         f"the global adapter arbitrarily (fine as a baseline; robust: {', '.join(ROBUST_AGGREGATORS)})"
     ]
-
-
-def _byzantine_kinds_on(cfg: ExperimentConfig) -> bool:
-    random_kinds = {k.strip() for k in cfg.faults.kinds.split(",")} & set(BYZANTINE_KINDS)
-    return cfg.faults.byzantine_fraction > 0 or (cfg.faults.rate > 0 and bool(random_kinds))
-
-
-def _is_file_or_embedded(cfg: ExperimentConfig) -> bool:
-    local_suffixes = (".csv", ".json", ".jsonl", ".parquet", ".tsv")  # fedpeft.data.LOCAL_SUFFIXES, without torch
-    return cfg.data.dataset == "embedded" or Path(cfg.data.dataset).suffix in local_suffixes
 
 
 def check_resources(cfg: ExperimentConfig) -> list[str]:
@@ -246,37 +149,24 @@ def _int8_cuda_warnings(cfg: ExperimentConfig) -> list[str]:
     return [warning] if warning else []
 
 
-def inactive_settings(cfg: ExperimentConfig) -> list[tuple[str, str, str]]:
-    """``(key, switch, why)`` for every non-default setting of a feature that ``cfg`` turns off."""
-    flat, default = cfg.to_flat(), ExperimentConfig().to_flat()
-    found = []
-    for switch, why_off, keys in INACTIVE_RULES:
-        why = why_off(cfg)
-        if why is None:
-            continue
-        found += [(key, switch, why) for key in keys if flat[key] != default[key] and key != switch]
-    return found
-
-
 def check_settings(cfg: ExperimentConfig, sources: Sources) -> list[str]:
-    """Raise :class:`ConfigError` for settings a switch turns off; return the warnings."""
-    flat = cfg.to_flat()
+    """Raise :class:`ConfigError` for settings a switch turns off; return the warnings.
+
+    A setting the file carries whose switch ``--set`` turned off is a warning (``--set dp.mode=none``
+    on dp_sample.toml), as is every one of a config built in code; the rest are errors.
+    """
+    flat = {**cfg.to_flat(), **sources.flat}  # the sources hold the keys a variant left out
     errors, warnings = [], []
-    for key, switch, why in inactive_settings(cfg):
+    for key, switch, why in dead_settings(flat):
         text = (
             f"{key}={flat[key]!r} has no effect because {switch}={flat[switch]!r} ({why}); "
             f"remove {key} or change {switch}"
         )
-        from_file_switch_overridden = key in sources.file_keys and switch in sources.override_keys
-        if not sources.known or (from_file_switch_overridden and key not in sources.override_keys):
+        from_file_switch_overridden = key in sources.file and switch in sources.overrides
+        if not sources.known or (from_file_switch_overridden and key not in sources.overrides):
             warnings.append(text)
         else:
             errors.append(text)
-    if cfg.dp.mode == "client" and cfg.strategy.name == "spsa":
-        errors.append(
-            "dp.mode='client' clips array deltas, but SPSA clients send one-byte codes; "
-            "use dp.mode='sample' with strategy.name='spsa' (DPZero)"
-        )
     if errors:
         raise ConfigError("\n  ".join(errors))
     return warnings

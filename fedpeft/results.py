@@ -171,7 +171,8 @@ def group_labels(configs: list[dict[str, Any]]) -> list[str]:
     for c in configs:
         peers = [d for d in configs if d.get("name") == c.get("name")]
         keys = sorted({k for d in peers for k in d} - {"name"})
-        differ = [k for k in keys if len({json.dumps(d.get(k), default=str) for d in peers}) > 1]
-        extra = ", ".join(f"{k}={c.get(k)}" for k in differ)
+        # a key some peers lack belongs to a mode they do not run (dp.clip-norm without DP): compare where present
+        differ = [k for k in keys if len({json.dumps(d[k], default=str) for d in peers if k in d}) > 1]
+        extra = ", ".join(f"{k}={c[k]}" for k in differ if k in c)
         labels.append(f"{c.get('name', '?')}: {extra}" if extra else str(c.get("name", "?")))
     return labels

@@ -1,4 +1,4 @@
-"""The one launcher: ``fedpeft check`` / ``simulate`` / ``plot`` / ``sweep`` / ``tune`` / ``report`` (or ``python -m simulations.run``).
+"""The one launcher: ``fedpeft check`` / ``simulate`` / ``config`` / ``plot`` / ``sweep`` / ``tune`` / ``report`` (or ``python -m simulations.run``).
 
 The command line only: parsing, dispatch and exit codes. Starting a run is
 simulations/launch.py's ``simulate`` (re-exported here for callers of
@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
+    keys = sub.add_parser("config", help="list the config keys with their defaults, choices, ranges and help")
+    keys.add_argument("key", nargs="?", help="one key (dp.clip-norm) or section (dp); default: every key")
     plot = sub.add_parser("plot", help="plot one or more runs from their results files")
     plot.add_argument("runs", nargs="+", help="run folders or results.json files")
     plot.add_argument("--out", required=True, help="PNG to write")
@@ -111,6 +113,11 @@ def _run_command(args: argparse.Namespace, argv: list[str]) -> int:
         if args.target is not None:
             print(target_table(args.runs, args.target))
         return 0
+    if args.command == "config":
+        from fedpeft.config_doc import describe
+
+        print(describe(args.key))
+        return 0
     if args.command == "sweep":
         return sweep.main(args, argv)
     if args.command == "tune":
@@ -135,7 +142,7 @@ def _run_command(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = load_config(args.config, overrides)
     if args.command == "simulate":  # the cheapest check first: never start what cannot be saved
         check_run_dir(args.out or default_run_dir_of(cfg), overwrite=args.overwrite, flag=run_dir_flag(args.out))
-    report = check_experiment(cfg, config_sources(args.config, list(overrides)))
+    report = check_experiment(cfg, config_sources(args.config, overrides))
     print(report.text(), flush=True)
     if args.command == "check":
         return 0

@@ -298,9 +298,9 @@ def start_experiment(
     """
     cfg = ExperimentConfig.from_flat({**run_config, **overrides})
     if not checked:
-        from fedpeft.check import check_experiment
+        from fedpeft.check import Sources, check_experiment
 
-        report = check_experiment(cfg)
+        report = check_experiment(cfg, Sources(overrides={**run_config, **overrides}))
         for warning in report.warnings:
             log(WARNING, "%s", warning)
         log(INFO, "%s", report.text())

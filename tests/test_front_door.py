@@ -110,7 +110,9 @@ def test_a_key_given_both_flat_and_in_a_table_is_refused(tmp_path):
 
 
 def test_a_trace_file_while_participation_is_not_a_trace_is_refused():
-    cfg = ExperimentConfig.from_flat({"participation.model": "uniform", "participation.trace-file": "t.csv"})
-    sources = Sources(file_keys=frozenset({"participation.trace-file"}), known=True)
+    file = {"participation.model": "uniform", "participation.trace-file": "t.csv"}
+    cfg = ExperimentConfig.from_flat(file)
+    assert not hasattr(cfg.participation, "trace_file")  # the uniform variant has no field for it
+    sources = Sources(file=file, known=True)
     with pytest.raises(ConfigError, match="participation.trace-file='t.csv' has no effect because participation.model"):
         check_settings(cfg, sources)

@@ -304,13 +304,13 @@ def test_natural_id_on_data_without_groups_is_refused_by_the_config():
 
 
 def test_category_histograms_feed_label_correlated_participation():
-    from fedpeft.config import ParticipationConfig
+    from fedpeft.config import PARTICIPATION
     from fedpeft.partition import group_histograms
     from fedpeft.probabilities import build_probabilities
 
     groups = np.array(list("aabbbc"))
     parts = [np.array([0, 1]), np.array([2, 3, 4]), np.array([5])]
-    cfg = ParticipationConfig(model="bernoulli", p_source="label-correlated")
+    cfg = PARTICIPATION.build(model="bernoulli", p_source="label-correlated")
     probs = build_probabilities(cfg, 3, 0, group_histograms(groups, parts))
     assert probs.shape == (3,) and np.all((probs > 0) & (probs <= 1))
 

@@ -162,12 +162,12 @@ def test_bad_lst_settings_are_refused_before_anything_starts():
     with pytest.raises(ConfigError, match="strategy.name"):
         tiny_config(**{"peft.method": "lst", "strategy.name": "spsa"})
     cfg = tiny_config(**{"peft.method": "lst", "peft.target-modules": "query"})
-    sources = Sources(frozenset({"peft.method", "peft.target-modules"}), frozenset(), known=True)
+    sources = Sources({"peft.method": "lst", "peft.target-modules": "query"}, known=True)
     with pytest.raises(ConfigError, match="peft.target-modules='query' has no effect because peft.method='lst'"):
         check_settings(cfg, sources)
     lora = tiny_config(**{"peft.lst-reduction": 4})
     with pytest.raises(ConfigError, match="peft.lst-reduction=4 has no effect"):
-        check_settings(lora, Sources(frozenset({"peft.lst-reduction"}), frozenset(), known=True))
+        check_settings(lora, Sources({"peft.lst-reduction": 4}, known=True))
 
 
 def test_fedpeft_check_counts_the_side_network_and_estimates_client_memory():

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from fedpeft.config import ConfigError, ExperimentConfig, ParticipationConfig
+from fedpeft.config import PARTICIPATION, ConfigError, ExperimentConfig
 from fedpeft.participation import (
     Always,
     Cyclic,
@@ -24,7 +24,7 @@ P_LIST = ",".join(str(p) for p in P)
 
 
 def _model(kind: str, seed: int = 0, **kw):
-    cfg = ParticipationConfig(model=kind, p_source="list", p_list=P_LIST, **kw)
+    cfg = PARTICIPATION.build(model=kind, p_source="list", p_list=P_LIST, **kw)
     return build_participation(cfg, len(P), seed)
 
 
@@ -95,7 +95,7 @@ def test_label_correlated_p_is_the_floored_scaled_dot_product_of_label_mix_and_q
 @pytest.mark.parametrize("kind", ["bernoulli", "markov", "cyclic"])
 def test_label_correlated_p_combines_with_every_heterogeneous_model(kind):
     hist = np.array([[30, 0], [0, 30], [15, 15], [29, 1], [2, 28]])
-    cfg = ParticipationConfig(model=kind, p_source="label-correlated", p_mean=0.3)
+    cfg = PARTICIPATION.build(model=kind, p_source="label-correlated", p_mean=0.3)
     model = build_participation(cfg, 5, seed=3, label_hist=hist)
     np.testing.assert_allclose(model.probabilities, build_probabilities(cfg, 5, 3, hist))
     assert model.probabilities.min() >= 0.02 and model.probabilities.max() <= 1
@@ -107,7 +107,7 @@ def test_a_saved_trace_replays_identically_from_npz_and_from_results_json(tmp_pa
     model = _model("markov", 7)
     matrix = trace(model, 80, 4)
     path = save_trace(tmp_path / "t.npz", matrix, model.probabilities)
-    replay = build_participation(ParticipationConfig(model="trace", trace_file=str(path)), 4, seed=99)
+    replay = build_participation(PARTICIPATION.build(model="trace", trace_file=str(path)), 4, seed=99)
     np.testing.assert_array_equal(trace(replay, 80, 4), matrix)
     np.testing.assert_allclose(replay.probabilities, P)
     results = tmp_path / "results.json"
@@ -129,10 +129,17 @@ def test_always_and_uniform_still_work_and_expose_their_rates():
 
 def test_config_rejects_a_probability_list_of_the_wrong_length_or_range():
     with pytest.raises(ConfigError, match="participation.p-list"):
-        ExperimentConfig.from_flat({"participation.p-source": "list", "participation.p-list": "0.5,0.5"})
+        ExperimentConfig.from_flat(
+            {"participation.model": "bernoulli", "participation.p-source": "list", "participation.p-list": "0.5,0.5"}
+        )
     with pytest.raises(ConfigError, match="participation.p-list"):
         ExperimentConfig.from_flat(
-            {"partition.num-partitions": 2, "participation.p-source": "list", "participation.p-list": "0.5,0"}
+            {
+                "partition.num-partitions": 2,
+                "participation.model": "markov",
+                "participation.p-source": "list",
+                "participation.p-list": "0.5,0",
+            }
         )
     with pytest.raises(ConfigError, match="participation.trace-file"):
         ExperimentConfig.from_flat({"participation.model": "trace"})

@@ -135,8 +135,9 @@ def test_the_check_prints_each_clients_size_and_label_mix():
 def test_a_scheme_setting_of_another_scheme_is_refused_and_unknown_schemes_list_the_choices():
     from fedpeft.check import Sources, check_settings
 
-    cfg = ExperimentConfig.from_flat({"partition.scheme": "shard", "partition.classes-per-client": 3})
+    file = {"partition.scheme": "shard", "partition.classes-per-client": 3}
+    cfg = ExperimentConfig.from_flat(file)
     with pytest.raises(ConfigError, match="partition.classes-per-client=3 has no effect because partition.scheme"):
-        check_settings(cfg, Sources(file_keys=frozenset({"partition.classes-per-client"}), known=True))
+        check_settings(cfg, Sources(file=file, known=True))
     with pytest.raises(ConfigError, match="size-exponential"):
         ExperimentConfig.from_flat({"partition.scheme": "natural"})

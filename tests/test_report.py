@@ -145,6 +145,25 @@ def test_paired_differences_pair_each_group_with_its_baseline_seed_by_seed():
         paired_differences(summary, {"strategy.nmae": "fedavg"})
 
 
+def test_a_private_group_pairs_with_the_no_dp_baseline_whose_config_has_no_dp_keys():
+    none = {"name": "dp", "train.lr": 0.01, "dp.mode": "none"}
+    sample = {**none, "dp.mode": "sample", "dp.clip-norm": 1.0, "dp.delta": 1e-5}
+    summary = {
+        "groups": [
+            _group("sample", sample, [0, 1], [0.60, 0.62]),
+            _group("sample lr 0.1", {**sample, "train.lr": 0.1}, [0, 1], [0.5, 0.5]),  # no baseline at lr 0.1
+            _group("none", none, [0, 1], [0.70, 0.70]),
+        ]
+    }
+    (row,) = paired_differences(summary, parse_baseline(["dp.mode=none"]))
+    assert row["baseline"] == "none" and row["metrics"]["final_accuracy"]["values"] == pytest.approx([-0.10, -0.08])
+    assert group_labels([g["config"] for g in summary["groups"]]) == [
+        "dp: dp.mode=sample, train.lr=0.01",
+        "dp: dp.mode=sample, train.lr=0.1",
+        "dp: dp.mode=none, train.lr=0.01",
+    ]
+
+
 def test_summary_gives_mean_and_t_interval_over_seeds_and_counts_the_failed_seed(sweep):
     summary = summarize(load_runs(sweep), target=0.7)
     good, bad = summary["groups"]

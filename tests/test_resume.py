@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedpeft.config import ConfigError, ExperimentConfig
+from fedpeft.config import DEFAULTS, ConfigError
 from fedpeft.results import load_results
 from simulations.inprocess import run_in_process
 from simulations.resume import resume_config
@@ -58,8 +58,7 @@ COMPARED = (
 def _write_config(path: Path, **overrides) -> Path:
     """A TOML of the keys that differ from the defaults (a file that sets inactive keys is refused)."""
     flat = tiny_config(**overrides).to_flat()
-    defaults = ExperimentConfig().to_flat()
-    lines = [f'"{k}" = {json.dumps(v)}' for k, v in flat.items() if v != defaults[k]]
+    lines = [f'"{k}" = {json.dumps(v)}' for k, v in flat.items() if v != DEFAULTS[k]]  # every mode's keys
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -115,6 +115,23 @@ def test_plan_refuses_an_invalid_grid_point_and_two_configs_sharing_a_name(tiny_
         plan_sweep([tiny_toml], [0], parse_grid(["train.lr=0.1,0.2"]), ["train.lr=0.3"], tmp_path)
 
 
+def test_plan_refuses_a_files_setting_of_a_switched_off_mode_and_warns_when_the_grid_switched_it_off(
+    tiny_toml, tmp_path, caplog
+):
+    dp = tmp_path / "dp.toml"
+    dp.write_text(TINY_TOML + '[dp]\nmode = "sample"\nclip-norm = 2.0\n')
+    plan = plan_sweep([dp], [0, 1], parse_grid(["dp.mode=sample,none"]), [], tmp_path / "out")
+    assert [r.cfg.dp.mode for r in plan] == ["sample", "sample", "none", "none"] and plan[0].cfg.dp.clip_norm == 2.0
+    warned = [r.getMessage() for r in caplog.records if "has no effect" in r.getMessage()]
+    assert len(warned) == 1 and "dp.clip-norm=2.0 has no effect because dp.mode='none'" in warned[0]
+    dead = tmp_path / "dead.toml"
+    dead.write_text(TINY_TOML + "[dp]\nclip-norm = 2.0\n")
+    with pytest.raises(ConfigError, match=r"dead.toml with no grid, seed 0: dp.clip-norm=2.0 has no effect"):
+        plan_sweep([dead], [0], {}, [], tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"both write .* differ in dp.clip-norm, dp.mode"):  # keys of two modes
+        plan_sweep([tiny_toml, dp], [0], {}, [], tmp_path / "out")
+
+
 def test_completed_runs_are_skipped_without_running_anything(tiny_toml, tmp_path):
     out = tmp_path / "out"
     plan = plan_sweep([tiny_toml], [0, 1], {}, [], out)

@@ -78,14 +78,14 @@ def test_bad_tracking_settings_are_refused_with_the_fix_before_anything_starts()
         check_tracking(ExperimentConfig.from_flat({"tracking.backend": "mlflow", "tracking.uri": "mlruns"}))
     dead = ExperimentConfig.from_flat({"tracking.uri": "sqlite:///x.db"})  # backend none: the URI does nothing
     with pytest.raises(ConfigError, match="tracking.uri='sqlite:///x.db' has no effect because tracking.backend"):
-        check_settings(dead, _sources_from_file({"tracking.uri"}))
+        check_settings(dead, _sources_from_file({"tracking.uri": "sqlite:///x.db"}))
     assert check_tracking(ExperimentConfig()) is None
 
 
-def _sources_from_file(keys):
+def _sources_from_file(file):
     from fedpeft.check import Sources
 
-    return Sources(file_keys=frozenset(keys), override_keys=frozenset(), known=True)
+    return Sources(file=file, known=True)
 
 
 def test_mlflow_run_names_follow_the_run_folder_under_runs_and_sweeps():

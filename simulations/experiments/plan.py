@@ -8,13 +8,17 @@ from __future__ import annotations
 import difflib
 import hashlib
 import itertools
+import logging
 import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedpeft.config import ConfigError, ExperimentConfig, flatten, parse_override
+from fedpeft.check import Sources, check_settings
+from fedpeft.config import DEFAULTS, ConfigError, ExperimentConfig, flatten, parse_override
+
+log = logging.getLogger(__name__)
 
 _SEED_ITEM = re.compile(r"^(\d+)(?:-(\d+))?$")
 _SAFE = re.compile(r"[^A-Za-z0-9._+-]")
@@ -146,15 +150,19 @@ def plan_sweep(
             for seed in seeds:
                 try:
                     cfg = ExperimentConfig.from_flat({**base, **fixed, **combo, "seed": seed})
+                    # as fedpeft check: a file's setting of a mode the grid or --set switched off is a warning
+                    warnings = check_settings(cfg, Sources(base, {**fixed, **combo}, known=True))
                 except ConfigError as err:
                     raise ConfigError(f"{source} with {label or 'no grid'}, seed {seed}: {err}") from err
+                for warning in warnings if seed == seeds[0] else []:
+                    log.warning("%s with %s: %s", source, label or "no grid", warning)
                 if cfg.tracking.backend == "mlflow" and not cfg.tracking.experiment:  # one experiment per sweep
                     cfg = cfg.replace({"tracking.experiment": f"sweep {Path(out).resolve().name}"})
                 run_dir = Path(out) / _SAFE.sub("-", cfg.name) / label / f"seed-{seed}"
                 run = PlannedRun(str(source), label, seed, run_dir, cfg)
                 other = plan.get(run_dir)
                 if other is not None and other.cfg != cfg:
-                    a, b = other.cfg.to_flat(), cfg.to_flat()
+                    a, b = {**DEFAULTS, **other.cfg.to_flat()}, {**DEFAULTS, **cfg.to_flat()}  # modes differ in keys
                     differ = sorted(k for k in a if a[k] != b[k])
                     raise ConfigError(
                         f"{other.source} and {source} both write {run_dir} (name {cfg.name!r}) but differ in "

@@ -29,7 +29,7 @@ def summarise(path: str | Path) -> dict:
         "mode": mode,
         "target": cfg["dp.target-epsilon"] if mode != "none" else math.inf,
         "epsilon": last.get("epsilon", math.inf) if mode != "none" else math.inf,
-        "delta": cfg["dp.delta"],
+        "delta": cfg["dp.delta"] if mode != "none" else math.nan,  # a run without DP has no dp.* but its mode
         "sigma": sigma if mode != "none" else 0.0,
         "accuracy": last["accuracy"],
         "accuracy_round0": res["rounds"][0]["accuracy"],

@@ -47,7 +47,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from fedpeft.config import ConfigError, ExperimentConfig
+from fedpeft.config import DEFAULTS, ConfigError, ExperimentConfig
 from fedpeft.results import load_results, write_results
 from fedpeft.rundir import RunDir
 from simulations.experiments.plan import PlannedRun, parse_grid, parse_seeds, plan_sweep
@@ -141,8 +141,9 @@ def existing_status(run: PlannedRun) -> str:
         results = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return "running"  # unreadable: rerun it
-    theirs = {k: v for k, v in results.get("config", {}).items() if k != "out-dir"}
-    ours = {k: v for k, v in run.cfg.to_flat().items() if k != "out-dir"}
+    # a key absent on one side is at its default there (a mode's keys exist only in that mode's runs)
+    theirs = {k: v for k, v in {**DEFAULTS, **results.get("config", {})}.items() if k != "out-dir"}
+    ours = {k: v for k, v in {**DEFAULTS, **run.cfg.to_flat()}.items() if k != "out-dir"}
     differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k, "<absent>") != ours.get(k, "<absent>"))
     if differ:
         shown = "; ".join(
