@@ -261,6 +261,12 @@ class SimulationConfig:
     # Train a worker's LoRA clients in one batched forward/backward (fedpeft/cohort.py); results equal
     # training them one by one when the backbone's dropout is off, and in distribution otherwise.
     cohort_batched: bool = True
+    # The most Flower nodes ``fedpeft simulate`` registers on Flower's engine (0: no cap). Flower's engine
+    # polls every registered node for messages ten times a second, a cost of nodes x pending messages, so
+    # with cohort-size 1 and more partitions than this the launcher groups the clients into cohort nodes
+    # of ceil(partitions / max-nodes), trained one after another: the same numbers and byte ledger as one
+    # client per node (simulations/node_layout.py). Deployment (one SuperNode per device) is unaffected.
+    max_nodes: int = 100
 
 
 @dataclass(frozen=True)

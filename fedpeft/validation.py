@@ -122,6 +122,12 @@ def validate(cfg: ExperimentConfig) -> None:
         cfg.faults.rate,
     )
     _check(
+        cfg.simulation.max_nodes >= 0,
+        "simulation.max-nodes",
+        ">= 0 (0 = one Flower node per client however many there are)",
+        cfg.simulation.max_nodes,
+    )
+    _check(
         cfg.simulation.cohort_size >= 1,
         "simulation.cohort-size",
         ">= 1 (1 = one client per node)",
