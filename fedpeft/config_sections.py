@@ -314,6 +314,14 @@ class SimulationConfig:
         "train a node's LoRA clients in one batched forward/backward (fedpeft/cohort.py); equal to one by one "
         "when dropout is off",
     )
+    max_nodes: int = setting(
+        100,
+        "the most Flower nodes `fedpeft simulate` registers on Flower's engine: with cohort-size 1 and more "
+        "partitions, the launcher groups clients into cohort nodes of ceil(partitions / max-nodes), trained one "
+        "after another, with the same numbers and byte ledger (simulations/node_layout.py); Flower's engine polls "
+        "every registered node, a cost of nodes x pending messages. Deployment is unaffected",
+        ">= 0 (0 = one Flower node per client however many there are)",
+    )
 
 
 @dataclass(frozen=True)

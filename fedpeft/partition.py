@@ -86,7 +86,7 @@ def partition_indices(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            parts = [np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64) for i in range(n)]
+            parts = partition_rows(partitioner, table, n)
         except ValueError as err:  # the Dirichlet draw could not meet min_partition_size
             raise ValueError(
                 f"Dirichlet partitioning of {len(labels)} examples into {n} partitions failed ({err}); "
@@ -103,6 +103,32 @@ def partition_indices(
             redraws, cfg.min_partition_size, cfg.alpha,
         )  # fmt: skip
     return _checked(parts, len(labels), allow_empty)
+
+
+def partition_rows(partitioner, table, n: int) -> list[np.ndarray]:
+    """Each partition's ``row`` values, equal to ``partitioner.load_partition(i)["row"]`` for every ``i``.
+
+    ``load_partition`` builds a ``datasets.Dataset`` per partition (fingerprints, deep copies):
+    about 10-25 ms each, so 10,000 partitions took minutes in every process that partitions
+    (the launcher's check, the server, each Ray actor on its first client). Here the table's
+    ``row`` column is read once and indexed: for IID by the contiguous shards ``Dataset.shard``
+    takes (the first ``len % n`` one row longer), for the others by the index lists the
+    partitioner assigns to all partitions at its first ``load_partition`` call. A partitioner
+    without such a list is asked partition by partition. tests/test_partition_rows.py checks
+    every scheme against ``load_partition``.
+    """
+    from flwr_datasets.partitioner import IidPartitioner
+
+    rows = np.asarray(table["row"], dtype=np.int64)
+    if type(partitioner) is IidPartitioner:
+        div, mod = divmod(len(rows), n)
+        starts = [div * i + min(i, mod) for i in range(n + 1)]
+        return [rows[starts[i] : starts[i + 1]] for i in range(n)]
+    partitioner.load_partition(0)  # runs the partitioner's checks and assigns every partition's indices
+    assigned = getattr(partitioner, "_partition_id_to_indices", None)
+    if not isinstance(assigned, dict) or len(assigned) != n:
+        return [np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64) for i in range(n)]
+    return [rows[np.asarray(assigned[i], dtype=np.int64)] for i in range(n)]
 
 
 def _checked(parts: list[np.ndarray], num_rows: int, allow_empty: bool) -> list[np.ndarray]:

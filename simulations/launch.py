@@ -25,6 +25,7 @@ from simulations.cluster import log_ray_target
 from simulations.front_door import RunFailed
 from simulations.inprocess import num_nodes
 from simulations.interrupt import RunInterrupted, stop_on_signals
+from simulations.node_layout import engine_config
 
 log = logging.getLogger("fedpeft")
 
@@ -81,16 +82,21 @@ def simulate(
         return _finish(cfg, results_path, plot, t0)
     # Ray starts its workers at nice 15, so any ordinary process on a shared machine starves the actors.
     os.environ.setdefault("RAY_worker_niceness", "0")
+    engine_cfg = engine_config(cfg)  # past simulation.max-nodes clients, cohort nodes (simulations/node_layout.py)
+    engine_flat = engine_cfg.to_flat()
+    as_given = flat if engine_cfg is not cfg else None
     logging.getLogger("flwr").addFilter(_DropRunSimulationDeprecation())
     log_ray_target()  # which cluster the clients run on (simulations/cluster.py)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
         with stop_on_signals():
             run_simulation(
-                server_app=build_server_app(flat, run_dir.resolve(), resume=resume, checked=True),
+                server_app=build_server_app(
+                    engine_flat, run_dir.resolve(), resume=resume, checked=True, as_given=as_given
+                ),
                 # Clients learn the run folder (LST keeps each client's stored activations there).
-                client_app=build_client_app({**flat, "out-dir": str(run_dir.resolve())}, mods=client_mods),
-                num_supernodes=num_nodes(cfg),
+                client_app=build_client_app({**engine_flat, "out-dir": str(run_dir.resolve())}, mods=client_mods),
+                num_supernodes=num_nodes(engine_cfg),
                 backend_config=backend_config(cfg),
             )
     return _finish(cfg, RunDir(run_dir).results, plot, t0)

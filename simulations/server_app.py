@@ -37,6 +37,7 @@ from fedpeft.tasks import load_task
 from simulations.cohort import CohortGrid
 from simulations.grids import MeteringGrid
 from simulations.interrupt import RunInterrupted
+from simulations.node_layout import flower_nodes
 from simulations.quiet import quiet_libraries
 from simulations.recorder import RunRecorder
 from simulations.resume import Resumed, read_checkpoint
@@ -124,15 +125,22 @@ class OpenRun:
 
 
 def run_experiment(
-    grid: Grid, cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, own_process: bool = False
+    grid: Grid,
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    own_process: bool = False,
+    as_given: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run every round of ``cfg`` on ``grid`` through ``Strategy.start``; write ``run_dir/results.json``.
 
     ``resume=True`` continues the run in ``run_dir`` after its last checkpointed round
     (simulations/resume.py). ``own_process``: no client runs in this process (see
-    :func:`server_threads`).
+    :func:`server_threads`). ``as_given``: the config as the user gave it, recorded in the
+    results file when the launcher grouped the clients into cohort nodes (simulations/node_layout.py).
     """
-    run = open_run(grid, cfg, run_dir, resume=resume, own_process=own_process)
+    run = open_run(grid, cfg, run_dir, resume=resume, own_process=own_process, as_given=as_given)
     try:
         outcome = run.runner.start(
             run.grid,
@@ -146,7 +154,15 @@ def run_experiment(
     return close_run(run, outcome.arrays)
 
 
-def open_run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, *, resume: bool, own_process: bool) -> OpenRun:
+def open_run(
+    grid: Grid,
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    *,
+    resume: bool,
+    own_process: bool,
+    as_given: dict[str, Any] | None = None,
+) -> OpenRun:
     """Task, checkpoint, handshake, participation, results header, strategy: everything before round 1."""
     t_start = time.monotonic()
     set_threads(server_threads(cfg, own_process))
@@ -162,6 +178,8 @@ def open_run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, *, resume: bool, 
         cfg.participation, cfg.partition.num_partitions, cfg.seed, label_hist=task.label_histograms()
     )
     results = results_header(cfg, task, env)
+    if as_given is not None:  # the config the user gave (what reproduces the run) and the layout apart
+        results["config"], results["flower_nodes"] = as_given, flower_nodes(cfg)
     recorder = RunRecorder(cfg, task, ledger, run_dir, results)
 
     def selector(server_round: int, _grid: Grid) -> list[int]:
@@ -288,6 +306,7 @@ def start_experiment(
     *,
     resume: bool = False,
     checked: bool = False,
+    as_given: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ServerApp's body: ``run_config`` overlaid with ``overrides``, checked unless ``checked``, then run.
 
@@ -305,7 +324,7 @@ def start_experiment(
             log(WARNING, "%s", warning)
         log(INFO, "%s", report.text())
     out = Path(run_dir or cfg.out_dir or default_run_dir(cfg.name, cfg.seed))
-    return run_experiment(grid, cfg, out, resume=resume, own_process=True)
+    return run_experiment(grid, cfg, out, resume=resume, own_process=True, as_given=as_given)
 
 
 def build_server_app(
@@ -314,17 +333,21 @@ def build_server_app(
     *,
     resume: bool = False,
     checked: bool = False,
+    as_given: dict[str, Any] | None = None,
 ) -> ServerApp:
     """A ServerApp whose config is ``run_config`` overlaid with ``overrides`` (``resume``: continue ``run_dir``).
 
     ``checked``: the caller already ran ``check_experiment`` on the same config (the launcher).
+    ``as_given``: the user's config when ``overrides`` group its clients into cohort nodes (the launcher).
     """
     overrides = dict(overrides or {})
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        start_experiment(grid, dict(context.run_config), overrides, run_dir, resume=resume, checked=checked)
+        start_experiment(
+            grid, dict(context.run_config), overrides, run_dir, resume=resume, checked=checked, as_given=as_given
+        )
 
     return app
 

@@ -60,12 +60,19 @@ def test_only_peft_parameters_travel_and_uplink_bytes_are_exact(first_run):
     assert numel == sum(v.size for v in load_task(tiny_config()).initial_state.values())
 
 
-def test_the_same_seed_gives_identical_round_metrics(first_run, tmp_path):
+def test_the_same_seed_gives_identical_round_metrics_and_ledger_on_grouped_nodes(first_run, tmp_path):
+    # Past simulation.max-nodes the launcher puts the clients on cohort nodes (3 clients, max 2 nodes: 2 nodes
+    # of 2 clients); the seed still gives the same rounds, and the ledger the same rows, setup included.
     results, _ = first_run
-    again = load_results(simulate(tiny_config(), tmp_path / "b", plot=False))
+    again = load_results(simulate(tiny_config(**{"simulation.max-nodes": 2}), tmp_path / "b", plot=False))
     keep = ("accuracy", "loss", "participants", "uplink_payload_bytes", "uplink_message_bytes")
     strip = lambda rs: [{k: r[k] for k in keep} for r in rs["rounds"]]  # noqa: E731
     assert strip(again) == strip(results)
+    assert again["flower_nodes"] == {"nodes": 2, "clients_per_node": 2} and "flower_nodes" not in results
+    assert again["config"]["simulation.cohort-size"] == 1  # the config as given; the layout is recorded apart
+    assert again["config"]["simulation.max-nodes"] == 2
+    rows = lambda rs: sorted(json.dumps(r, sort_keys=True) for r in rs["ledger"])  # noqa: E731
+    assert rows(again) == rows(results)
 
 
 def _fail_partition_one(msg: Message, context, call_next):
