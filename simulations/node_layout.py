@@ -32,7 +32,8 @@ def engine_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """``cfg`` as Flower's engine should run it: clients grouped into cohort nodes past ``simulation.max-nodes``.
 
     Unchanged when the run already uses cohort nodes, when ``max-nodes`` is 0 or not exceeded,
-    or when a setting rules cohort nodes out (fault injection, causal-LM tasks): then a warning
+    or when a setting rules cohort nodes out (none does today: faults and causal-LM clients run inside
+    cohorts one after another): then a warning
     says that start-up and rounds grow with the number of clients.
     """
     sim, num = cfg.simulation, cfg.partition.num_partitions
