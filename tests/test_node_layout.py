@@ -1,6 +1,5 @@
 """How many Flower nodes a run registers on Flower's engine (simulations/node_layout.py); pure, no Ray."""
 
-
 import pytest
 
 from fedpeft.config import ConfigError
